@@ -1,0 +1,1 @@
+//! Compose model (see issue 6).
