@@ -70,15 +70,17 @@ struct InitArgs {
 
 #[derive(Args)]
 struct IssueArgs {
-    /// Service name: the CN, the SPIFFE path and the default DNS SAN.
-    name: DnsName,
+    /// Service name: the CN, the SPIFFE path and the default DNS SAN. With
+    /// several names, each is issued into OUTDIR/NAME with its defaults.
+    #[arg(required = true, value_name = "NAME")]
+    names: Vec<DnsName>,
     #[command(flatten)]
     state: StateArg,
     /// Cert dir to write (cert.pem, key.pem, ca.pem), swapped in atomically.
     #[arg(long, value_name = "OUTDIR")]
     out: PathBuf,
     /// DNS SAN; repeatable. Replaces the default (NAME).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
     dns: Vec<DnsName>,
     /// IP SAN; repeatable.
     #[arg(long, value_name = "ADDR")]
@@ -152,6 +154,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Issue(a) => {
             let ca = CaState::load(a.state.dir()?)?;
+            if a.names.len() > 1 && (!a.dns.is_empty() || !a.ip.is_empty() || a.spiffe.is_some() || a.csr.is_some()) {
+                anyhow::bail!("--dns, --ip, --spiffe and --csr describe one identity; issue names one at a time to use them");
+            }
             let key = match &a.csr {
                 Some(path) => KeySource::Csr {
                     origin: path.clone(),
@@ -160,16 +165,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 None => KeySource::Generate(a.key_type),
             };
-            let req = LeafRequest { name: a.name, dns: a.dns, ips: a.ip, spiffe: a.spiffe, ttl: a.ttl, key };
-            let issued = ca.issue(&req)?;
-            CertDir::new(&a.out).write(&issued.pem)?;
-            eprintln!(
-                "issued {} serial {} valid until {} into {}",
-                req.name,
-                issued.info.serial,
-                rfc3339(issued.info.not_after),
-                a.out.display()
-            );
+            let single = a.names.len() == 1;
+            for name in a.names {
+                let out = if single { a.out.clone() } else { a.out.join(name.as_str()) };
+                let req = LeafRequest {
+                    name,
+                    dns: a.dns.clone(),
+                    ips: a.ip.clone(),
+                    spiffe: a.spiffe.clone(),
+                    ttl: a.ttl,
+                    key: key.clone(),
+                };
+                let issued = ca.issue(&req)?;
+                CertDir::new(&out).write(&issued.pem)?;
+                eprintln!(
+                    "issued {} serial {} valid until {} into {}",
+                    req.name,
+                    issued.info.serial,
+                    rfc3339(issued.info.not_after),
+                    out.display()
+                );
+            }
         }
         Command::Inspect(a) => {
             let report = inspect(&a.path, OffsetDateTime::now_utc())?;

@@ -1,0 +1,3 @@
+//! End-to-end tests: Lanyard's binaries against real peers.
+
+mod pki;
