@@ -126,7 +126,7 @@ pub fn inspect(path: &Path, now: OffsetDateTime) -> Result<Inspection, CaError> 
         let key_matches = raw
             .key
             .as_deref()
-            .map(|pem| PrivateKeyDer::from_pem_slice(pem).is_ok_and(|k| certdir::check_key_matches(&k, &leaf).is_ok()));
+            .map(|pem| PrivateKeyDer::from_pem_slice(pem).is_ok_and(|k| certdir::key_matches(&k, &leaf)));
         if key_matches == Some(false) {
             problems.push("key.pem does not match the leaf certificate".into());
         }

@@ -129,7 +129,8 @@ impl CaState {
         }
         if not_after > int_not_after {
             let max_minutes = (int_not_after - now).whole_minutes().max(1) as u64;
-            let max = Span::new(std::time::Duration::from_secs(max_minutes * 60)).map(|s| s.to_string()).unwrap_or_default();
+            let max =
+                Span::new(std::time::Duration::from_secs(max_minutes * 60)).map(|s| s.to_string()).unwrap_or_default();
             return Err(CaError::TtlTooLong {
                 ttl: req.ttl.to_string(),
                 intermediate_not_after: rfc3339(int_not_after),

@@ -155,7 +155,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Issue(a) => {
             let ca = CaState::load(a.state.dir()?)?;
             if a.names.len() > 1 && (!a.dns.is_empty() || !a.ip.is_empty() || a.spiffe.is_some() || a.csr.is_some()) {
-                anyhow::bail!("--dns, --ip, --spiffe and --csr describe one identity; issue names one at a time to use them");
+                anyhow::bail!(
+                    "--dns, --ip, --spiffe and --csr describe one identity; issue names one at a time to use them"
+                );
             }
             let key = match &a.csr {
                 Some(path) => KeySource::Csr {

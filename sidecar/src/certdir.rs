@@ -335,8 +335,9 @@ impl RawSet {
         };
         let leaf = CertInfo::from_der(&chain[0])
             .map_err(|e| CertDirError::Pem { path: self.path(CERT_FILE), what: e.to_string() })?;
-        check_key_matches(&key, &leaf)
-            .map_err(|()| CertDirError::KeyMismatch { key: self.path(KEY_FILE), cert: self.path(CERT_FILE) })?;
+        if !key_matches(&key, &leaf) {
+            return Err(CertDirError::KeyMismatch { key: self.path(KEY_FILE), cert: self.path(CERT_FILE) });
+        }
         if now < leaf.not_before {
             return Err(CertDirError::NotYetValid { cert: self.path(CERT_FILE), not_before: leaf.not_before });
         }
@@ -375,14 +376,15 @@ fn parse_crls(
         .map_err(|e| CertDirError::Pem { path: path.to_owned(), what: format!("corrupt CRL PEM: {e}") })
 }
 
-/// Checks that `key` is the private half of the leaf's public key.
-pub fn check_key_matches(key: &PrivateKeyDer<'_>, leaf: &CertInfo) -> Result<(), ()> {
+/// Whether `key` is the private half of the leaf's public key.
+pub fn key_matches(key: &PrivateKeyDer<'_>, leaf: &CertInfo) -> bool {
     let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let signing = provider.key_provider.load_private_key(key.clone_key()).map_err(|_| ())?;
-    match signing.public_key() {
-        Some(spki) if spki.as_ref() == leaf.spki.as_slice() => Ok(()),
-        _ => Err(()),
-    }
+    provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .ok()
+        .and_then(|signing| signing.public_key().map(|spki| spki.as_ref() == leaf.spki.as_slice()))
+        .unwrap_or(false)
 }
 
 /// Verifies `chain` (leaf first) up to one of `roots` at `now`, for TLS

@@ -1,1 +1,175 @@
-fn main() {}
+//! `sidecar`: Lanyard's data plane command. Thin over `lanyard_sidecar`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use lanyard_sidecar::certdir::CertDir;
+use lanyard_sidecar::config::{Config, Limits, ListenerConfig, Mode, Upstream};
+use lanyard_sidecar::identity::PeerId;
+use lanyard_sidecar::span::Span;
+
+/// Lanyard sidecar: mTLS in front of one service, with hot certificate reload.
+#[derive(Parser)]
+#[command(name = "sidecar", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Probe the admin endpoint over HTTPS; exit 0 only when ready.
+    Health(HealthArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Cert dir to serve from and watch (cert.pem, key.pem, ca.pem).
+    #[arg(long, env = "LANYARD_CERT_DIR", value_name = "DIR", required_unless_present = "config")]
+    cert_dir: Option<PathBuf>,
+    /// Address to accept on.
+    #[arg(long, value_name = "ADDR", requires = "upstream", conflicts_with = "config")]
+    listen: Option<SocketAddr>,
+    /// HOST:PORT to forward to.
+    #[arg(long, value_name = "ADDR", requires = "listen")]
+    upstream: Option<Upstream>,
+    /// Inbound (mTLS in) or outbound (mTLS out).
+    #[arg(long, value_enum, default_value_t = Mode::Inbound)]
+    mode: Mode,
+    /// Inbound: allowed client identity (SPIFFE ID or DNS name); repeatable.
+    #[arg(long, value_name = "ID")]
+    allow: Vec<PeerId>,
+    /// Outbound: identity the upstream must present (DNS name or SPIFFE ID).
+    #[arg(long, value_name = "ID")]
+    server_name: Option<PeerId>,
+    /// HTTPS admin endpoint address.
+    #[arg(long, env = "LANYARD_ADMIN", value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Inbound: send a PROXY v2 header with the verified identity upstream.
+    #[arg(long)]
+    proxy_protocol: bool,
+    /// ALPN protocol the upstream speaks (h2, http/1.1); repeatable.
+    #[arg(long, value_name = "PROTO")]
+    alpn: Vec<String>,
+    /// TOML file declaring several listeners.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// Readiness URL of the admin endpoint.
+    #[arg(long, env = "LANYARD_HEALTH_URL", default_value = "https://127.0.0.1:9901/readyz")]
+    url: String,
+    /// Cert dir whose ca.pem verifies the endpoint (and whose cert is presented).
+    #[arg(long, env = "LANYARD_CERT_DIR", value_name = "DIR")]
+    cert_dir: PathBuf,
+    /// Give up after this long.
+    #[arg(long, default_value = "3s")]
+    timeout: Span,
+}
+
+fn main() -> ExitCode {
+    lanyard_sidecar::install_crypto_provider();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("{}", e.to_string().lines().next().unwrap_or("error: invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let config = match config_from(args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(lanyard_sidecar::run(config, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Health(args) => {
+            let dir = CertDir::new(&args.cert_dir);
+            match runtime.block_on(lanyard_sidecar::health::probe(&args.url, &dir, args.timeout.get())) {
+                Ok(body) => {
+                    println!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigError> {
+    if let Some(path) = &a.config {
+        let mut config = Config::from_file(path)?;
+        if let Some(dir) = a.cert_dir {
+            config.cert_dir = dir;
+        }
+        if a.admin.is_some() {
+            config.admin = a.admin;
+        }
+        return Ok(config);
+    }
+    let listeners = match (a.listen, a.upstream) {
+        (Some(listen), Some(upstream)) => vec![ListenerConfig {
+            name: String::new(),
+            mode: a.mode,
+            listen,
+            upstream,
+            allow: a.allow,
+            server_name: a.server_name,
+            proxy_protocol: a.proxy_protocol,
+            alpn: a.alpn,
+        }],
+        _ => Vec::new(),
+    };
+    Config { cert_dir: a.cert_dir.unwrap_or_default(), admin: a.admin, limits: Limits::default(), listeners }
+        .checked("command line")
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

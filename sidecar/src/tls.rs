@@ -1,14 +1,16 @@
 //! rustls configurations built from a validated [`CertSet`], with Lanyard's
 //! TLS policy: TLS 1.3 and 1.2, ECDHE with AEAD suites only (the aws-lc-rs
-//! defaults), session resumption on.
+//! defaults), session resumption on. Callers set ALPN.
 
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ProducesTickets, StoresServerSessions, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::certdir::CertSet;
+use crate::identity::PeerId;
+use crate::verify::{AllowListClientVerifier, IdentityServerVerifier};
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +23,38 @@ pub enum TlsConfigError {
     Verifier(String),
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The one crypto provider: aws-lc-rs.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// How a server treats client certificates.
+#[derive(Clone, Debug)]
+pub enum ClientAuth {
+    /// Required and verified against `ca.pem`; with a non-empty allow-list
+    /// the client must also carry one of its identities.
+    Required(Arc<[PeerId]>),
+    /// Requested and verified when sent, but not required.
+    Optional,
+    /// Not requested.
+    None,
+}
+
+/// Session-resumption state that outlives certificate reloads.
+#[derive(Clone, Debug)]
+pub struct Resumption {
+    cache: Arc<dyn StoresServerSessions>,
+    ticketer: Arc<dyn ProducesTickets>,
+}
+
+impl Resumption {
+    /// A session cache of 4096 entries and a rotating ticket key.
+    pub fn new() -> Result<Self, TlsConfigError> {
+        Ok(Self {
+            cache: rustls::server::ServerSessionMemoryCache::new(4096),
+            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+        })
+    }
 }
 
 /// The trust bundle of `set` as a root store.
@@ -34,34 +66,83 @@ pub fn root_store(set: &CertSet) -> Result<RootCertStore, TlsConfigError> {
     Ok(roots)
 }
 
-/// A server config presenting `set`'s chain. With `require_client_cert`,
-/// clients must present a certificate chaining to `set`'s roots (and not be
-/// on its CRL).
-pub fn server_config(set: &CertSet, require_client_cert: bool) -> Result<ServerConfig, TlsConfigError> {
+/// A server config presenting `set`'s chain, checking clients per `auth`
+/// (chain to `ca.pem`, not on `crl.pem`, on the allow-list).
+pub fn server_config(
+    set: &CertSet,
+    auth: &ClientAuth,
+    resumption: Option<&Resumption>,
+) -> Result<ServerConfig, TlsConfigError> {
     let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let builder = if require_client_cert {
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(set)?), provider())
+    let roots = Arc::new(root_store(set)?);
+    let webpki = || {
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .with_crls(set.crls.iter().cloned())
-            .build()
-            .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+    };
+    let builder = match auth {
+        ClientAuth::Required(allow) => {
+            let inner = webpki().build().map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
+            if allow.is_empty() {
+                builder.with_client_cert_verifier(inner)
+            } else {
+                builder.with_client_cert_verifier(Arc::new(AllowListClientVerifier::new(inner, allow.clone())))
+            }
+        }
+        ClientAuth::Optional => builder.with_client_cert_verifier(
+            webpki().allow_unauthenticated().build().map_err(|e| TlsConfigError::Verifier(e.to_string()))?,
+        ),
+        ClientAuth::None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_single_cert(set.chain.clone(), set.key.clone_key())?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if let Some(r) = resumption {
+        config.session_storage = r.cache.clone();
+        config.ticketer = r.ticketer.clone();
+    }
     Ok(config)
 }
 
+/// How a client checks the server's certificate, beyond chaining to `ca.pem`.
+#[derive(Clone, Debug)]
+pub enum ServerCheck {
+    /// The usual hostname check against the SNI name.
+    Hostname,
+    /// The server must carry this identity, whatever the SNI name.
+    Identity(PeerId),
+    /// The chain alone (the admin endpoint of one's own sidecar).
+    ChainOnly,
+}
+
+/// A client config trusting `roots` and checking servers per `check`,
+/// presenting `set`'s chain when given.
+pub fn client_config_with(
+    roots: RootCertStore,
+    check: &ServerCheck,
+    client_cert: Option<&CertSet>,
+) -> Result<ClientConfig, TlsConfigError> {
+    let roots = Arc::new(roots);
+    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match check {
+        ServerCheck::Identity(id) => builder.dangerous().with_custom_certificate_verifier(Arc::new(
+            IdentityServerVerifier::new(roots, Some(id.clone()), provider()),
+        )),
+        ServerCheck::ChainOnly => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(IdentityServerVerifier::new(roots, None, provider()))),
+        ServerCheck::Hostname => builder.with_webpki_verifier(
+            WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .build()
+                .map_err(|e| TlsConfigError::Verifier(e.to_string()))?,
+        ),
+    };
+    Ok(match client_cert {
+        Some(set) => builder.with_client_auth_cert(set.chain.clone(), set.key.clone_key())?,
+        None => builder.with_no_client_auth(),
+    })
+}
+
 /// A client config presenting `set`'s chain and trusting `set`'s roots.
-pub fn client_config(set: &CertSet) -> Result<ClientConfig, TlsConfigError> {
-    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(set)?), provider())
-        .with_crls(set.crls.iter().cloned())
-        .build()
-        .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_webpki_verifier(verifier)
-        .with_client_auth_cert(set.chain.clone(), set.key.clone_key())?;
-    Ok(config)
+pub fn client_config(set: &CertSet, check: &ServerCheck) -> Result<ClientConfig, TlsConfigError> {
+    client_config_with(root_store(set)?, check, Some(set))
 }

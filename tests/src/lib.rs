@@ -19,7 +19,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build it first with `cargo build --bins` (scripts/test does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build --bins` (scripts/test does)",
+        path.display()
+    );
     path
 }
 
@@ -32,9 +36,8 @@ pub fn venv_tool(name: &str) -> PathBuf {
 
 /// Asserts that an external peer program is on PATH and returns its name.
 pub fn peer(name: &str) -> &str {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file())).unwrap_or(false);
     assert!(found, "required peer `{name}` is not installed: run scripts/test, which installs it");
     name
 }
@@ -47,14 +50,25 @@ pub fn run(cmd: &mut Command) -> Output {
 /// Runs a command that must succeed; dumps its output otherwise.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}", out.status, text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     out
 }
 
 /// Runs a command that must fail; returns its stderr.
 pub fn run_err(cmd: &mut Command) -> String {
     let out = run(cmd);
-    assert!(!out.status.success(), "{cmd:?} should have failed\nstdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        !out.status.success(),
+        "{cmd:?} should have failed\nstdout:\n{}\nstderr:\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     text(&out.stderr)
 }
 
@@ -102,7 +116,11 @@ impl ChildGuard {
     /// Asserts the process is still running.
     pub fn assert_running(&mut self, log: &Path) {
         if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("{} exited early with {status}; log:\n{}", self.what, std::fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "{} exited early with {status}; log:\n{}",
+                self.what,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
     }
 }

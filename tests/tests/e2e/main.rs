@@ -1,3 +1,4 @@
 //! End-to-end tests: Lanyard's binaries against real peers.
+#![allow(clippy::unwrap_used)]
 
 mod pki;

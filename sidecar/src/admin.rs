@@ -1,0 +1,225 @@
+//! The HTTPS admin endpoint: `/healthz`, `/readyz` and `/metrics`.
+//!
+//! It serves the sidecar's own certificate (client certificates are
+//! requested and verified when sent). Before a valid certificate exists it
+//! serves a throwaway self-signed one, so `/readyz` can still say why the
+//! sidecar is not ready.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::certinfo::rfc3339;
+use crate::config::Mode;
+use crate::metrics::{header, render_listeners};
+use crate::proxy::Listener;
+use crate::reload::CertStore;
+use crate::tls::{self, ClientAuth};
+
+/// A certificate is "due" once this fraction of its life has passed.
+pub const NOT_READY_AFTER_LIFE: f64 = 5.0 / 6.0;
+
+/// The `/readyz` body.
+#[derive(Debug, Serialize)]
+pub struct Readiness {
+    /// Whether the sidecar should receive traffic.
+    pub ready: bool,
+    /// Why not, or "ok".
+    pub reason: String,
+    /// Serial of the served certificate.
+    pub serial: Option<String>,
+    /// Its notAfter (RFC 3339).
+    pub not_after: Option<String>,
+    /// The last reload error, while the last good certificate is kept.
+    pub last_reload_error: Option<String>,
+}
+
+/// Shared state the admin endpoint reports on.
+pub struct Admin {
+    store: Arc<CertStore>,
+    listeners: Vec<Arc<Listener>>,
+    fallback: Arc<rustls::ServerConfig>,
+}
+
+impl Admin {
+    /// Reports on `store` and `listeners`.
+    pub fn new(store: Arc<CertStore>, listeners: Vec<Arc<Listener>>) -> Result<Self, tls::TlsConfigError> {
+        Ok(Self { store, listeners, fallback: Arc::new(fallback_config()?) })
+    }
+
+    /// Computes readiness now; checks that each inbound upstream accepts TCP.
+    pub async fn readiness(&self) -> Readiness {
+        let last_reload_error = self.store.last_error();
+        let Some(snapshot) = self.store.current() else {
+            let why = last_reload_error.clone().unwrap_or_else(|| "no certificate found yet".into());
+            return Readiness {
+                ready: false,
+                reason: format!("no valid certificate loaded: {why}"),
+                serial: None,
+                not_after: None,
+                last_reload_error,
+            };
+        };
+        let leaf = &snapshot.set.leaf;
+        let now = OffsetDateTime::now_utc();
+        let mut reason = None;
+        if now > leaf.not_after {
+            reason = Some(format!("certificate expired at {}", rfc3339(leaf.not_after)));
+        } else if now > leaf.life_point(NOT_READY_AFTER_LIFE) {
+            reason = Some(format!(
+                "certificate is in the last sixth of its life (expires {}); renewal is overdue",
+                rfc3339(leaf.not_after)
+            ));
+        }
+        if reason.is_none() {
+            for l in self.listeners.iter().filter(|l| l.config.mode == Mode::Inbound) {
+                let up = &l.config.upstream;
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(1), TcpStream::connect((up.host(), up.port()))).await,
+                    Ok(Ok(_))
+                );
+                if !ok {
+                    reason = Some(format!("upstream {up} of listener {} does not accept TCP", l.config.name));
+                    break;
+                }
+            }
+        }
+        Readiness {
+            ready: reason.is_none(),
+            reason: reason.unwrap_or_else(|| "ok".into()),
+            serial: Some(leaf.serial.clone()),
+            not_after: Some(rfc3339(leaf.not_after)),
+            last_reload_error,
+        }
+    }
+
+    /// Prometheus text.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        let p = "lanyard_sidecar";
+        if let Some(s) = self.store.current() {
+            header(
+                &mut out,
+                &format!("{p}_cert_expiration_timestamp_seconds"),
+                "gauge",
+                "notAfter of the served certificate.",
+            );
+            let _ = writeln!(out, "{p}_cert_expiration_timestamp_seconds {}", s.set.leaf.not_after.unix_timestamp());
+            header(
+                &mut out,
+                &format!("{p}_cert_not_before_timestamp_seconds"),
+                "gauge",
+                "notBefore of the served certificate.",
+            );
+            let _ = writeln!(out, "{p}_cert_not_before_timestamp_seconds {}", s.set.leaf.not_before.unix_timestamp());
+        }
+        let m = &self.store.metrics;
+        header(&mut out, &format!("{p}_cert_reloads_total"), "counter", "Certificate reloads by result.");
+        let _ = writeln!(out, "{p}_cert_reloads_total{{result=\"success\"}} {}", m.ok.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{p}_cert_reloads_total{{result=\"failure\"}} {}", m.failed.load(Ordering::Relaxed));
+        header(
+            &mut out,
+            &format!("{p}_cert_last_reload_timestamp_seconds"),
+            "gauge",
+            "Time of the last reload attempt.",
+        );
+        let _ = writeln!(out, "{p}_cert_last_reload_timestamp_seconds {}", m.last_attempt.load(Ordering::Relaxed));
+        header(
+            &mut out,
+            &format!("{p}_cert_last_reload_success_timestamp_seconds"),
+            "gauge",
+            "Time of the last successful reload.",
+        );
+        let _ =
+            writeln!(out, "{p}_cert_last_reload_success_timestamp_seconds {}", m.last_success.load(Ordering::Relaxed));
+        header(
+            &mut out,
+            &format!("{p}_cert_reload_error"),
+            "gauge",
+            "1 while the cert dir holds a set that failed validation.",
+        );
+        let _ = writeln!(out, "{p}_cert_reload_error {}", u8::from(self.store.last_error().is_some()));
+        header(&mut out, &format!("{p}_cert_loaded"), "gauge", "1 once a valid certificate is served.");
+        let _ = writeln!(out, "{p}_cert_loaded {}", u8::from(self.store.current().is_some()));
+        render_listeners(&mut out, self.listeners.iter().map(|l| (l.config.name.as_str(), &*l.metrics)));
+        out
+    }
+
+    fn tls_config(&self) -> Arc<rustls::ServerConfig> {
+        self.store
+            .current()
+            .and_then(|s| tls::server_config(&s.set, &ClientAuth::Optional, None).ok())
+            .map(|mut c| {
+                c.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Arc::new(c)
+            })
+            .unwrap_or_else(|| self.fallback.clone())
+    }
+
+    /// Serves until `stop` turns true.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(10), this.handle(tcp)).await;
+            });
+        }
+    }
+
+    async fn handle(&self, tcp: TcpStream) -> std::io::Result<()> {
+        let mut tls = tokio_rustls::TlsAcceptor::from(self.tls_config()).accept(tcp).await?;
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tls.read(&mut chunk).await?;
+            if n == 0 || buf.len() > 8192 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let mut parts = line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (status, kind, body) = match (method, path) {
+            ("GET", "/healthz") => ("200 OK", "application/json", "{\"status\":\"alive\"}\n".to_owned()),
+            ("GET", "/readyz") => {
+                let r = self.readiness().await;
+                let body = serde_json::to_string(&r).unwrap_or_default() + "\n";
+                (if r.ready { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
+            }
+            ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", self.metrics()),
+            ("GET", _) => ("404 Not Found", "text/plain", "not found: try /healthz, /readyz or /metrics\n".into()),
+            _ => ("405 Method Not Allowed", "text/plain", "only GET is served\n".into()),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).await?;
+        tls.write_all(body.as_bytes()).await?;
+        tls.shutdown().await
+    }
+}
+
+fn fallback_config() -> Result<rustls::ServerConfig, tls::TlsConfigError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| tls::TlsConfigError::Verifier(e.to_string()))?;
+    let cert = rcgen::CertificateParams::new(vec!["lanyard-sidecar-fallback".to_owned()])
+        .and_then(|p| p.self_signed(&key))
+        .map_err(|e| tls::TlsConfigError::Verifier(e.to_string()))?;
+    let der_key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    Ok(rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], der_key)?)
+}

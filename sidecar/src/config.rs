@@ -1,0 +1,320 @@
+//! Sidecar configuration: a TOML file with several listeners, or the flags
+//! of `sidecar run` for one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::identity::{NameError, PeerId};
+use crate::span::Span;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value is inconsistent.
+    #[error("config {origin}: {message}")]
+    Invalid {
+        /// The file, or "command line".
+        origin: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// What a listener does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Accept mTLS, forward plaintext TCP to the app.
+    #[default]
+    Inbound,
+    /// Accept plaintext from the app, open mTLS to the upstream.
+    Outbound,
+}
+
+/// A `host:port` to connect to; the host is resolved at connect time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    host: String,
+    port: u16,
+}
+
+impl Upstream {
+    /// The host part.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Why an upstream address was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid upstream {0:?}: expected HOST:PORT, such as app:8080 or 127.0.0.1:8080")]
+pub struct UpstreamError(String);
+
+impl FromStr for Upstream {
+    type Err = UpstreamError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || UpstreamError(s.to_owned());
+        let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port.parse().map_err(|_| err())?;
+        if host.is_empty() || port == 0 {
+            return Err(err());
+        }
+        Ok(Self { host: host.to_owned(), port })
+    }
+}
+
+fn from_str<'de, D: serde::Deserializer<'de>, T: FromStr>(d: D) -> Result<T, D::Error>
+where
+    T::Err: std::fmt::Display,
+{
+    String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+}
+
+fn opt_from_str<'de, D: serde::Deserializer<'de>, T: FromStr>(d: D) -> Result<Option<T>, D::Error>
+where
+    T::Err: std::fmt::Display,
+{
+    Option::<String>::deserialize(d)?.map(|s| s.parse().map_err(serde::de::Error::custom)).transpose()
+}
+
+fn vec_from_str<'de, D: serde::Deserializer<'de>, T: FromStr>(d: D) -> Result<Vec<T>, D::Error>
+where
+    T::Err: std::fmt::Display,
+{
+    Vec::<String>::deserialize(d)?.iter().map(|s| s.parse().map_err(serde::de::Error::custom)).collect()
+}
+
+/// One listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Label in logs and metrics; defaults to the mode and port.
+    #[serde(default)]
+    pub name: String,
+    /// What the listener does.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Address to accept on.
+    pub listen: SocketAddr,
+    /// Where to forward.
+    #[serde(deserialize_with = "from_str")]
+    pub upstream: Upstream,
+    /// Inbound: identities (SPIFFE IDs or DNS names) allowed to connect; empty allows any client of the CA.
+    #[serde(default, deserialize_with = "vec_from_str")]
+    pub allow: Vec<PeerId>,
+    /// Outbound: the identity the upstream must present; defaults to the upstream's host name.
+    #[serde(default, deserialize_with = "opt_from_str")]
+    pub server_name: Option<PeerId>,
+    /// Inbound: send a PROXY v2 header with the peer identity to the upstream.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// ALPN protocols the upstream speaks, in preference order (`h2`,
+    /// `http/1.1`). Inbound accepts them from clients; outbound offers them.
+    /// Empty (the default) negotiates none, so clients fall back to what
+    /// they speak without ALPN.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+}
+
+/// Timeouts and caps.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest TLS handshake.
+    #[serde(deserialize_with = "from_str")]
+    pub handshake_timeout: Span,
+    /// Close a connection with no traffic in either direction for this long.
+    #[serde(deserialize_with = "from_str")]
+    pub idle_timeout: Span,
+    /// Longest wait for the upstream to accept.
+    #[serde(deserialize_with = "from_str")]
+    pub connect_timeout: Span,
+    /// How long SIGTERM waits for open connections.
+    #[serde(deserialize_with = "from_str")]
+    pub drain_timeout: Span,
+    /// Most open connections per listener.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let span = |s: u64| Span::new(std::time::Duration::from_secs(s)).expect("non-zero");
+        Self {
+            handshake_timeout: span(10),
+            idle_timeout: span(300),
+            connect_timeout: span(5),
+            drain_timeout: span(15),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// The whole sidecar configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The cert dir to serve from and watch.
+    pub cert_dir: PathBuf,
+    /// HTTPS admin endpoint (`/healthz`, `/readyz`, `/metrics`); none when absent.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+    /// Timeouts and caps.
+    #[serde(default)]
+    pub limits: Limits,
+    /// The listeners.
+    #[serde(rename = "listener", default)]
+    pub listeners: Vec<ListenerConfig>,
+}
+
+impl Config {
+    /// Reads and checks a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: Self =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        config.checked(&path.display().to_string())
+    }
+
+    /// Checks cross-field rules and fills default names; `origin` names the source in errors.
+    pub fn checked(mut self, origin: &str) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { origin: origin.to_owned(), message };
+        if self.listeners.is_empty() {
+            return Err(invalid("no listener: add a [[listener]] table (or pass --listen and --upstream)".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in &mut self.listeners {
+            if l.name.is_empty() {
+                l.name = format!("{:?}-{}", l.mode, l.listen.port()).to_lowercase();
+            }
+            if !seen.insert(l.listen) {
+                return Err(invalid(format!("listener {}: address {} is used twice", l.name, l.listen)));
+            }
+            match l.mode {
+                Mode::Inbound if l.server_name.is_some() => {
+                    return Err(invalid(format!("listener {}: server_name applies to outbound listeners only", l.name)))
+                }
+                Mode::Outbound if !l.allow.is_empty() => {
+                    return Err(invalid(format!(
+                        "listener {}: allow applies to inbound listeners; use server_name to pin the upstream",
+                        l.name
+                    )))
+                }
+                Mode::Outbound if l.proxy_protocol => {
+                    return Err(invalid(format!("listener {}: proxy_protocol applies to inbound listeners", l.name)))
+                }
+                _ => {}
+            }
+            if l.mode == Mode::Outbound && l.server_name.is_none() {
+                let host: Result<PeerId, NameError> = l.upstream.host().parse();
+                match host {
+                    Ok(id) => l.server_name = Some(id),
+                    Err(_) => {
+                        return Err(invalid(format!(
+                            "listener {}: upstream {} is an address; give server_name (a DNS name or SPIFFE ID) to verify it",
+                            l.name, l.upstream
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_two_listener_file() {
+        let cfg: Config = toml::from_str(
+            r#"
+            cert_dir = "/certs"
+            admin = "127.0.0.1:9901"
+            [limits]
+            idle_timeout = "1m"
+            [[listener]]
+            listen = "0.0.0.0:8443"
+            upstream = "app:8080"
+            allow = ["spiffe://lanyard.internal/web", "web"]
+            proxy_protocol = true
+            [[listener]]
+            mode = "outbound"
+            listen = "127.0.0.1:9000"
+            upstream = "api:8443"
+            "#,
+        )
+        .unwrap();
+        let cfg = cfg.checked("test").unwrap();
+        assert_eq!(cfg.listeners[0].allow.len(), 2);
+        assert_eq!(cfg.listeners[1].server_name, Some("api".parse().unwrap()));
+        assert_eq!(cfg.limits.idle_timeout.get().as_secs(), 60);
+        assert_eq!(cfg.listeners[0].name, "inbound-8443");
+    }
+
+    #[test]
+    fn refuses_bad_values_by_name() {
+        let bad = r#"
+            cert_dir = "/c"
+            [[listener]]
+            listen = "0.0.0.0:1"
+            upstream = "app"
+        "#;
+        let e = toml::from_str::<Config>(bad).unwrap_err().to_string();
+        assert!(e.contains("upstream") && e.contains("HOST:PORT"), "{e}");
+        let outbound_ip = Config {
+            cert_dir: "/c".into(),
+            admin: None,
+            limits: Limits::default(),
+            listeners: vec![ListenerConfig {
+                name: String::new(),
+                mode: Mode::Outbound,
+                listen: "127.0.0.1:1".parse().unwrap(),
+                upstream: "10.0.0.1:443".parse().unwrap(),
+                allow: vec![],
+                server_name: None,
+                proxy_protocol: false,
+                alpn: vec![],
+            }],
+        };
+        let e = outbound_ip.checked("cli").unwrap_err().to_string();
+        assert!(e.contains("server_name"), "{e}");
+    }
+}

@@ -1,0 +1,135 @@
+//! Sidecar metrics, rendered as Prometheus text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Why a handshake was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rejection {
+    /// The client presented no certificate.
+    NoCert,
+    /// The certificate does not chain to `ca.pem`.
+    UnknownCa,
+    /// The certificate has expired.
+    Expired,
+    /// The certificate is not valid yet.
+    NotYetValid,
+    /// The certificate is on the CRL.
+    Revoked,
+    /// The identity is not on the allow-list (or not the expected server).
+    NotAllowed,
+    /// The handshake took too long.
+    Timeout,
+    /// Any other TLS failure.
+    Other,
+}
+
+impl Rejection {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NoCert => "no_cert",
+            Self::UnknownCa => "unknown_ca",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Revoked => "revoked",
+            Self::NotAllowed => "not_allowed",
+            Self::Timeout => "timeout",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// Per-listener counters.
+#[derive(Debug, Default)]
+pub struct ListenerMetrics {
+    /// Completed handshakes.
+    pub handshakes_ok: AtomicU64,
+    /// Handshakes that resumed a session.
+    pub handshakes_resumed: AtomicU64,
+    /// Refused handshakes by reason.
+    pub rejected: Mutex<BTreeMap<Rejection, u64>>,
+    /// Open connections.
+    pub active: AtomicI64,
+    /// Connections refused because the cap was reached.
+    pub over_cap: AtomicU64,
+    /// Upstream connections that failed.
+    pub upstream_errors: AtomicU64,
+    /// Bytes from the client side to the upstream.
+    pub bytes_in: AtomicU64,
+    /// Bytes from the upstream to the client side.
+    pub bytes_out: AtomicU64,
+}
+
+impl ListenerMetrics {
+    /// Counts one refused handshake.
+    pub fn reject(&self, why: Rejection) {
+        *self.rejected.lock().unwrap_or_else(|e| e.into_inner()).entry(why).or_default() += 1;
+    }
+
+    /// How many handshakes were refused for `why`.
+    pub fn rejected_for(&self, why: Rejection) -> u64 {
+        self.rejected.lock().unwrap_or_else(|e| e.into_inner()).get(&why).copied().unwrap_or(0)
+    }
+}
+
+/// Certificate reload counters.
+#[derive(Debug, Default)]
+pub struct ReloadMetrics {
+    /// Successful reloads.
+    pub ok: AtomicU64,
+    /// Failed reloads.
+    pub failed: AtomicU64,
+    /// Unix time of the last reload attempt.
+    pub last_attempt: AtomicI64,
+    /// Unix time of the last successful reload.
+    pub last_success: AtomicI64,
+}
+
+/// Writes one metric family header.
+pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Renders listener metrics for `(name, metrics)` pairs.
+pub fn render_listeners<'a>(out: &mut String, listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone) {
+    let p = "lanyard_sidecar";
+    header(out, &format!("{p}_handshakes_total"), "counter", "TLS handshakes by listener, result and reason.");
+    for (l, m) in listeners.clone() {
+        let ok = m.handshakes_ok.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{p}_handshakes_total{{listener=\"{l}\",result=\"ok\",reason=\"\"}} {ok}");
+        for (why, n) in m.rejected.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "{p}_handshakes_total{{listener=\"{l}\",result=\"rejected\",reason=\"{}\"}} {n}",
+                why.label()
+            );
+        }
+    }
+    let families: [(&str, &str, &str, fn(&ListenerMetrics) -> i64); 6] = [
+        ("handshakes_resumed_total", "counter", "Handshakes that resumed a TLS session.", |m| {
+            m.handshakes_resumed.load(Ordering::Relaxed) as i64
+        }),
+        ("active_connections", "gauge", "Open connections.", |m| m.active.load(Ordering::Relaxed)),
+        ("connections_over_cap_total", "counter", "Connections refused at the connection cap.", |m| {
+            m.over_cap.load(Ordering::Relaxed) as i64
+        }),
+        ("upstream_errors_total", "counter", "Failed upstream connections.", |m| {
+            m.upstream_errors.load(Ordering::Relaxed) as i64
+        }),
+        ("received_bytes_total", "counter", "Bytes from clients to the upstream.", |m| {
+            m.bytes_in.load(Ordering::Relaxed) as i64
+        }),
+        ("sent_bytes_total", "counter", "Bytes from the upstream to clients.", |m| {
+            m.bytes_out.load(Ordering::Relaxed) as i64
+        }),
+    ];
+    for (name, kind, help, get) in families {
+        header(out, &format!("{p}_{name}"), kind, help);
+        for (l, m) in listeners.clone() {
+            let _ = writeln!(out, "{p}_{name}{{listener=\"{l}\"}} {}", get(m));
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The data path: inbound (mTLS in, plaintext to the app) and outbound
+//! (plaintext from the app, mTLS to the upstream) listeners.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::{timeout, Instant};
+
+use crate::certinfo::CertInfo;
+use crate::config::{Limits, ListenerConfig, Mode};
+use crate::metrics::{ListenerMetrics, Rejection};
+use crate::proxy_protocol;
+use crate::reload::{CertStore, Snapshot};
+use crate::tls::{self, ClientAuth, Resumption, ServerCheck};
+use crate::verify::{classify, peer_identity};
+
+/// Copy buffer per direction.
+const BUFFER: usize = 64 * 1024;
+
+/// TLS configs built for one snapshot generation.
+struct Built {
+    generation: u64,
+    server: Option<Arc<rustls::ServerConfig>>,
+    client: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// One running listener: its settings, metrics and cached TLS config.
+pub struct Listener {
+    /// Settings.
+    pub config: ListenerConfig,
+    /// Counters.
+    pub metrics: Arc<ListenerMetrics>,
+    limits: Limits,
+    store: Arc<CertStore>,
+    built: ArcSwapOption<Built>,
+    resumption: Resumption,
+    slots: Arc<Semaphore>,
+}
+
+impl Listener {
+    /// A listener over `store`'s certificates.
+    pub fn new(
+        config: ListenerConfig,
+        limits: Limits,
+        store: Arc<CertStore>,
+    ) -> Result<Arc<Self>, tls::TlsConfigError> {
+        Ok(Arc::new(Self {
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            config,
+            metrics: Arc::default(),
+            limits,
+            store,
+            built: ArcSwapOption::empty(),
+            resumption: Resumption::new()?,
+        }))
+    }
+
+    /// The TLS configs for the current snapshot, rebuilt after a reload.
+    fn configs(&self) -> Option<Arc<Built>> {
+        let snapshot = self.store.current()?;
+        if let Some(b) = self.built.load_full().filter(|b| b.generation == snapshot.generation) {
+            return Some(b);
+        }
+        let built = Arc::new(self.build(&snapshot));
+        self.built.store(Some(built.clone()));
+        Some(built)
+    }
+
+    fn build(&self, snapshot: &Snapshot) -> Built {
+        let (server, client) = match self.config.mode {
+            Mode::Inbound => {
+                let auth = ClientAuth::Required(self.config.allow.clone().into());
+                let server = tls::server_config(&snapshot.set, &auth, Some(&self.resumption)).map(|mut c| {
+                    c.alpn_protocols = self.alpn();
+                    c
+                });
+                (server.map_err(|e| tracing::error!(listener = %self.config.name, "{e}")).ok().map(Arc::new), None)
+            }
+            Mode::Outbound => {
+                let check = match &self.config.server_name {
+                    Some(id) => ServerCheck::Identity(id.clone()),
+                    None => ServerCheck::Hostname,
+                };
+                let client = tls::client_config(&snapshot.set, &check).map(|mut c| {
+                    c.alpn_protocols = self.alpn();
+                    c
+                });
+                (None, client.map_err(|e| tracing::error!(listener = %self.config.name, "{e}")).ok().map(Arc::new))
+            }
+        };
+        Built { generation: snapshot.generation, server, client }
+    }
+
+    fn alpn(&self) -> Vec<Vec<u8>> {
+        self.config.alpn.iter().map(|p| p.as_bytes().to_vec()).collect()
+    }
+
+    /// Accepts until `stop` turns true, then waits up to the drain timeout
+    /// for open connections to finish.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(listener = %self.config.name, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.metrics.over_cap.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                this.metrics.active.fetch_add(1, Ordering::Relaxed);
+                let _ = tcp.set_nodelay(true);
+                match this.config.mode {
+                    Mode::Inbound => this.inbound(tcp, peer).await,
+                    Mode::Outbound => this.outbound(tcp).await,
+                }
+                this.metrics.active.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+        drop(listener);
+        let all = self.limits.max_connections as u32;
+        if timeout(self.limits.drain_timeout.get(), self.slots.acquire_many(all)).await.is_err() {
+            tracing::warn!(listener = %self.config.name, "drain timeout: closing open connections");
+        }
+    }
+
+    async fn inbound(&self, tcp: TcpStream, peer: std::net::SocketAddr) {
+        let Some(server) = self.configs().and_then(|b| b.server.clone()) else {
+            tracing::warn!(listener = %self.config.name, %peer, "refused: no valid certificate loaded yet");
+            return;
+        };
+        let local = tcp.local_addr().ok();
+        let accept = tokio_rustls::TlsAcceptor::from(server).accept(tcp);
+        let tls = match timeout(self.limits.handshake_timeout.get(), accept).await {
+            Err(_) => return self.rejected(Rejection::Timeout, &peer.to_string(), "handshake timed out"),
+            Ok(Err(e)) => return self.handshake_failed(&e, &peer.to_string()),
+            Ok(Ok(tls)) => tls,
+        };
+        let (_, conn) = tls.get_ref();
+        self.count_handshake(conn.handshake_kind());
+        let info = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| CertInfo::from_der(c).ok());
+        let version = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "TLSv1.3",
+        };
+        let Some(mut upstream) = self.connect_upstream().await else { return };
+        if self.config.proxy_protocol {
+            let (Some(info), Some(local)) = (info, local) else { return };
+            let identity = peer_identity(&info);
+            let cn = info.subject.strip_prefix("CN=").map(|cn| cn.split(',').next().unwrap_or(cn));
+            let header = proxy_protocol::encode(
+                peer,
+                local,
+                &proxy_protocol::PeerInfo { tls_version: version, common_name: cn, identity: &identity },
+            );
+            if upstream.write_all(&header).await.is_err() {
+                self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        self.pipe(tls, upstream).await;
+    }
+
+    async fn outbound(&self, app: TcpStream) {
+        let Some(client) = self.configs().and_then(|b| b.client.clone()) else {
+            tracing::warn!(listener = %self.config.name, "refused: no valid certificate loaded yet");
+            return;
+        };
+        let Some(upstream) = self.connect_upstream().await else { return };
+        let host = self.config.upstream.host();
+        let sni = match &self.config.server_name {
+            Some(crate::identity::PeerId::Dns(d)) => ServerName::try_from(d.to_string()),
+            _ => ServerName::try_from(host.to_owned()),
+        };
+        let Ok(sni) = sni else { return };
+        let connect = tokio_rustls::TlsConnector::from(client).connect(sni, upstream);
+        let tls = match timeout(self.limits.handshake_timeout.get(), connect).await {
+            Err(_) => {
+                return self.rejected(Rejection::Timeout, &self.config.upstream.to_string(), "handshake timed out")
+            }
+            Ok(Err(e)) => return self.handshake_failed(&e, &self.config.upstream.to_string()),
+            Ok(Ok(tls)) => tls,
+        };
+        self.count_handshake(tls.get_ref().1.handshake_kind());
+        self.pipe(app, tls).await;
+    }
+
+    fn count_handshake(&self, kind: Option<rustls::HandshakeKind>) {
+        self.metrics.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+        if kind == Some(rustls::HandshakeKind::Resumed) {
+            self.metrics.handshakes_resumed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn handshake_failed(&self, e: &io::Error, peer: &str) {
+        let why =
+            e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).map_or(Rejection::Other, classify);
+        self.rejected(why, peer, &e.to_string());
+    }
+
+    fn rejected(&self, why: Rejection, peer: &str, detail: &str) {
+        self.metrics.reject(why);
+        tracing::warn!(listener = %self.config.name, peer, reason = why.label(), "handshake rejected: {detail}");
+    }
+
+    async fn connect_upstream(&self) -> Option<TcpStream> {
+        let target = (self.config.upstream.host(), self.config.upstream.port());
+        match timeout(self.limits.connect_timeout.get(), TcpStream::connect(target)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Some(s)
+            }
+            Ok(Err(e)) => {
+                self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(listener = %self.config.name, upstream = %self.config.upstream, "upstream connect failed: {e}");
+                None
+            }
+            Err(_) => {
+                self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(listener = %self.config.name, upstream = %self.config.upstream, "upstream connect timed out");
+                None
+            }
+        }
+    }
+
+    /// Copies both ways until both sides close or the idle timeout passes.
+    async fn pipe<A, B>(&self, a: A, b: B)
+    where
+        A: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let start = Instant::now();
+        let last = Arc::new(AtomicU64::new(0));
+        let mut a = Metered { inner: a, bytes: &self.metrics.bytes_in, last: last.clone(), start };
+        let mut b = Metered { inner: b, bytes: &self.metrics.bytes_out, last: last.clone(), start };
+        let idle = self.limits.idle_timeout.get();
+        let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER, BUFFER);
+        tokio::pin!(copy);
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let deadline = start + since + idle;
+            tokio::select! {
+                _ = &mut copy => return,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle <= Instant::now() {
+                        tracing::debug!(listener = %self.config.name, "idle timeout");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Counts bytes read and notes the time of the last read.
+struct Metered<'a, S> {
+    inner: S,
+    bytes: &'a AtomicU64,
+    last: Arc<AtomicU64>,
+    start: Instant,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

@@ -1,0 +1,182 @@
+//! Hot reload: watch a cert dir, validate each new set, and publish it as an
+//! immutable snapshot. A bad set never replaces the last good one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+
+use crate::certdir::{CertDir, CertSet};
+use crate::metrics::ReloadMetrics;
+
+/// Quiet time after the last file event before a reload.
+const DEBOUNCE: Duration = Duration::from_millis(25);
+/// Fallback poll, for file systems whose events get lost.
+const POLL: Duration = Duration::from_secs(1);
+
+/// One published, validated certificate set.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The validated set.
+    pub set: CertSet,
+    /// Increases with every publication.
+    pub generation: u64,
+}
+
+/// Watches one cert dir and publishes validated snapshots.
+#[derive(Debug)]
+pub struct CertStore {
+    dir: CertDir,
+    tx: watch::Sender<Option<Arc<Snapshot>>>,
+    last_raw: Mutex<Option<RawFingerprint>>,
+    last_error: Mutex<Option<String>>,
+    generation: AtomicU64,
+    /// Reload counters.
+    pub metrics: ReloadMetrics,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct RawFingerprint(Vec<u8>, Option<Vec<u8>>, Vec<u8>, Option<Vec<u8>>);
+
+/// What one reload attempt did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// A new set was published.
+    Published,
+    /// The files did not change.
+    Unchanged,
+    /// The new set was refused; the last good one stays.
+    Rejected,
+}
+
+impl CertStore {
+    /// A store for `dir`; nothing is loaded yet.
+    pub fn new(dir: CertDir) -> Arc<Self> {
+        Arc::new(Self {
+            dir,
+            tx: watch::Sender::new(None),
+            last_raw: Mutex::new(None),
+            last_error: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            metrics: ReloadMetrics::default(),
+        })
+    }
+
+    /// The watched directory.
+    pub fn dir(&self) -> &CertDir {
+        &self.dir
+    }
+
+    /// Follows publications.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        self.tx.subscribe()
+    }
+
+    /// The current snapshot, if a valid set was ever loaded.
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.tx.borrow().clone()
+    }
+
+    /// Why the last reload failed, if it did.
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
+    }
+
+    /// Reads the dir now and publishes the set if it is new and valid.
+    pub fn reload(&self) -> ReloadOutcome {
+        let now = OffsetDateTime::now_utc();
+        let raw = match self.dir.read_raw() {
+            Ok(raw) => raw,
+            Err(e) => return self.fail(e.to_string(), None),
+        };
+        let fingerprint = RawFingerprint(raw.cert.clone(), raw.key.clone(), raw.ca.clone(), raw.crl.clone());
+        if lock(&self.last_raw).as_ref() == Some(&fingerprint) {
+            return ReloadOutcome::Unchanged;
+        }
+        self.metrics.last_attempt.store(now.unix_timestamp(), Ordering::Relaxed);
+        match raw.validate(now) {
+            Ok(set) => {
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::info!(
+                    dir = %self.dir.path().display(),
+                    serial = %set.leaf.serial,
+                    not_after = %crate::certinfo::rfc3339(set.leaf.not_after),
+                    "loaded certificate"
+                );
+                self.tx.send_replace(Some(Arc::new(Snapshot { set, generation })));
+                *lock(&self.last_raw) = Some(fingerprint);
+                *lock(&self.last_error) = None;
+                self.metrics.ok.fetch_add(1, Ordering::Relaxed);
+                self.metrics.last_success.store(now.unix_timestamp(), Ordering::Relaxed);
+                ReloadOutcome::Published
+            }
+            Err(e) => self.fail(e.to_string(), Some(fingerprint)),
+        }
+    }
+
+    fn fail(&self, error: String, fingerprint: Option<RawFingerprint>) -> ReloadOutcome {
+        let mut last = lock(&self.last_error);
+        if last.as_deref() != Some(error.as_str()) {
+            let keeping = match self.current() {
+                Some(s) => format!("keeping serial {}", s.set.leaf.serial),
+                None => "no valid certificate yet; not ready".into(),
+            };
+            tracing::error!("certificate reload failed: {error} ({keeping})");
+            self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.last_attempt.store(OffsetDateTime::now_utc().unix_timestamp(), Ordering::Relaxed);
+            *last = Some(error);
+        }
+        // Remember the bad bytes so the same bad set is not re-parsed on every poll,
+        // but forget the good fingerprint so restoring the old files reloads them.
+        *lock(&self.last_raw) = fingerprint;
+        ReloadOutcome::Rejected
+    }
+
+    /// Watches the directory until `shutdown` resolves: file events
+    /// (debounced) and a slow poll both trigger [`CertStore::reload`].
+    pub async fn watch(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let mut watcher: Option<notify::RecommendedWatcher> = None;
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            if watcher.is_none() {
+                watcher = start_watcher(self.dir.path(), tx.clone());
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = poll.tick() => {}
+                Some(()) = rx.recv() => {
+                    // Debounce: wait for a quiet spell, bounded.
+                    let deadline = tokio::time::Instant::now() + DEBOUNCE * 8;
+                    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                        if tokio::time::Instant::now() > deadline {
+                            break;
+                        }
+                    }
+                }
+            }
+            let store = self.clone();
+            let _ = tokio::task::spawn_blocking(move || store.reload()).await;
+        }
+    }
+}
+
+fn start_watcher(dir: &std::path::Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.send(());
+        }
+    })
+    .ok()?;
+    watcher.watch(dir, RecursiveMode::Recursive).ok()?;
+    Some(watcher)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,184 @@
+//! Peer verification beyond chain building: allow-lists of identities for
+//! clients, an expected identity for servers, and the reasons for refusals.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
+
+use crate::certinfo::CertInfo;
+use crate::identity::PeerId;
+use crate::metrics::Rejection;
+
+/// Whether the certificate carries `id` (a URI SAN for SPIFFE IDs, a DNS SAN
+/// for names).
+pub fn cert_has_id(info: &CertInfo, id: &PeerId) -> bool {
+    match id {
+        PeerId::Spiffe(s) => info.uris.iter().any(|u| u == s.as_str()),
+        PeerId::Dns(d) => info.dns.iter().any(|n| n.eq_ignore_ascii_case(d.as_str())),
+    }
+}
+
+/// The identity to report for a peer: its SPIFFE ID, else its first DNS SAN,
+/// else its subject.
+pub fn peer_identity(info: &CertInfo) -> String {
+    info.uris.first().or(info.dns.first()).cloned().unwrap_or_else(|| info.subject.clone())
+}
+
+/// Classifies a handshake failure for logs and metrics.
+pub fn classify(err: &Error) -> Rejection {
+    match err {
+        Error::NoCertificatesPresented => Rejection::NoCert,
+        Error::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => Rejection::UnknownCa,
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => Rejection::Expired,
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => Rejection::NotYetValid,
+            CertificateError::Revoked => Rejection::Revoked,
+            CertificateError::ApplicationVerificationFailure
+            | CertificateError::NotValidForName
+            | CertificateError::NotValidForNameContext { .. } => Rejection::NotAllowed,
+            _ => Rejection::Other,
+        },
+        Error::AlertReceived(rustls::AlertDescription::CertificateRequired) => Rejection::NoCert,
+        Error::AlertReceived(rustls::AlertDescription::UnknownCA) => Rejection::UnknownCa,
+        Error::AlertReceived(rustls::AlertDescription::CertificateExpired) => Rejection::Expired,
+        _ => Rejection::Other,
+    }
+}
+
+/// Wraps a chain-verifying client verifier with an identity allow-list.
+#[derive(Debug)]
+pub struct AllowListClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    allow: Arc<[PeerId]>,
+}
+
+impl AllowListClientVerifier {
+    /// Requires, on top of `inner`, that the client carries one of `allow`.
+    pub fn new(inner: Arc<dyn ClientCertVerifier>, allow: Arc<[PeerId]>) -> Self {
+        Self { inner, allow }
+    }
+}
+
+impl ClientCertVerifier for AllowListClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let info =
+            CertInfo::from_der(end_entity).map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if self.allow.iter().any(|id| cert_has_id(&info, id)) {
+            Ok(verified)
+        } else {
+            Err(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Verifies a server's chain against the trust bundle and, when given, its
+/// identity against an expected SPIFFE ID or DNS name (instead of the SNI name).
+#[derive(Debug)]
+pub struct IdentityServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: Option<PeerId>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl IdentityServerVerifier {
+    /// Expects the server to chain to `roots` and carry `expected`, if any.
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        expected: Option<PeerId>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Self {
+        Self { roots, expected, provider }
+    }
+}
+
+impl ServerCertVerifier for IdentityServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let info =
+            CertInfo::from_der(end_entity).map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if self.expected.as_ref().is_none_or(|id| cert_has_id(&info, id)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(Error::InvalidCertificate(CertificateError::NotValidForName))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
