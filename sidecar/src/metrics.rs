@@ -93,6 +93,9 @@ pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
+/// One per-listener metric family: name, type, help, and how to read it.
+type Family = (&'static str, &'static str, &'static str, fn(&ListenerMetrics) -> i64);
+
 /// Renders listener metrics for `(name, metrics)` pairs.
 pub fn render_listeners<'a>(out: &mut String, listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone) {
     let p = "lanyard_sidecar";
@@ -108,7 +111,7 @@ pub fn render_listeners<'a>(out: &mut String, listeners: impl Iterator<Item = (&
             );
         }
     }
-    let families: [(&str, &str, &str, fn(&ListenerMetrics) -> i64); 6] = [
+    let families: [Family; 6] = [
         ("handshakes_resumed_total", "counter", "Handshakes that resumed a TLS session.", |m| {
             m.handshakes_resumed.load(Ordering::Relaxed) as i64
         }),

@@ -204,3 +204,67 @@ pub fn wait_for_log(path: &Path, needle: &str) {
         std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle))
     });
 }
+
+/// A running `sidecar run`, killed on drop, with its admin endpoint at hand.
+pub struct Sidecar {
+    guard: ChildGuard,
+    /// Its log file.
+    pub log: PathBuf,
+    /// The admin endpoint.
+    pub admin: SocketAddr,
+}
+
+impl Sidecar {
+    /// Starts `sidecar run --admin <free port> <args>`, logging to `log`.
+    pub fn start(args: &[&str], log: PathBuf) -> Self {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut cmd = Command::new(bin("sidecar"));
+        cmd.arg("run").arg("--admin").arg(admin.to_string()).args(args).env("RUST_LOG", "info");
+        let mut guard = ChildGuard::spawn(cmd, &log);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect_timeout(&admin, Duration::from_millis(100)).is_err() {
+            guard.assert_running(&log);
+            assert!(
+                Instant::now() < deadline,
+                "sidecar admin never came up; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { guard, log, admin }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.guard.id()
+    }
+
+    /// The child handle.
+    pub fn child(&mut self) -> &mut Child {
+        self.guard.child()
+    }
+
+    /// Fetches an admin path with curl (`-k`: the admin cert is checked elsewhere).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let out = run(Command::new(peer("curl"))
+            .args(["-sk", "-w", "\n%{http_code}"])
+            .arg(format!("https://{}{path}", self.admin)));
+        let body = text(&out.stdout);
+        let (body, code) = body.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// The value of one metric sample line (`name{labels}`), or 0.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

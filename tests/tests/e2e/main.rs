@@ -2,3 +2,4 @@
 #![allow(clippy::unwrap_used)]
 
 mod pki;
+mod sidecar;
