@@ -144,6 +144,10 @@ pub struct ListenerConfig {
     /// Inbound: send a PROXY v2 header with the peer identity to the upstream.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Inbound: proxy HTTP/1.1 request by request and set a sanitized
+    /// `X-Forwarded-Client-Cert` header with the verified identity.
+    #[serde(default)]
+    pub http: bool,
     /// ALPN protocols the upstream speaks, in preference order (`h2`,
     /// `http/1.1`). Inbound accepts them from clients; outbound offers them.
     /// Empty (the default) negotiates none, so clients fall back to what
@@ -236,8 +240,17 @@ impl Config {
                         l.name
                     )))
                 }
-                Mode::Outbound if l.proxy_protocol => {
-                    return Err(invalid(format!("listener {}: proxy_protocol applies to inbound listeners", l.name)))
+                Mode::Outbound if l.proxy_protocol || l.http => {
+                    return Err(invalid(format!(
+                        "listener {}: proxy_protocol and http apply to inbound listeners",
+                        l.name
+                    )))
+                }
+                Mode::Inbound if l.proxy_protocol && l.http => {
+                    return Err(invalid(format!(
+                        "listener {}: choose proxy_protocol (L4) or http (XFCC header), not both",
+                        l.name
+                    )))
                 }
                 _ => {}
             }
@@ -311,6 +324,7 @@ mod tests {
                 allow: vec![],
                 server_name: None,
                 proxy_protocol: false,
+                http: false,
                 alpn: vec![],
             }],
         };

@@ -9,6 +9,7 @@ pub mod certdir;
 pub mod certinfo;
 pub mod config;
 pub mod health;
+pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod proxy;

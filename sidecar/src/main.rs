@@ -52,6 +52,9 @@ struct RunArgs {
     /// Inbound: send a PROXY v2 header with the verified identity upstream.
     #[arg(long)]
     proxy_protocol: bool,
+    /// Inbound: proxy HTTP/1.1 and add a sanitized X-Forwarded-Client-Cert header.
+    #[arg(long)]
+    http: bool,
     /// ALPN protocol the upstream speaks (h2, http/1.1); repeatable.
     #[arg(long, value_name = "PROTO")]
     alpn: Vec<String>,
@@ -151,6 +154,7 @@ fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigErro
             allow: a.allow,
             server_name: a.server_name,
             proxy_protocol: a.proxy_protocol,
+            http: a.http,
             alpn: a.alpn,
         }],
         _ => Vec::new(),

@@ -101,6 +101,9 @@ impl Listener {
     }
 
     fn alpn(&self) -> Vec<Vec<u8>> {
+        if self.config.http {
+            return vec![b"http/1.1".to_vec()];
+        }
         self.config.alpn.iter().map(|p| p.as_bytes().to_vec()).collect()
     }
 
@@ -144,6 +147,10 @@ impl Listener {
     }
 
     async fn inbound(&self, tcp: TcpStream, peer: std::net::SocketAddr) {
+        let Some(snapshot) = self.store.current() else {
+            tracing::warn!(listener = %self.config.name, %peer, "refused: no valid certificate loaded yet");
+            return;
+        };
         let Some(server) = self.configs().and_then(|b| b.server.clone()) else {
             tracing::warn!(listener = %self.config.name, %peer, "refused: no valid certificate loaded yet");
             return;
@@ -163,6 +170,18 @@ impl Listener {
             _ => "TLSv1.3",
         };
         let Some(mut upstream) = self.connect_upstream().await else { return };
+        if self.config.http {
+            let own = snapshot.set.leaf.uris.first().map(String::as_str);
+            let Some(identity) = info.as_ref().and_then(|i| crate::http::xfcc_value(own, i)) else { return };
+            let start = Instant::now();
+            let last = Arc::new(AtomicU64::new(0));
+            let client = Metered { inner: tls, bytes: &self.metrics.bytes_in, last: last.clone(), start };
+            // Body bytes towards the client are not metered in HTTP mode; requests are.
+            if let Some(Err(e)) = self.until_idle(crate::http::proxy(client, upstream, identity), start, &last).await {
+                tracing::debug!(listener = %self.config.name, "http proxy: {e}");
+            }
+            return;
+        }
         if self.config.proxy_protocol {
             let (Some(info), Some(local)) = (info, local) else { return };
             let identity = peer_identity(&info);
@@ -252,18 +271,23 @@ impl Listener {
         let last = Arc::new(AtomicU64::new(0));
         let mut a = Metered { inner: a, bytes: &self.metrics.bytes_in, last: last.clone(), start };
         let mut b = Metered { inner: b, bytes: &self.metrics.bytes_out, last: last.clone(), start };
-        let idle = self.limits.idle_timeout.get();
         let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER, BUFFER);
-        tokio::pin!(copy);
+        self.until_idle(copy, start, &last).await;
+    }
+
+    /// Runs `work` until it ends, or until nothing was read for the idle
+    /// timeout (`last` holds the milliseconds since `start` of the last read).
+    async fn until_idle<F: std::future::Future>(&self, work: F, start: Instant, last: &AtomicU64) -> Option<F::Output> {
+        let idle = self.limits.idle_timeout.get();
+        tokio::pin!(work);
         loop {
-            let since = Duration::from_millis(last.load(Ordering::Relaxed));
-            let deadline = start + since + idle;
+            let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
             tokio::select! {
-                _ = &mut copy => return,
+                out = &mut work => return Some(out),
                 _ = tokio::time::sleep_until(deadline) => {
                     if start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle <= Instant::now() {
                         tracing::debug!(listener = %self.config.name, "idle timeout");
-                        return;
+                        return None;
                     }
                 }
             }

@@ -665,3 +665,88 @@ fn config_file_declares_several_listeners_and_bad_input_is_named() {
     ]));
     assert!(err.contains("spiffe://") && err.lines().count() == 1, "{err}");
 }
+
+/// An HTTP server that answers with the X-Forwarded-Client-Cert lines it received.
+fn xfcc_echo_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let local = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut writer = conn;
+                loop {
+                    let (mut line, mut seen, mut any) = (String::new(), Vec::new(), false);
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        any = true;
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if line.to_ascii_lowercase().starts_with("x-forwarded-client-cert:") {
+                            seen.push(line.trim().to_owned());
+                        }
+                        line.clear();
+                    }
+                    if !any {
+                        return;
+                    }
+                    let body = seen.join("\n") + "\n";
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                    if writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(body.as_bytes())).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    local
+}
+
+#[test]
+fn http_mode_sets_a_sanitized_client_identity_header() {
+    let f = fixture();
+    let app = xfcc_echo_upstream();
+    let port = free_port();
+    let _sc = Sidecar::start(
+        &[
+            "--cert-dir",
+            f.api.to_str().unwrap(),
+            "--listen",
+            &addr(port).to_string(),
+            "--upstream",
+            &app.to_string(),
+            "--http",
+        ],
+        f.pki.path("sidecar.log"),
+    );
+    let url = format!("https://api:{port}/");
+    let out = run_ok(
+        Command::new(peer("curl"))
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-H",
+                "X-Forwarded-Client-Cert: By=spiffe://evil/forged;URI=spiffe://lanyard.internal/admin",
+            ])
+            .arg("--cacert")
+            .arg(f.api.join("ca.pem"))
+            .arg("--cert")
+            .arg(f.web.join("cert.pem"))
+            .arg("--key")
+            .arg(f.web.join("key.pem"))
+            .arg("--resolve")
+            .arg(format!("api:{port}:127.0.0.1"))
+            .arg(&url)
+            .arg(&url),
+    );
+    let body = text(&out.stdout);
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.len(), 2, "one header per request, two requests on one connection: {body}");
+    for line in lines {
+        assert!(line.contains("URI=spiffe://lanyard.internal/web"), "{line}");
+        assert!(line.contains("By=spiffe://lanyard.internal/api") && line.contains("Hash="), "{line}");
+        assert!(!line.contains("evil") && !line.contains("/admin"), "client's header was stripped: {line}");
+    }
+}

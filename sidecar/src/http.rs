@@ -1,0 +1,64 @@
+//! HTTP mode for inbound listeners: HTTP/1.1 is proxied request by request
+//! so that each request carries the verified client identity in a sanitized
+//! `X-Forwarded-Client-Cert` header (Envoy's format). Any such header the
+//! client sent is removed first.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::certinfo::CertInfo;
+
+/// The header carrying the verified identity.
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// The header value for a verified `peer`, as seen by the sidecar whose own
+/// identity is `by`: `By=...;Hash=...;Subject="...";URI=...;DNS=...`.
+pub fn xfcc_value(by: Option<&str>, peer: &CertInfo) -> Option<HeaderValue> {
+    let clean = |s: &str| s.chars().filter(|c| !c.is_control() && !matches!(c, ';' | ',' | '"')).collect::<String>();
+    let mut parts = Vec::new();
+    if let Some(by) = by {
+        parts.push(format!("By={}", clean(by)));
+    }
+    parts.push(format!("Hash={}", peer.sha256));
+    parts.push(format!("Subject=\"{}\"", clean(&peer.subject)));
+    parts.extend(peer.uris.iter().map(|u| format!("URI={}", clean(u))));
+    parts.extend(peer.dns.iter().map(|d| format!("DNS={}", clean(d))));
+    HeaderValue::from_str(&parts.join(";")).ok()
+}
+
+/// Serves HTTP/1.1 on `downstream`, forwarding each request over one
+/// upstream connection with the XFCC header set to `identity`.
+pub async fn proxy<S>(downstream: S, upstream: TcpStream, identity: HeaderValue) -> Result<(), hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (sender, upstream_conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await?;
+    let sender = Arc::new(Mutex::new(sender));
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let (sender, identity) = (sender.clone(), identity.clone());
+        async move {
+            let headers = req.headers_mut();
+            while headers.remove(XFCC).is_some() {}
+            headers.insert(XFCC, identity);
+            // Upgrades (WebSocket) would bypass the per-request header; refuse them.
+            if headers.contains_key(UPGRADE) {
+                headers.remove(UPGRADE);
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            let mut sender = sender.lock().await;
+            sender.ready().await?;
+            let response: Response<Incoming> = sender.send_request(req).await?;
+            Ok::<_, hyper::Error>(response)
+        }
+    });
+    let server = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(downstream), service);
+    let (served, _) = tokio::join!(server, upstream_conn);
+    served
+}
