@@ -96,6 +96,17 @@ pub enum CaError {
     /// Writing or reading a cert dir failed.
     #[error(transparent)]
     CertDir(#[from] CertDirError),
+    /// The service configuration is invalid.
+    #[error("config {origin}: {what}")]
+    Config {
+        /// The file or source.
+        origin: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// rcgen failed to build or sign a certificate.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),

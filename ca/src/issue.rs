@@ -15,7 +15,7 @@ use rcgen::{
 use time::OffsetDateTime;
 
 use crate::keys::{is_rsa, KeyType};
-use crate::state::{random_serial, CaState, BACKDATE};
+use crate::state::{backdate_for, random_serial, CaState};
 use crate::CaError;
 
 /// Default leaf lifetime.
@@ -142,7 +142,7 @@ impl CaState {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, req.name.as_str());
         params.distinguished_name = dn;
-        params.not_before = now - BACKDATE;
+        params.not_before = now - backdate_for(req.ttl.get());
         params.not_after = not_after;
         params.serial_number = Some(random_serial());
         params.is_ca = IsCa::ExplicitNoCa;

@@ -1,10 +1,14 @@
 //! Lanyard's control plane: a private CA (root + intermediate) that issues
 //! short-lived service certificates into cert dirs.
 
+pub mod authority;
 pub mod error;
 pub mod inspect;
 pub mod issue;
 pub mod keys;
+pub mod ops;
+pub mod serve;
 pub mod state;
+pub mod store;
 
 pub use error::CaError;

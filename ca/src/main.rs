@@ -5,9 +5,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use std::collections::HashMap;
+
+use lanyard_ca::authority::Authority;
 use lanyard_ca::inspect::inspect;
 use lanyard_ca::issue::{KeySource, LeafRequest};
 use lanyard_ca::keys::KeyType;
+use lanyard_ca::ops::{backup, new_token, restore, status_table, trouble};
+use lanyard_ca::serve::api::ADMIN_NAME;
+use lanyard_ca::serve::config::ServeConfig;
 use lanyard_ca::state::{write_file, CaState, InitOptions, DEFAULT_TRUST_DOMAIN};
 use lanyard_ca::CaError;
 use lanyard_sidecar::certdir::CertDir;
@@ -32,6 +38,72 @@ enum Command {
     Issue(IssueArgs),
     /// Show a PEM file or cert dir, and whether it is usable.
     Inspect(InspectArgs),
+    /// Run the CA service: rotation, signing API, health and metrics.
+    Serve(ServeArgs),
+    /// Print a single-use bootstrap token for POST /v1/sign.
+    Token(TokenArgs),
+    /// Show every managed identity: serial, expiry, renewals, last error.
+    Status(StatusArgs),
+    /// Exit non-zero when an identity is in trouble.
+    Check(CheckArgs),
+    /// Write a consistent backup of the keys and the store.
+    Backup(BackupArgs),
+    /// Recreate the state directory from a backup.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The service configuration (lanyard.toml).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The identity the token may obtain a certificate for.
+    name: DnsName,
+    #[command(flatten)]
+    state: StateArg,
+    /// How long the token stays usable.
+    #[arg(long, default_value = "5m")]
+    ttl: Span,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    state: StateArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The identity to check.
+    name: String,
+    #[command(flatten)]
+    state: StateArg,
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// Where to write the backup (mode 0600).
+    file: PathBuf,
+    #[command(flatten)]
+    state: StateArg,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The backup to restore.
+    file: PathBuf,
+    #[command(flatten)]
+    state: StateArg,
+    /// Replace an existing CA.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -139,6 +211,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 force: a.force,
             };
             let (ca, offline_key) = CaState::init(dir, &opts)?;
+            let authority = Authority::open(dir)?;
+            let admin = LeafRequest {
+                name: ADMIN_NAME.parse()?,
+                dns: Vec::new(),
+                ips: Vec::new(),
+                spiffe: None,
+                ttl: "90d".parse()?,
+                key: KeySource::Generate(KeyType::EcdsaP256),
+            };
+            CertDir::new(dir.join("admin")).write(&authority.issue(&admin, "admin")?.pem)?;
             if let Some(key) = offline_key {
                 match &a.root_key_out {
                     Some(path) => write_file(path, &key, 0o600)?,
@@ -153,7 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Issue(a) => {
-            let ca = CaState::load(a.state.dir()?)?;
+            let authority = Authority::open(a.state.dir()?)?;
             if a.names.len() > 1 && (!a.dns.is_empty() || !a.ip.is_empty() || a.spiffe.is_some() || a.csr.is_some()) {
                 anyhow::bail!(
                     "--dns, --ip, --spiffe and --csr describe one identity; issue names one at a time to use them"
@@ -178,7 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ttl: a.ttl,
                     key: key.clone(),
                 };
-                let issued = ca.issue(&req)?;
+                let issued = authority.issue(&req, "cli")?;
                 CertDir::new(&out).write(&issued.pem)?;
                 eprintln!(
                     "issued {} serial {} valid until {} into {}",
@@ -188,6 +270,67 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     out.display()
                 );
             }
+        }
+        Command::Serve(a) => {
+            let env: HashMap<String, String> = ["LANYARD_STATE", "HTTPS_PORT", "HTTP_PORT"]
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+                .collect();
+            let config = ServeConfig::load(&a.config, &env)?;
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init();
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(lanyard_ca::serve::run(config, shutdown_signal()))?;
+        }
+        Command::Token(a) => {
+            let authority = Authority::open(a.state.dir()?)?;
+            stdout(&(new_token(&authority, a.name.as_str(), a.ttl)? + "\n"));
+        }
+        Command::Status(a) => {
+            let authority = Authority::open(a.state.dir()?)?;
+            let rows = authority.store().schedules()?;
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            if a.json {
+                let list: Vec<_> = rows
+                    .iter()
+                    .map(|r| {
+                        let mut v = serde_json::to_value(r).unwrap_or_default();
+                        v["trouble"] = serde_json::to_value(trouble(r, now)).unwrap_or_default();
+                        v
+                    })
+                    .collect();
+                stdout(&(serde_json::to_string_pretty(&list)? + "\n"));
+            } else {
+                stdout(&status_table(&rows, now));
+            }
+        }
+        Command::Check(a) => {
+            let authority = Authority::open(a.state.dir()?)?;
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            match authority.store().schedule(&a.name)? {
+                None => anyhow::bail!("identity {:?} is not managed by this CA (see `ca status`)", a.name),
+                Some(row) => match trouble(&row, now) {
+                    Some(why) => anyhow::bail!("{}: {why}", a.name),
+                    None => stdout(&format!("{}: ok\n", a.name)),
+                },
+            }
+        }
+        Command::Backup(a) => {
+            let dir = a.state.dir()?;
+            CaState::load(dir)?;
+            backup(dir, &a.file)?;
+            eprintln!("backed up {} to {}", dir.display(), a.file.display());
+        }
+        Command::Restore(a) => {
+            let dir = a.state.dir()?;
+            restore(dir, &a.file, a.force)?;
+            eprintln!("restored {} from {}", dir.display(), a.file.display());
         }
         Command::Inspect(a) => {
             let report = inspect(&a.path, OffsetDateTime::now_utc())?;
@@ -202,6 +345,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// Writes to stdout; a closed pipe (`ca inspect | head`) is not an error.

@@ -37,6 +37,13 @@ pub const ROOT_LIFETIME: Duration = Duration::days(3650);
 pub const INTERMEDIATE_LIFETIME: Duration = Duration::days(365);
 /// How far certificates are backdated to tolerate clock skew.
 pub const BACKDATE: Duration = Duration::minutes(5);
+
+/// The backdating of a leaf living `ttl`: [`BACKDATE`], but at most a tenth
+/// of the lifetime, so that short-lived certificates keep their renewal
+/// point (2/3 of the whole validity window) well after issuance.
+pub fn backdate_for(ttl: std::time::Duration) -> Duration {
+    BACKDATE.min(Duration::try_from(ttl / 10).unwrap_or(BACKDATE))
+}
 /// The trust domain used when none is given.
 pub const DEFAULT_TRUST_DOMAIN: &str = "lanyard.internal";
 
@@ -233,6 +240,22 @@ impl CaState {
     /// Facts about the intermediate.
     pub fn intermediate(&self) -> &CertInfo {
         &self.intermediate
+    }
+
+    /// The intermediate's subject key identifier (for CRLs).
+    pub fn intermediate_key_id(&self) -> Vec<u8> {
+        use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+        let pem =
+            lanyard_sidecar::certdir::parse_certs(&self.dir, self.intermediate_pem.as_bytes()).unwrap_or_default();
+        pem.first()
+            .and_then(|der| X509Certificate::from_der(der).ok())
+            .and_then(|(_, cert)| {
+                cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+                    ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+                    _ => None,
+                })
+            })
+            .unwrap_or_default()
     }
 
     /// The signer of leaves.

@@ -1,0 +1,165 @@
+//! Operator commands over the store: `ca token`, `ca status`, `ca check`,
+//! `ca backup` and `ca restore`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use base64::Engine;
+use lanyard_sidecar::certinfo::rfc3339;
+use lanyard_sidecar::span::Span;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::authority::Authority;
+use crate::serve::api::token_hash;
+use crate::state::write_file;
+use crate::store::{ScheduleRow, SqliteStore, Store, DB_FILE};
+use crate::CaError;
+
+/// Creates a single-use bootstrap token for `identity`, valid for `ttl`.
+pub fn new_token(authority: &Authority, identity: &str, ttl: Span) -> Result<String, CaError> {
+    let mut bytes = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut bytes).expect("the system RNG is available");
+    let token = lanyard_sidecar::certinfo::hex(&bytes);
+    let expires = OffsetDateTime::now_utc() + ttl.get();
+    authority.store().add_token(&token_hash(&token), identity, expires.unix_timestamp())?;
+    Ok(token)
+}
+
+fn time_of(t: Option<i64>) -> String {
+    t.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok()).map(rfc3339).unwrap_or_else(|| "-".into())
+}
+
+fn left(not_after: Option<i64>, now: i64) -> String {
+    match not_after {
+        None => "-".into(),
+        Some(t) if t <= now => "EXPIRED".into(),
+        Some(t) => {
+            let s = t - now;
+            format!("{}d{}h{}m", s / 86_400, s / 3600 % 24, s / 60 % 60)
+        }
+    }
+}
+
+/// Why an identity is in trouble, if it is.
+pub fn trouble(row: &ScheduleRow, now: i64) -> Option<String> {
+    match row.not_after {
+        None => Some(row.last_error.clone().unwrap_or_else(|| "never issued".into())),
+        Some(t) if t <= now => Some("certificate expired".into()),
+        Some(_) if row.failures > 0 => {
+            Some(format!("{} failed renewals: {}", row.failures, row.last_error.clone().unwrap_or_default()))
+        }
+        Some(_) if row.next_renewal + 60 < now => Some("renewal overdue".into()),
+        _ => None,
+    }
+}
+
+/// `ca status`: one table of every managed identity.
+pub fn status_table(rows: &[ScheduleRow], now: i64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<34} {:<21} {:<11} {:<21} {:<21} {}",
+        "IDENTITY", "SERIAL", "NOT AFTER", "LEFT", "LAST RENEWAL", "NEXT RENEWAL", "LAST ERROR"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<34} {:<21} {:<11} {:<21} {:<21} {}",
+            r.identity,
+            r.serial.as_deref().unwrap_or("-"),
+            time_of(r.not_after),
+            left(r.not_after, now),
+            time_of(r.last_renewal),
+            time_of(Some(r.next_renewal)),
+            r.last_error.as_deref().unwrap_or("-"),
+        );
+        let _ = writeln!(out, "{:<16} SANs: {}", "", r.sans.as_deref().unwrap_or("-"));
+    }
+    out
+}
+
+/// A backup: every state file and a consistent copy of the store.
+#[derive(Serialize, Deserialize)]
+struct Backup {
+    format: String,
+    files: BTreeMap<String, String>,
+    store: String,
+}
+
+const BACKUP_FORMAT: &str = "lanyard-backup-1";
+const STATE_FILES: [&str; 5] = ["ca.json", "root.pem", "root-key.pem", "intermediate.pem", "intermediate-key.pem"];
+
+/// `ca backup FILE`: keys, certificates and the store, taken consistently
+/// (SQLite's online backup) while the CA runs. Written with mode 0600.
+pub fn backup(state: &Path, file: &Path) -> Result<(), CaError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut files = BTreeMap::new();
+    for name in STATE_FILES {
+        match std::fs::read(state.join(name)) {
+            Ok(bytes) => {
+                files.insert(name.to_owned(), b64.encode(bytes));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && name == "root-key.pem" => {}
+            Err(source) => return Err(CaError::ReadState { path: state.join(name), source }),
+        }
+    }
+    let tmp = tempfile_in(state)?;
+    SqliteStore::open(state)?.backup_to(&tmp)?;
+    let db = std::fs::read(&tmp).map_err(|source| CaError::ReadState { path: tmp.clone(), source });
+    let _ = std::fs::remove_file(&tmp);
+    let doc = Backup { format: BACKUP_FORMAT.into(), files, store: b64.encode(db?) };
+    write_file(file, &serde_json::to_string(&doc).expect("serializes"), 0o600)
+}
+
+fn tempfile_in(dir: &Path) -> Result<std::path::PathBuf, CaError> {
+    let mut b = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut b).expect("the system RNG is available");
+    Ok(dir.join(format!(".backup-{}.db", lanyard_sidecar::certinfo::hex(&b))))
+}
+
+/// `ca restore FILE`: recreates the state directory from a backup. Refuses
+/// to replace an existing CA without `force`.
+pub fn restore(state: &Path, file: &Path, force: bool) -> Result<(), CaError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = std::fs::read_to_string(file).map_err(|source| CaError::ReadState { path: file.to_owned(), source })?;
+    let corrupt = |what: String| CaError::CorruptState { path: file.to_owned(), what };
+    let doc: Backup = serde_json::from_str(&text).map_err(|e| corrupt(format!("not a Lanyard backup ({e})")))?;
+    if doc.format != BACKUP_FORMAT {
+        return Err(corrupt(format!("unknown backup format {:?}", doc.format)));
+    }
+    if state.join("ca.json").exists() && !force {
+        return Err(CaError::AlreadyExists(state.to_owned()));
+    }
+    let decode = |name: &str, v: &str| b64.decode(v).map_err(|e| corrupt(format!("{name}: {e}")));
+    let mut decoded = Vec::new();
+    for (name, value) in &doc.files {
+        if !STATE_FILES.contains(&name.as_str()) {
+            return Err(corrupt(format!("unexpected file {name:?}")));
+        }
+        decoded.push((name.clone(), decode(name, value)?));
+    }
+    let db = decode("store", &doc.store)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state)
+            .map_err(|source| CaError::WriteState { path: state.to_owned(), source })?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(state.join(format!("{DB_FILE}{suffix}")));
+    }
+    let db_path = state.join(DB_FILE);
+    std::fs::write(&db_path, db).map_err(|source| CaError::WriteState { path: db_path.clone(), source })?;
+    // ca.json last: it marks the state as complete.
+    decoded.sort_by_key(|(name, _)| name == "ca.json");
+    for (name, bytes) in decoded {
+        let mode = if name.ends_with("key.pem") { 0o600 } else { 0o644 };
+        let text = String::from_utf8(bytes).map_err(|_| corrupt(format!("{name} is not text")))?;
+        write_file(&state.join(&name), &text, mode)?;
+    }
+    Authority::open(state).map(|_| ())
+}

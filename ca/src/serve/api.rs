@@ -1,0 +1,299 @@
+//! The HTTPS API of `ca serve`.
+//!
+//! | route | who | what |
+//! |---|---|---|
+//! | `GET /health`, `GET /metrics` | anyone | status and Prometheus text |
+//! | `GET /v1/roots`, `GET /v1/crl` | anyone | trust bundle, CRL (PEM) |
+//! | `POST /v1/sign` | bootstrap token | `{"token","csr"}` → chain for the token's identity |
+//! | `POST /v1/renew` | client certificate | `{"csr"}` → new chain for the caller's identity |
+//! | `POST /v1/revoke` | admin certificate | `{"serial"}` or `{"identity"}` |
+//! | `GET /v1/certificates`, `GET /v1/status` | admin certificate | issued certificates, schedule |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use lanyard_sidecar::certinfo::{rfc3339, CertInfo};
+use serde::Deserialize;
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::issue::{KeySource, LeafRequest};
+use crate::keys::KeyType;
+use crate::serve::Service;
+use crate::store::TokenRefusal;
+use crate::CaError;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// The identity name of the admin certificate `ca init` creates.
+pub const ADMIN_NAME: &str = "lanyard-admin";
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, kind: &str, body: impl Into<Bytes>) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, kind.parse().expect("valid header"));
+    r
+}
+
+fn json_reply(status: StatusCode, value: serde_json::Value) -> Reply {
+    reply(status, "application/json", value.to_string() + "\n")
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Reply {
+    json_reply(status, json!({ "error": message.to_string() }))
+}
+
+/// SHA-256 of a bootstrap token, as stored.
+pub fn token_hash(token: &str) -> String {
+    lanyard_sidecar::certinfo::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignBody {
+    token: String,
+    csr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewBody {
+    csr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    serial: Option<String>,
+    identity: Option<String>,
+}
+
+async fn body_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {MAX_BODY} bytes")))
+        }
+        Err(e) => return Err(error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"))),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+}
+
+/// Handles one request; `peer` is the verified client certificate, if any.
+pub async fn handle(
+    svc: Arc<Service>,
+    peer: Option<Arc<CertInfo>>,
+    req: Request<Incoming>,
+) -> Result<Reply, Infallible> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let response = match (method.clone(), path.as_str()) {
+        (Method::GET, "/health") => {
+            let h = svc.health().await;
+            json_reply(StatusCode::OK, serde_json::to_value(h).unwrap_or_default())
+        }
+        (Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", svc.metrics_text()),
+        (Method::GET, "/v1/roots") => {
+            reply(StatusCode::OK, "application/x-pem-file", svc.authority.ca().bundle_pem().to_owned())
+        }
+        (Method::GET, "/v1/crl") => reply(StatusCode::OK, "application/x-pem-file", svc.scheduler.crl()),
+        (Method::POST, "/v1/sign") => sign(&svc, req).await,
+        (Method::POST, "/v1/renew") => renew(&svc, peer.as_deref(), req).await,
+        (Method::POST, "/v1/revoke") => match admin(&svc, peer.as_deref()) {
+            Err(r) => r,
+            Ok(()) => revoke(&svc, req).await,
+        },
+        (Method::GET, "/v1/certificates") => match admin(&svc, peer.as_deref()) {
+            Err(r) => r,
+            Ok(()) => match svc.authority.store().certificates() {
+                Ok(list) => json_reply(StatusCode::OK, json!({ "certificates": list })),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+            },
+        },
+        (Method::GET, "/v1/status") => match admin(&svc, peer.as_deref()) {
+            Err(r) => r,
+            Ok(()) => match svc.authority.store().schedules() {
+                Ok(rows) => json_reply(StatusCode::OK, json!({ "identities": rows })),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+            },
+        },
+        (_, "/health" | "/metrics" | "/v1/roots" | "/v1/crl" | "/v1/certificates" | "/v1/status") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} accepts GET only"))
+        }
+        (_, "/v1/sign" | "/v1/renew" | "/v1/revoke") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} accepts POST only"))
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
+    };
+    Ok(response)
+}
+
+fn admin(svc: &Service, peer: Option<&CertInfo>) -> Result<(), Reply> {
+    let Some(peer) = peer else {
+        return Err(error(StatusCode::UNAUTHORIZED, "this endpoint needs the admin client certificate (STATE/admin)"));
+    };
+    let admin_id = svc.authority.ca().trust_domain().id(ADMIN_NAME).map(|id| id.to_string()).unwrap_or_default();
+    if !peer.uris.iter().any(|u| *u == admin_id) {
+        return Err(error(StatusCode::FORBIDDEN, format!("{} is not the admin identity {admin_id}", peer_name(peer))));
+    }
+    if svc.is_revoked(&peer.serial) {
+        return Err(error(StatusCode::FORBIDDEN, "the admin certificate is revoked"));
+    }
+    Ok(())
+}
+
+fn peer_name(peer: &CertInfo) -> String {
+    lanyard_sidecar::verify::peer_identity(peer)
+}
+
+fn issued_reply(
+    svc: &Service,
+    result: Result<crate::issue::IssuedLeaf, CaError>,
+    started: std::time::Instant,
+) -> Reply {
+    svc.metrics.observe_signing(started.elapsed());
+    match result {
+        Ok(issued) => {
+            svc.metrics.issued(true);
+            json_reply(
+                StatusCode::OK,
+                json!({
+                    "certificate": issued.pem.cert,
+                    "ca": issued.pem.ca,
+                    "serial": issued.info.serial,
+                    "not_after": rfc3339(issued.info.not_after),
+                }),
+            )
+        }
+        Err(e) => {
+            svc.metrics.issued(false);
+            let status = match &e {
+                CaError::Csr { .. } | CaError::Name(_) | CaError::DuplicateName(_) | CaError::TtlTooLong { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                CaError::CsrNameNotAllowed { .. } | CaError::NotPermitted { .. } => StatusCode::FORBIDDEN,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            error(status, e)
+        }
+    }
+}
+
+/// The issuance template for `name` with the requester's CSR.
+fn csr_request(svc: &Service, name: lanyard_sidecar::identity::DnsName, csr: String) -> LeafRequest {
+    let mut req = svc.template(&name).unwrap_or(LeafRequest {
+        name,
+        dns: Vec::new(),
+        ips: Vec::new(),
+        spiffe: None,
+        ttl: lanyard_sidecar::span::Span::new(crate::issue::DEFAULT_TTL).expect("non-zero"),
+        key: KeySource::Generate(KeyType::EcdsaP256),
+    });
+    req.key = KeySource::Csr { origin: "request body".into(), pem: csr };
+    req
+}
+
+async fn sign(svc: &Arc<Service>, req: Request<Incoming>) -> Reply {
+    let body: SignBody = match body_json(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let identity = match svc.authority.store().use_token(&token_hash(&body.token), now) {
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Ok(Err(TokenRefusal::Unknown)) => return error(StatusCode::UNAUTHORIZED, "unknown token"),
+        Ok(Err(TokenRefusal::Used)) => {
+            return error(StatusCode::UNAUTHORIZED, "token already used; tokens are single use")
+        }
+        Ok(Err(TokenRefusal::Expired)) => {
+            return error(StatusCode::UNAUTHORIZED, "token expired; create a new one with `ca token`")
+        }
+        Ok(Ok(identity)) => identity,
+    };
+    let Ok(name) = identity.parse() else {
+        return error(StatusCode::BAD_REQUEST, format!("token identity {identity:?} is not a valid name"));
+    };
+    let request = csr_request(svc, name, body.csr);
+    let started = std::time::Instant::now();
+    let svc2 = svc.clone();
+    let result = tokio::task::spawn_blocking(move || svc2.authority.issue(&request, "sign")).await;
+    issued_reply(
+        svc,
+        result.unwrap_or_else(|e| Err(CaError::Config { origin: "sign".into(), what: e.to_string() })),
+        started,
+    )
+}
+
+async fn renew(svc: &Arc<Service>, peer: Option<&CertInfo>, req: Request<Incoming>) -> Reply {
+    let Some(peer) = peer else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "renew is authenticated by your current client certificate; present it",
+        );
+    };
+    if svc.is_revoked(&peer.serial) {
+        return error(StatusCode::FORBIDDEN, format!("certificate {} is revoked", peer.serial));
+    }
+    let prefix = format!("spiffe://{}/", svc.authority.ca().trust_domain());
+    let Some(name) = peer.uris.iter().find_map(|u| u.strip_prefix(&prefix)).and_then(|n| n.parse().ok()) else {
+        return error(StatusCode::FORBIDDEN, format!("{} has no SPIFFE ID in trust domain {prefix}", peer_name(peer)));
+    };
+    let body: RenewBody = match body_json(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let request = csr_request(svc, name, body.csr);
+    let started = std::time::Instant::now();
+    let svc2 = svc.clone();
+    let result = tokio::task::spawn_blocking(move || svc2.authority.issue(&request, "renew")).await;
+    issued_reply(
+        svc,
+        result.unwrap_or_else(|e| Err(CaError::Config { origin: "renew".into(), what: e.to_string() })),
+        started,
+    )
+}
+
+async fn revoke(svc: &Arc<Service>, req: Request<Incoming>) -> Reply {
+    let body: RevokeBody = match body_json(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let store = svc.authority.store();
+    let revoked = match (body.serial, body.identity) {
+        (Some(serial), None) => {
+            let serial = serial.to_ascii_lowercase().trim_start_matches('0').to_owned();
+            match store.revoke_serial(&serial, now) {
+                Ok(true) => vec![serial],
+                Ok(false) => return error(StatusCode::NOT_FOUND, format!("no certificate with serial {serial}")),
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
+        }
+        (None, Some(identity)) => match store.revoke_identity(&identity, now) {
+            Ok(list) if list.is_empty() => {
+                return error(StatusCode::NOT_FOUND, format!("identity {identity:?} has no unexpired certificate"))
+            }
+            Ok(list) => list,
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
+        _ => return error(StatusCode::BAD_REQUEST, "give exactly one of \"serial\" or \"identity\""),
+    };
+    let revoked_clone = revoked.clone();
+    let scheduler = svc.scheduler.clone();
+    let refreshed = tokio::task::spawn_blocking(move || {
+        // A managed identity whose served certificate was revoked gets a new key and certificate now.
+        scheduler.reissue_if_serving(&revoked_clone)?;
+        scheduler.refresh_crl()
+    });
+    match refreshed.await {
+        Ok(Ok(())) => json_reply(StatusCode::OK, json!({ "revoked": revoked })),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("revoked, but the CRL could not be written: {e}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}

@@ -1,0 +1,162 @@
+//! `lanyard.toml`, the configuration of `ca serve`, with environment
+//! overrides (`LANYARD_STATE`, `HTTPS_PORT`, `HTTP_PORT`) injected as a map
+//! so tests never touch the process environment.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use lanyard_sidecar::identity::{DnsName, SpiffeId};
+use lanyard_sidecar::span::Span;
+use serde::Deserialize;
+
+use crate::CaError;
+
+fn from_str<'de, D: serde::Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<T, D::Error>
+where
+    T::Err: std::fmt::Display,
+{
+    String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+}
+
+fn vec_from_str<'de, D: serde::Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<Vec<T>, D::Error>
+where
+    T::Err: std::fmt::Display,
+{
+    Vec::<String>::deserialize(d)?.iter().map(|s| s.parse().map_err(serde::de::Error::custom)).collect()
+}
+
+fn opt_from_str<'de, D: serde::Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<Option<T>, D::Error>
+where
+    T::Err: std::fmt::Display,
+{
+    Option::<String>::deserialize(d)?.map(|s| s.parse().map_err(serde::de::Error::custom)).transpose()
+}
+
+fn default_ttl() -> Span {
+    "24h".parse().expect("valid")
+}
+
+/// An identity whose cert dir the CA keeps current.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Service name.
+    #[serde(deserialize_with = "from_str")]
+    pub name: DnsName,
+    /// DNS SANs; empty means the name.
+    #[serde(default, deserialize_with = "vec_from_str")]
+    pub dns: Vec<DnsName>,
+    /// IP SANs.
+    #[serde(default)]
+    pub ip: Vec<IpAddr>,
+    /// SPIFFE ID; defaults to spiffe://<trust-domain>/<name>.
+    #[serde(default, deserialize_with = "opt_from_str")]
+    pub spiffe: Option<SpiffeId>,
+    /// Certificate lifetime.
+    #[serde(default = "default_ttl", deserialize_with = "from_str")]
+    pub ttl: Span,
+    /// The cert dir to keep current.
+    pub out_dir: PathBuf,
+}
+
+/// `lanyard.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The CA state directory (`LANYARD_STATE` overrides).
+    #[serde(default)]
+    pub state: Option<PathBuf>,
+    /// HTTPS API address (`HTTPS_PORT` overrides the port).
+    #[serde(default = "default_https")]
+    pub https_listen: SocketAddr,
+    /// Plain HTTP address, for ACME HTTP-01 and redirects (`HTTP_PORT` overrides the port).
+    #[serde(default = "default_http")]
+    pub http_listen: SocketAddr,
+    /// DNS names of the API certificate (127.0.0.1 and ::1 are always added).
+    #[serde(default = "default_api_names", deserialize_with = "vec_from_str")]
+    pub api_names: Vec<DnsName>,
+    /// Lifetime of the API certificate.
+    #[serde(default = "default_ttl", deserialize_with = "from_str")]
+    pub api_ttl: Span,
+    /// How often the CRL is re-signed and redistributed.
+    #[serde(default = "default_crl_refresh", deserialize_with = "from_str")]
+    pub crl_refresh: Span,
+    /// Managed identities.
+    #[serde(default, rename = "identity")]
+    pub identities: Vec<IdentityConfig>,
+}
+
+fn default_https() -> SocketAddr {
+    "0.0.0.0:8443".parse().expect("valid")
+}
+fn default_http() -> SocketAddr {
+    "0.0.0.0:8080".parse().expect("valid")
+}
+fn default_api_names() -> Vec<DnsName> {
+    vec!["ca".parse().expect("valid"), "localhost".parse().expect("valid")]
+}
+fn default_crl_refresh() -> Span {
+    "1h".parse().expect("valid")
+}
+
+impl ServeConfig {
+    /// Reads `path` and applies `env` overrides.
+    pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Self, CaError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| CaError::ReadState { path: path.to_owned(), source })?;
+        Self::parse(&text, &path.display().to_string(), env)
+    }
+
+    /// Parses TOML text (`origin` names it in errors) and applies `env` overrides.
+    pub fn parse(text: &str, origin: &str, env: &HashMap<String, String>) -> Result<Self, CaError> {
+        let invalid = |what: String| CaError::Config { origin: origin.to_owned(), what };
+        let mut config: Self = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if let Some(state) = env.get("LANYARD_STATE") {
+            config.state = Some(state.into());
+        }
+        for (var, addr) in [("HTTPS_PORT", &mut config.https_listen), ("HTTP_PORT", &mut config.http_listen)] {
+            if let Some(port) = env.get(var) {
+                let port: u16 = port.parse().map_err(|_| invalid(format!("{var}={port:?} is not a port number")))?;
+                addr.set_port(port);
+            }
+        }
+        if config.state.is_none() {
+            return Err(invalid("no state directory: set `state` or LANYARD_STATE".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for id in &config.identities {
+            if !names.insert(id.name.clone()) {
+                return Err(invalid(format!("identity {} is declared twice", id.name)));
+            }
+        }
+        Ok(config)
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        self.state.as_deref().unwrap_or(Path::new("."))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_and_errors_name_the_field() {
+        let env: HashMap<_, _> =
+            [("HTTPS_PORT".to_owned(), "9443".to_owned()), ("LANYARD_STATE".into(), "/s".into())].into();
+        let c = ServeConfig::parse("[[identity]]\nname = \"web\"\nout_dir = \"/c/web\"\nttl = \"1m\"\n", "t", &env)
+            .unwrap();
+        assert_eq!(c.https_listen.port(), 9443);
+        assert_eq!(c.state_dir(), Path::new("/s"));
+        assert_eq!(c.identities[0].ttl.get().as_secs(), 60);
+        let e =
+            ServeConfig::parse("[[identity]]\nname = \"a..b\"\nout_dir = \"/x\"\n", "lanyard.toml", &env).unwrap_err();
+        assert!(e.to_string().contains("lanyard.toml") && e.to_string().contains("a..b"), "{e}");
+        let bad_port: HashMap<_, _> = [("HTTP_PORT".to_owned(), "http".to_owned())].into();
+        let e = ServeConfig::parse("state = \"/s\"", "t", &bad_port).unwrap_err();
+        assert!(e.to_string().contains("HTTP_PORT"), "{e}");
+    }
+}

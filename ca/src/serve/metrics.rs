@@ -1,0 +1,124 @@
+//! Control-plane metrics, rendered as Prometheus text.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use lanyard_sidecar::metrics::header;
+
+use crate::store::ScheduleRow;
+
+/// Upper bounds of the signing-latency histogram, in seconds.
+const BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+
+/// Counters of the CA service.
+#[derive(Debug, Default)]
+pub struct CaMetrics {
+    issued_ok: AtomicU64,
+    issued_err: AtomicU64,
+    renewed_ok: AtomicU64,
+    renewed_err: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    /// Whether the scheduler loop is running.
+    pub scheduler_running: AtomicBool,
+}
+
+impl CaMetrics {
+    /// Counts an API or CLI issuance.
+    pub fn issued(&self, ok: bool) {
+        if ok { &self.issued_ok } else { &self.issued_err }.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a scheduled rotation.
+    pub fn renewed(&self, ok: bool) {
+        if ok { &self.renewed_ok } else { &self.renewed_err }.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one signing's latency.
+    pub fn observe_signing(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Prometheus text, with per-identity gauges from `schedule`.
+    pub fn render(&self, schedule: &[ScheduleRow]) -> String {
+        let mut out = String::new();
+        let p = "lanyard_ca";
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        header(
+            &mut out,
+            &format!("{p}_issued_total"),
+            "counter",
+            "Certificates issued through the API or CLI, by result.",
+        );
+        let _ = writeln!(out, "{p}_issued_total{{result=\"success\"}} {}", load(&self.issued_ok));
+        let _ = writeln!(out, "{p}_issued_total{{result=\"failure\"}} {}", load(&self.issued_err));
+        header(
+            &mut out,
+            &format!("{p}_renewed_total"),
+            "counter",
+            "Scheduled rotations of managed identities, by result.",
+        );
+        let _ = writeln!(out, "{p}_renewed_total{{result=\"success\"}} {}", load(&self.renewed_ok));
+        let _ = writeln!(out, "{p}_renewed_total{{result=\"failure\"}} {}", load(&self.renewed_err));
+        header(
+            &mut out,
+            &format!("{p}_signing_duration_seconds"),
+            "histogram",
+            "Time to issue and sign one certificate.",
+        );
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{p}_signing_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                load(&self.latency_buckets[i])
+            );
+        }
+        let count = load(&self.latency_count);
+        let _ = writeln!(out, "{p}_signing_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{p}_signing_duration_seconds_sum {}", load(&self.latency_sum_us) as f64 / 1e6);
+        let _ = writeln!(out, "{p}_signing_duration_seconds_count {count}");
+        header(
+            &mut out,
+            &format!("{p}_cert_expiration_timestamp_seconds"),
+            "gauge",
+            "notAfter of each managed identity's certificate.",
+        );
+        for row in schedule {
+            if let Some(t) = row.not_after {
+                let _ = writeln!(out, "{p}_cert_expiration_timestamp_seconds{{identity=\"{}\"}} {t}", row.identity);
+            }
+        }
+        header(
+            &mut out,
+            &format!("{p}_next_renewal_timestamp_seconds"),
+            "gauge",
+            "Next scheduled renewal of each managed identity.",
+        );
+        for row in schedule {
+            let _ = writeln!(
+                out,
+                "{p}_next_renewal_timestamp_seconds{{identity=\"{}\"}} {}",
+                row.identity, row.next_renewal
+            );
+        }
+        header(
+            &mut out,
+            &format!("{p}_renewal_failures"),
+            "gauge",
+            "Consecutive failed renewals of each managed identity.",
+        );
+        for row in schedule {
+            let _ = writeln!(out, "{p}_renewal_failures{{identity=\"{}\"}} {}", row.identity, row.failures);
+        }
+        out
+    }
+}

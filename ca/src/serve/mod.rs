@@ -1,0 +1,251 @@
+//! `ca serve`: the control plane service. It keeps managed cert dirs
+//! current, serves the signing API over HTTPS (with a certificate it issues
+//! to itself and rotates like any other, through the sidecar's reloading TLS
+//! code), and answers plain HTTP with a redirect.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod schedule;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use lanyard_sidecar::certdir::CertDir;
+use lanyard_sidecar::certinfo::CertInfo;
+use lanyard_sidecar::identity::DnsName;
+use lanyard_sidecar::reload::CertStore;
+use lanyard_sidecar::tls::{self, ClientAuth};
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::authority::Authority;
+use crate::issue::{KeySource, LeafRequest};
+use crate::keys::KeyType;
+use crate::CaError;
+use config::ServeConfig;
+use metrics::CaMetrics;
+use schedule::{managed_from_config, Managed, Scheduler};
+
+/// Identity name of the API's own certificate.
+pub const API_IDENTITY: &str = "lanyard-ca";
+
+/// Shared state of the running service.
+pub struct Service {
+    /// The CA and its store.
+    pub authority: Arc<Authority>,
+    /// The rotation loop.
+    pub scheduler: Arc<Scheduler>,
+    /// Counters.
+    pub metrics: Arc<CaMetrics>,
+    api_certs: Arc<CertStore>,
+}
+
+/// The `/health` body.
+#[derive(Debug, Serialize)]
+pub struct Health {
+    /// `healthy` or `degraded`.
+    pub status: &'static str,
+    /// Whether the rotation loop runs.
+    pub scheduler: bool,
+    /// `healthy` or the store's error.
+    pub store: String,
+    /// Managed identities with a valid certificate in their cert dir.
+    pub certificates_loaded: usize,
+    /// Whether the API serves its own valid certificate.
+    pub https_enabled: bool,
+    /// Identities past 2/3 of their certificate's life without a renewal.
+    pub overdue: Vec<String>,
+}
+
+impl Service {
+    /// The issuance template of a configured identity.
+    pub fn template(&self, name: &DnsName) -> Option<LeafRequest> {
+        self.scheduler.identities().into_iter().find(|m| &m.request.name == name).map(|m| m.request)
+    }
+
+    /// Whether `serial` is revoked (unknown serials are not).
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        matches!(self.authority.store().certificate(serial), Ok(Some(rec)) if rec.revoked_at.is_some())
+    }
+
+    /// Health as operators expect it.
+    pub async fn health(&self) -> Health {
+        let now = OffsetDateTime::now_utc();
+        let store = match self.authority.store().check() {
+            Ok(()) => "healthy".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let (mut loaded, mut overdue) = (0, Vec::new());
+        for m in self.scheduler.identities() {
+            match m.out_dir.load(now) {
+                Ok(set) => {
+                    loaded += 1;
+                    // Renewal runs at 2/3 minus jitter; a little slack covers one in flight.
+                    if now > set.leaf.life_point(2.0 / 3.0) + time::Duration::seconds(5) {
+                        overdue.push(m.name());
+                    }
+                }
+                Err(_) => overdue.push(m.name()),
+            }
+        }
+        let scheduler = self.metrics.scheduler_running.load(std::sync::atomic::Ordering::Relaxed);
+        let https_enabled = self.api_certs.current().is_some();
+        let healthy = scheduler && store == "healthy" && overdue.is_empty() && https_enabled;
+        Health {
+            status: if healthy { "healthy" } else { "degraded" },
+            scheduler,
+            store,
+            certificates_loaded: loaded,
+            https_enabled,
+            overdue,
+        }
+    }
+
+    /// Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render(&self.authority.store().schedules().unwrap_or_default())
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, CaError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| CaError::Config { origin: what.to_owned(), what: format!("cannot listen on {addr}: {e}") })
+}
+
+/// Runs the service until `shutdown` resolves.
+pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), CaError> {
+    let dir = config.state_dir().to_owned();
+    let authority = Arc::new(Authority::open(&dir)?);
+    let metrics = Arc::new(CaMetrics::default());
+    let scheduler = Scheduler::new(authority.clone(), metrics.clone())?;
+
+    let api_dir = CertDir::new(dir.join("api"));
+    let api = Managed {
+        request: LeafRequest {
+            name: API_IDENTITY.parse()?,
+            dns: config.api_names.clone(),
+            ips: vec!["127.0.0.1".parse().expect("valid"), "::1".parse().expect("valid")],
+            spiffe: None,
+            ttl: config.api_ttl,
+            key: KeySource::Generate(KeyType::EcdsaP256),
+        },
+        out_dir: api_dir.clone(),
+    };
+    scheduler.upsert(api)?;
+    for id in &config.identities {
+        scheduler.upsert(managed_from_config(id))?;
+    }
+    scheduler.prune()?;
+    scheduler.refresh_crl()?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let crl_refresh = config.crl_refresh.get();
+    let sched_task = tokio::spawn(scheduler.clone().run(crl_refresh, stop_rx.clone()));
+
+    // The API's certificate is issued by the scheduler; wait for the first one.
+    let api_certs = CertStore::new(api_dir);
+    for _ in 0..100 {
+        if api_certs.reload() == lanyard_sidecar::reload::ReloadOutcome::Published || api_certs.current().is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut watch_stop = stop_rx.clone();
+    tokio::spawn(api_certs.clone().watch(async move {
+        let _ = watch_stop.wait_for(|s| *s).await;
+    }));
+
+    let https = bind(config.https_listen, "https_listen").await?;
+    let http = bind(config.http_listen, "http_listen").await?;
+    tracing::info!(https = %config.https_listen, http = %config.http_listen, state = %dir.display(), "ca serve listening");
+    let https_port = config.https_listen.port();
+    let service = Arc::new(Service { authority, scheduler, metrics, api_certs });
+    tokio::spawn(serve_https(service.clone(), https, stop_rx.clone()));
+    tokio::spawn(serve_http_redirect(http, https_port, stop_rx.clone()));
+
+    shutdown.await;
+    tracing::info!("ca serve shutting down");
+    let _ = stop_tx.send(true);
+    let _ = sched_task.await;
+    Ok(())
+}
+
+async fn serve_https(svc: Arc<Service>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let mut cached: Option<(u64, Arc<rustls::ServerConfig>)> = None;
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+        };
+        let Some(snapshot) = svc.api_certs.current() else { continue };
+        let config = match &cached {
+            Some((generation, c)) if *generation == snapshot.generation => c.clone(),
+            _ => match tls::server_config(&snapshot.set, &ClientAuth::Optional, None) {
+                Ok(mut c) => {
+                    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+                    let c = Arc::new(c);
+                    cached = Some((snapshot.generation, c.clone()));
+                    c
+                }
+                Err(e) => {
+                    tracing::error!("API TLS config: {e}");
+                    continue;
+                }
+            },
+        };
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                tokio_rustls::TlsAcceptor::from(config).accept(tcp),
+            )
+            .await
+            else {
+                return;
+            };
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| CertInfo::from_der(c).ok())
+                .map(Arc::new);
+            let service = hyper::service::service_fn(move |req| api::handle(svc.clone(), peer.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
+        });
+    }
+}
+
+/// Plain HTTP: everything is redirected to HTTPS.
+async fn serve_http_redirect(listener: TcpListener, https_port: u16, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+        };
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                let host = req
+                    .headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
+                    .unwrap_or_else(|| "localhost".into());
+                let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+                let mut r = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::new()));
+                *r.status_mut() = hyper::StatusCode::PERMANENT_REDIRECT;
+                if let Ok(v) = format!("https://{host}:{https_port}{path}").parse() {
+                    r.headers_mut().insert(hyper::header::LOCATION, v);
+                }
+                Ok::<_, std::convert::Infallible>(r)
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
+}

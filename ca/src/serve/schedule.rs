@@ -1,0 +1,300 @@
+//! Rotation of managed identities: each cert dir is re-issued at 2/3 of its
+//! certificate's life (with jitter, a new key every time), failures back off
+//! exponentially, and the schedule lives in the store so a restart neither
+//! re-issues nor misses anything. The CRL is distributed with every set.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use lanyard_sidecar::certdir::{CertDir, PemSet};
+use lanyard_sidecar::certinfo::CertInfo;
+use time::OffsetDateTime;
+use tokio::sync::{watch, Notify};
+
+use crate::authority::Authority;
+use crate::issue::{KeySource, LeafRequest};
+use crate::keys::KeyType;
+use crate::serve::metrics::CaMetrics;
+use crate::store::ScheduleRow;
+use crate::CaError;
+
+/// Longest wait between retries of a failing identity.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// One identity whose cert dir the CA keeps current.
+#[derive(Clone, Debug)]
+pub struct Managed {
+    /// The issuance template (the key is always fresh).
+    pub request: LeafRequest,
+    /// Where the set is written.
+    pub out_dir: CertDir,
+}
+
+impl Managed {
+    /// The identity name.
+    pub fn name(&self) -> String {
+        self.request.name.to_string()
+    }
+}
+
+/// A random number in `[0, 1)` from the system RNG.
+pub fn unit_random() -> f64 {
+    let mut b = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// When to renew a certificate: at 2/3 of its life, minus up to 5% of its
+/// life of jitter so a fleet does not renew in lockstep.
+pub fn renewal_point(not_before: OffsetDateTime, not_after: OffsetDateTime) -> OffsetDateTime {
+    let life = not_after - not_before;
+    not_before + life * (2.0 / 3.0) - life * (0.05 * unit_random())
+}
+
+/// Exponential backoff with jitter after `failures` consecutive failures.
+pub fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_secs(1).saturating_mul(1 << failures.min(16)).min(MAX_BACKOFF);
+    base.mul_f64(0.5 + 0.5 * unit_random())
+}
+
+/// Keeps managed cert dirs current.
+pub struct Scheduler {
+    authority: Arc<Authority>,
+    identities: RwLock<BTreeMap<String, Managed>>,
+    crl: Mutex<String>,
+    kick: Notify,
+    metrics: Arc<CaMetrics>,
+    /// Called with the identity name after each successful rotation.
+    on_rotate: Mutex<Vec<Box<dyn Fn(&str) + Send + Sync>>>,
+}
+
+impl Scheduler {
+    /// A scheduler for `authority`; add identities with [`Scheduler::upsert`].
+    pub fn new(authority: Arc<Authority>, metrics: Arc<CaMetrics>) -> Result<Arc<Self>, CaError> {
+        let crl = authority.crl_pem(OffsetDateTime::now_utc())?;
+        Ok(Arc::new(Self {
+            authority,
+            identities: RwLock::default(),
+            crl: Mutex::new(crl),
+            kick: Notify::new(),
+            metrics,
+            on_rotate: Mutex::default(),
+        }))
+    }
+
+    /// Registers a hook run after every successful rotation.
+    pub fn on_rotate(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        self.on_rotate.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(hook));
+    }
+
+    /// The managed identities.
+    pub fn identities(&self) -> Vec<Managed> {
+        self.identities.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    /// The current CRL (PEM).
+    pub fn crl(&self) -> String {
+        self.crl.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Adds or replaces a managed identity and plans its first issue.
+    pub fn upsert(&self, managed: Managed) -> Result<(), CaError> {
+        let name = managed.name();
+        let row = self.plan(&managed)?;
+        self.authority.store().put_schedule(&row)?;
+        self.identities.write().unwrap_or_else(|e| e.into_inner()).insert(name, managed);
+        self.kick.notify_one();
+        Ok(())
+    }
+
+    /// Stops managing an identity (its cert dir is left as it is).
+    pub fn remove(&self, name: &str) -> Result<(), CaError> {
+        let mut ids = self.identities.write().unwrap_or_else(|e| e.into_inner());
+        ids.remove(name);
+        let names: Vec<String> = ids.keys().cloned().collect();
+        self.authority.store().retain_schedule(&names)?;
+        Ok(())
+    }
+
+    /// Forgets stored schedules of identities no longer configured.
+    pub fn prune(&self) -> Result<(), CaError> {
+        let names: Vec<String> = self.identities.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        Ok(self.authority.store().retain_schedule(&names)?)
+    }
+
+    /// Works out when `m` is next due from its cert dir and stored schedule.
+    fn plan(&self, m: &Managed) -> Result<ScheduleRow, CaError> {
+        let now = OffsetDateTime::now_utc();
+        let stored = self.authority.store().schedule(&m.name())?;
+        let current = m.out_dir.load(now).ok().map(|set| set.leaf);
+        let mut row = stored.clone().unwrap_or_else(|| ScheduleRow { identity: m.name(), ..Default::default() });
+        match &current {
+            Some(leaf) if self.matches(m, leaf) => {
+                if row.serial.as_deref() != Some(leaf.serial.as_str()) {
+                    row.sans = Some(sans_of(leaf));
+                    row.serial = Some(leaf.serial.clone());
+                    row.not_after = Some(leaf.not_after.unix_timestamp());
+                    row.next_renewal = renewal_point(leaf.not_before, leaf.not_after).unix_timestamp();
+                }
+            }
+            _ => {
+                // Missing, invalid or for other names: issue now, unless backing off.
+                if row.failures == 0 || row.next_renewal <= now.unix_timestamp() {
+                    row.next_renewal = now.unix_timestamp();
+                }
+            }
+        }
+        Ok(row)
+    }
+
+    /// Whether the served leaf carries the identity's names.
+    fn matches(&self, m: &Managed, leaf: &CertInfo) -> bool {
+        let dns: Vec<String> = if m.request.dns.is_empty() {
+            vec![m.request.name.to_string()]
+        } else {
+            m.request.dns.iter().map(ToString::to_string).collect()
+        };
+        dns.iter().all(|d| leaf.dns.contains(d)) && m.request.ips.iter().all(|ip| leaf.ips.contains(ip))
+    }
+
+    /// Issues a new set for `m` and writes it; never touches the dir on failure.
+    fn rotate(&self, m: &Managed) -> Result<CertInfo, CaError> {
+        let started = std::time::Instant::now();
+        let issued = self.authority.issue(&m.request, "managed")?;
+        self.metrics.observe_signing(started.elapsed());
+        let set = PemSet { crl: Some(self.crl()), ..issued.pem };
+        m.out_dir.write(&set)?;
+        Ok(issued.info)
+    }
+
+    /// Renews every identity that is due; returns when the next one is.
+    fn run_due(&self) -> OffsetDateTime {
+        let now = OffsetDateTime::now_utc();
+        let mut next = now + time::Duration::minutes(5);
+        for m in self.identities() {
+            let name = m.name();
+            let Ok(Some(mut row)) = self.authority.store().schedule(&name) else { continue };
+            if row.next_renewal > now.unix_timestamp() {
+                next = next.min(OffsetDateTime::from_unix_timestamp(row.next_renewal).unwrap_or(next));
+                continue;
+            }
+            match self.rotate(&m) {
+                Ok(leaf) => {
+                    tracing::info!(identity = %name, serial = %leaf.serial, dir = %m.out_dir.path().display(), "rotated");
+                    row.serial = Some(leaf.serial.clone());
+                    row.sans = Some(sans_of(&leaf));
+                    row.not_after = Some(leaf.not_after.unix_timestamp());
+                    row.next_renewal = renewal_point(leaf.not_before, leaf.not_after).unix_timestamp();
+                    row.last_renewal = Some(now.unix_timestamp());
+                    row.last_error = None;
+                    row.failures = 0;
+                    self.metrics.renewed(true);
+                    for hook in self.on_rotate.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                        hook(&name);
+                    }
+                }
+                Err(e) => {
+                    row.failures += 1;
+                    let wait = backoff(row.failures);
+                    row.next_renewal = (now + wait).unix_timestamp();
+                    tracing::error!(identity = %name, failures = row.failures, retry_in = ?wait, "rotation failed: {e}");
+                    row.last_error = Some(e.to_string());
+                    self.metrics.renewed(false);
+                }
+            }
+            if let Err(e) = self.authority.store().put_schedule(&row) {
+                tracing::error!(identity = %name, "cannot save the schedule: {e}");
+            }
+            next = next.min(OffsetDateTime::from_unix_timestamp(row.next_renewal).unwrap_or(next));
+        }
+        next
+    }
+
+    /// Re-signs the CRL and rewrites it into every managed cert dir.
+    pub fn refresh_crl(&self) -> Result<(), CaError> {
+        let crl = self.authority.crl_pem(OffsetDateTime::now_utc())?;
+        *self.crl.lock().unwrap_or_else(|e| e.into_inner()) = crl.clone();
+        std::fs::write(self.authority.ca().dir().join("crl.pem"), &crl)
+            .map_err(|source| CaError::WriteState { path: self.authority.ca().dir().join("crl.pem"), source })?;
+        for m in self.identities() {
+            let Ok(raw) = m.out_dir.read_raw() else { continue };
+            let (Ok(cert), Some(Ok(key)), Ok(ca)) =
+                (String::from_utf8(raw.cert), raw.key.map(String::from_utf8), String::from_utf8(raw.ca))
+            else {
+                continue;
+            };
+            if let Err(e) = m.out_dir.write(&PemSet { cert, key: Some(key), ca, crl: Some(crl.clone()) }) {
+                tracing::error!(identity = %m.name(), "cannot write the CRL: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every managed identity currently serving one of `serials` due now.
+    pub fn reissue_if_serving(&self, serials: &[String]) -> Result<(), CaError> {
+        let store = self.authority.store();
+        for mut row in store.schedules()? {
+            if row.serial.as_ref().is_some_and(|s| serials.contains(s)) {
+                row.next_renewal = OffsetDateTime::now_utc().unix_timestamp();
+                store.put_schedule(&row)?;
+            }
+        }
+        self.kick();
+        Ok(())
+    }
+
+    /// Wakes the loop (after a revocation or a new identity).
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// Runs until `stop` turns true.
+    pub async fn run(self: Arc<Self>, crl_refresh: Duration, mut stop: watch::Receiver<bool>) {
+        self.metrics.scheduler_running.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut crl_due = tokio::time::Instant::now() + crl_refresh;
+        loop {
+            let this = self.clone();
+            let next =
+                tokio::task::spawn_blocking(move || this.run_due()).await.unwrap_or_else(|_| OffsetDateTime::now_utc());
+            if tokio::time::Instant::now() >= crl_due {
+                let this = self.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || this.refresh_crl()).await {
+                    tracing::error!("CRL refresh failed: {e}");
+                }
+                crl_due = tokio::time::Instant::now() + crl_refresh;
+            }
+            let wait = (next - OffsetDateTime::now_utc()).try_into().unwrap_or(Duration::ZERO);
+            let deadline = (tokio::time::Instant::now() + wait).min(crl_due);
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                _ = self.kick.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+        self.metrics.scheduler_running.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The issuance template of a configured identity.
+pub fn managed_from_config(c: &crate::serve::config::IdentityConfig) -> Managed {
+    Managed {
+        request: LeafRequest {
+            name: c.name.clone(),
+            dns: c.dns.clone(),
+            ips: c.ip.clone(),
+            spiffe: c.spiffe.clone(),
+            ttl: c.ttl,
+            key: KeySource::Generate(KeyType::EcdsaP256),
+        },
+        out_dir: CertDir::new(&c.out_dir),
+    }
+}
+
+/// `URI:...,DNS:...,IP:...` of a leaf.
+pub fn sans_of(leaf: &CertInfo) -> String {
+    let uris = leaf.uris.iter().map(|u| format!("URI:{u}"));
+    let dns = leaf.dns.iter().map(|d| format!("DNS:{d}"));
+    let ips = leaf.ips.iter().map(|i| format!("IP:{i}"));
+    uris.chain(dns).chain(ips).collect::<Vec<_>>().join(",")
+}

@@ -1,0 +1,411 @@
+//! The CA's store: issued certificates, revocations, bootstrap tokens and
+//! the renewal schedule. Behind [`Store`] so a replicated backend can follow;
+//! the default is embedded SQLite (`STATE/lanyard.db`, WAL mode).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+/// The store's file in the state directory.
+pub const DB_FILE: &str = "lanyard.db";
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("store {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// A serial was recorded twice.
+    #[error("serial {0} already exists")]
+    DuplicateSerial(String),
+}
+
+/// One issued certificate.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct IssuedRecord {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// Identity (service) name.
+    pub identity: String,
+    /// notBefore, unix seconds.
+    pub not_before: i64,
+    /// notAfter, unix seconds.
+    pub not_after: i64,
+    /// How it was issued: `cli`, `managed`, `sign`, `renew`.
+    pub source: String,
+    /// Revocation time, unix seconds.
+    pub revoked_at: Option<i64>,
+}
+
+/// Why a token could not be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No such token.
+    Unknown,
+    /// Already used once.
+    Used,
+    /// Past its expiry.
+    Expired,
+}
+
+/// One managed identity's place in the renewal schedule.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ScheduleRow {
+    /// Identity name.
+    pub identity: String,
+    /// Serial currently in the cert dir.
+    pub serial: Option<String>,
+    /// Its notAfter, unix seconds.
+    pub not_after: Option<i64>,
+    /// When to renew next, unix seconds.
+    pub next_renewal: i64,
+    /// Last successful renewal, unix seconds.
+    pub last_renewal: Option<i64>,
+    /// Last error, cleared on success.
+    pub last_error: Option<String>,
+    /// Consecutive failures (drives the backoff).
+    pub failures: u32,
+    /// SANs of the current certificate, comma-separated.
+    pub sans: Option<String>,
+}
+
+/// What the control plane keeps. Implementations are safe to share.
+pub trait Store: Send + Sync {
+    /// Records an issued certificate; serials are unique.
+    fn record_issued(&self, rec: &IssuedRecord) -> Result<(), StoreError>;
+    /// Looks up one certificate.
+    fn certificate(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError>;
+    /// Every certificate, newest first.
+    fn certificates(&self) -> Result<Vec<IssuedRecord>, StoreError>;
+    /// Revokes one serial; false when unknown.
+    fn revoke_serial(&self, serial: &str, at: i64) -> Result<bool, StoreError>;
+    /// Revokes every unexpired certificate of an identity; returns their serials.
+    fn revoke_identity(&self, identity: &str, at: i64) -> Result<Vec<String>, StoreError>;
+    /// Revoked and unexpired certificates, for the CRL: `(serial, revoked_at)`.
+    fn revoked(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Stores a bootstrap token (by hash) bound to an identity.
+    fn add_token(&self, hash: &str, identity: &str, expires_at: i64) -> Result<(), StoreError>;
+    /// Uses a token once; returns its identity.
+    fn use_token(&self, hash: &str, now: i64) -> Result<Result<String, TokenRefusal>, StoreError>;
+    /// One identity's schedule.
+    fn schedule(&self, identity: &str) -> Result<Option<ScheduleRow>, StoreError>;
+    /// Writes one identity's schedule.
+    fn put_schedule(&self, row: &ScheduleRow) -> Result<(), StoreError>;
+    /// Removes identities no longer managed.
+    fn retain_schedule(&self, identities: &[String]) -> Result<(), StoreError>;
+    /// The whole schedule.
+    fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError>;
+    /// A cheap liveness query.
+    fn check(&self) -> Result<(), StoreError>;
+    /// A consistent copy of the store, taken while it is in use.
+    fn backup_to(&self, path: &Path) -> Result<(), StoreError>;
+}
+
+/// Embedded SQLite store.
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS certificates_identity ON certificates(identity);
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS schedule (
+    identity TEXT PRIMARY KEY,
+    serial TEXT,
+    not_after INTEGER,
+    next_renewal INTEGER NOT NULL,
+    last_renewal INTEGER,
+    last_error TEXT,
+    failures INTEGER NOT NULL DEFAULT 0,
+    sans TEXT
+);
+";
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in the state directory.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let path = state_dir.join(DB_FILE);
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let conn = Connection::open(&path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
+        Ok(Self { path, conn: Mutex::new(conn) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut conn).map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })
+    }
+}
+
+fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<IssuedRecord> {
+    Ok(IssuedRecord {
+        serial: row.get(0)?,
+        identity: row.get(1)?,
+        not_before: row.get(2)?,
+        not_after: row.get(3)?,
+        source: row.get(4)?,
+        revoked_at: row.get(5)?,
+    })
+}
+
+fn schedule_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ScheduleRow> {
+    Ok(ScheduleRow {
+        identity: row.get(0)?,
+        serial: row.get(1)?,
+        not_after: row.get(2)?,
+        next_renewal: row.get(3)?,
+        last_renewal: row.get(4)?,
+        last_error: row.get(5)?,
+        failures: row.get(6)?,
+        sans: row.get(7)?,
+    })
+}
+
+const CERT_COLUMNS: &str = "serial, identity, not_before, not_after, source, revoked_at";
+const SCHEDULE_COLUMNS: &str = "identity, serial, not_after, next_renewal, last_renewal, last_error, failures, sans";
+
+impl Store for SqliteStore {
+    fn record_issued(&self, rec: &IssuedRecord) -> Result<(), StoreError> {
+        let inserted = self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO certificates (serial, identity, not_before, not_after, source) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![rec.serial, rec.identity, rec.not_before, rec.not_after, rec.source],
+            )
+        })?;
+        if inserted == 0 {
+            return Err(StoreError::DuplicateSerial(rec.serial.clone()));
+        }
+        Ok(())
+    }
+
+    fn certificate(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(&format!("SELECT {CERT_COLUMNS} FROM certificates WHERE serial = ?1"), [serial], record)
+                .optional()
+        })
+    }
+
+    fn certificates(&self) -> Result<Vec<IssuedRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {CERT_COLUMNS} FROM certificates ORDER BY not_before DESC"))?;
+            let rows = stmt.query_map([], record)?;
+            rows.collect()
+        })
+    }
+
+    fn revoke_serial(&self, serial: &str, at: i64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE certificates SET revoked_at = COALESCE(revoked_at, ?2) WHERE serial = ?1",
+                params![serial, at],
+            )
+        })
+        .map(|n| n > 0)
+    }
+
+    fn revoke_identity(&self, identity: &str, at: i64) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let serials: Vec<String> = {
+                let mut stmt = tx.prepare(
+                    "SELECT serial FROM certificates WHERE identity = ?1 AND revoked_at IS NULL AND not_after > ?2",
+                )?;
+                let rows = stmt.query_map(params![identity, at], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            tx.execute(
+                "UPDATE certificates SET revoked_at = ?2 WHERE identity = ?1 AND revoked_at IS NULL AND not_after > ?2",
+                params![identity, at],
+            )?;
+            tx.commit()?;
+            Ok(serials)
+        })
+    }
+
+    fn revoked(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT serial, revoked_at FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ?1 ORDER BY serial",
+            )?;
+            let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    fn add_token(&self, hash: &str, identity: &str, expires_at: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (hash, identity, expires_at) VALUES (?1, ?2, ?3)",
+                params![hash, identity, expires_at],
+            )
+        })
+        .map(|_| ())
+    }
+
+    fn use_token(&self, hash: &str, now: i64) -> Result<Result<String, TokenRefusal>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row: Option<(String, i64, Option<i64>)> = tx
+                .query_row("SELECT identity, expires_at, used_at FROM tokens WHERE hash = ?1", [hash], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            let outcome = match row {
+                None => Err(TokenRefusal::Unknown),
+                Some((_, _, Some(_))) => Err(TokenRefusal::Used),
+                Some((_, expires, None)) if expires <= now => Err(TokenRefusal::Expired),
+                Some((identity, _, None)) => {
+                    tx.execute(
+                        "UPDATE tokens SET used_at = ?2 WHERE hash = ?1 AND used_at IS NULL",
+                        params![hash, now],
+                    )?;
+                    Ok(identity)
+                }
+            };
+            tx.commit()?;
+            Ok(outcome)
+        })
+    }
+
+    fn schedule(&self, identity: &str) -> Result<Option<ScheduleRow>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {SCHEDULE_COLUMNS} FROM schedule WHERE identity = ?1"),
+                [identity],
+                schedule_row,
+            )
+            .optional()
+        })
+    }
+
+    fn put_schedule(&self, r: &ScheduleRow) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO schedule (identity, serial, not_after, next_renewal, last_renewal, last_error, failures, sans)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(identity) DO UPDATE SET serial = ?2, not_after = ?3, next_renewal = ?4,
+                   last_renewal = ?5, last_error = ?6, failures = ?7, sans = ?8",
+                params![r.identity, r.serial, r.not_after, r.next_renewal, r.last_renewal, r.last_error, r.failures, r.sans],
+            )
+        })
+        .map(|_| ())
+    }
+
+    fn retain_schedule(&self, identities: &[String]) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let existing: Vec<String> = {
+                let mut stmt = tx.prepare("SELECT identity FROM schedule")?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for id in existing.iter().filter(|id| !identities.contains(id)) {
+                tx.execute("DELETE FROM schedule WHERE identity = ?1", [id])?;
+            }
+            tx.commit()
+        })
+    }
+
+    fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {SCHEDULE_COLUMNS} FROM schedule ORDER BY identity"))?;
+            let rows = stmt.query_map([], schedule_row)?;
+            rows.collect()
+        })
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        self.with(|c| c.query_row("SELECT count(*) FROM certificates", [], |r| r.get::<_, i64>(0))).map(|_| ())
+    }
+
+    fn backup_to(&self, path: &Path) -> Result<(), StoreError> {
+        self.with(|c| {
+            let mut dst = Connection::open(path)?;
+            let backup = rusqlite::backup::Backup::new(c, &mut dst)?;
+            backup.run_to_completion(256, std::time::Duration::from_millis(0), None)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(serial: &str, identity: &str, not_after: i64) -> IssuedRecord {
+        IssuedRecord {
+            serial: serial.into(),
+            identity: identity.into(),
+            not_before: 0,
+            not_after,
+            source: "cli".into(),
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn serials_tokens_revocations_and_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.record_issued(&rec("aa", "web", 100)).unwrap();
+        assert!(matches!(store.record_issued(&rec("aa", "web", 100)), Err(StoreError::DuplicateSerial(_))));
+        store.record_issued(&rec("bb", "web", 100)).unwrap();
+        store.record_issued(&rec("cc", "api", 100)).unwrap();
+        assert_eq!(store.revoke_identity("web", 10).unwrap().len(), 2);
+        assert!(store.revoke_serial("cc", 11).unwrap());
+        assert!(!store.revoke_serial("zz", 11).unwrap());
+        assert_eq!(store.revoked(50).unwrap().len(), 3);
+        assert_eq!(store.revoked(100).unwrap().len(), 0, "expired entries leave the CRL");
+
+        store.add_token("h1", "web", 100).unwrap();
+        assert_eq!(store.use_token("h1", 50).unwrap(), Ok("web".into()));
+        assert_eq!(store.use_token("h1", 51).unwrap(), Err(TokenRefusal::Used));
+        store.add_token("h2", "web", 100).unwrap();
+        assert_eq!(store.use_token("h2", 100).unwrap(), Err(TokenRefusal::Expired));
+        assert_eq!(store.use_token("nope", 1).unwrap(), Err(TokenRefusal::Unknown));
+
+        let row = ScheduleRow { identity: "web".into(), next_renewal: 5, ..Default::default() };
+        store.put_schedule(&row).unwrap();
+        store.put_schedule(&ScheduleRow { failures: 2, ..row.clone() }).unwrap();
+        assert_eq!(store.schedule("web").unwrap().unwrap().failures, 2);
+        store.retain_schedule(&[]).unwrap();
+        assert!(store.schedules().unwrap().is_empty());
+        let copy = dir.path().join("copy.db");
+        store.backup_to(&copy).unwrap();
+        assert!(copy.exists());
+    }
+}
