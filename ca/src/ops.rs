@@ -60,8 +60,8 @@ pub fn status_table(rows: &[ScheduleRow], now: i64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:<34} {:<21} {:<11} {:<21} {:<21} {}",
-        "IDENTITY", "SERIAL", "NOT AFTER", "LEFT", "LAST RENEWAL", "NEXT RENEWAL", "LAST ERROR"
+        "{:<16} {:<34} {:<21} {:<11} {:<21} {:<21} LAST ERROR",
+        "IDENTITY", "SERIAL", "NOT AFTER", "LEFT", "LAST RENEWAL", "NEXT RENEWAL"
     );
     for r in rows {
         let _ = writeln!(

@@ -268,3 +268,100 @@ impl Sidecar {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// A running `ca serve` on free loopback ports, killed on drop.
+pub struct CaServer {
+    guard: ChildGuard,
+    /// Its log file.
+    pub log: PathBuf,
+    /// The HTTPS API port.
+    pub https_port: u16,
+    /// The plain HTTP port.
+    pub http_port: u16,
+    /// The config file.
+    pub config: PathBuf,
+}
+
+impl CaServer {
+    /// Writes a config with `identities` (TOML `[[identity]]` tables) for
+    /// `pki`'s state and starts `ca serve`, waiting for `/health`.
+    pub fn start(pki: &Pki, identities: &str) -> Self {
+        let (https_port, http_port) = (free_port(), free_port());
+        let config = pki.path("lanyard.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state = {:?}\nhttps_listen = \"127.0.0.1:{https_port}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n{identities}",
+                pki.state()
+            ),
+        )
+        .expect("write config");
+        Self::start_with(pki, config, https_port, http_port)
+    }
+
+    /// Starts `ca serve` with an existing config, on the given ports
+    /// (through the `HTTPS_PORT` and `HTTP_PORT` overrides).
+    pub fn start_with(pki: &Pki, config: PathBuf, https_port: u16, http_port: u16) -> Self {
+        let log = pki.path(&format!("ca-serve-{https_port}.log"));
+        let mut cmd = ca();
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("HTTPS_PORT", https_port.to_string())
+            .env("HTTP_PORT", http_port.to_string());
+        let mut guard = ChildGuard::spawn(cmd, &log);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", https_port)).is_err() {
+            guard.assert_running(&log);
+            assert!(
+                Instant::now() < deadline,
+                "ca serve never listened on {https_port}; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { guard, log, https_port, http_port, config }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.guard.id()
+    }
+
+    /// `https://localhost:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.https_port)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A curl call against the CA API trusting `pki`'s root; `client` is a cert
+/// dir to authenticate with. Returns (status, body).
+pub fn curl_api(pki: &Pki, method: &str, url: &str, body: Option<&str>, client: Option<&Path>) -> (u16, String) {
+    let mut cmd = Command::new(peer("curl"));
+    cmd.args(["-s", "--max-time", "10", "-w", "\n%{http_code}", "-X", method, "--cacert"])
+        .arg(pki.state().join("root.pem"));
+    if let Some(dir) = client {
+        cmd.arg("--cert").arg(dir.join("cert.pem")).arg("--key").arg(dir.join("key.pem"));
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data-binary", "@-"]);
+        cmd.stdin(Stdio::piped());
+        let mut child = cmd.arg(url).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("curl");
+        use std::io::Write;
+        child.stdin.take().expect("stdin").write_all(b.as_bytes()).expect("write body");
+        let out = child.wait_with_output().expect("curl output");
+        return split_status(&text(&out.stdout));
+    }
+    split_status(&text(&run(cmd.arg(url)).stdout))
+}
+
+fn split_status(out: &str) -> (u16, String) {
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}

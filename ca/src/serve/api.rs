@@ -105,20 +105,20 @@ pub async fn handle(
         (Method::GET, "/v1/crl") => reply(StatusCode::OK, "application/x-pem-file", svc.scheduler.crl()),
         (Method::POST, "/v1/sign") => sign(&svc, req).await,
         (Method::POST, "/v1/renew") => renew(&svc, peer.as_deref(), req).await,
-        (Method::POST, "/v1/revoke") => match admin(&svc, peer.as_deref()) {
-            Err(r) => r,
-            Ok(()) => revoke(&svc, req).await,
+        (Method::POST, "/v1/revoke") => match admin_refusal(&svc, peer.as_deref()) {
+            Some(r) => r,
+            None => revoke(&svc, req).await,
         },
-        (Method::GET, "/v1/certificates") => match admin(&svc, peer.as_deref()) {
-            Err(r) => r,
-            Ok(()) => match svc.authority.store().certificates() {
+        (Method::GET, "/v1/certificates") => match admin_refusal(&svc, peer.as_deref()) {
+            Some(r) => r,
+            None => match svc.authority.store().certificates() {
                 Ok(list) => json_reply(StatusCode::OK, json!({ "certificates": list })),
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
             },
         },
-        (Method::GET, "/v1/status") => match admin(&svc, peer.as_deref()) {
-            Err(r) => r,
-            Ok(()) => match svc.authority.store().schedules() {
+        (Method::GET, "/v1/status") => match admin_refusal(&svc, peer.as_deref()) {
+            Some(r) => r,
+            None => match svc.authority.store().schedules() {
                 Ok(rows) => json_reply(StatusCode::OK, json!({ "identities": rows })),
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
             },
@@ -134,18 +134,19 @@ pub async fn handle(
     Ok(response)
 }
 
-fn admin(svc: &Service, peer: Option<&CertInfo>) -> Result<(), Reply> {
+/// The refusal for a caller that is not the (unrevoked) admin, if it is not.
+fn admin_refusal(svc: &Service, peer: Option<&CertInfo>) -> Option<Reply> {
     let Some(peer) = peer else {
-        return Err(error(StatusCode::UNAUTHORIZED, "this endpoint needs the admin client certificate (STATE/admin)"));
+        return Some(error(StatusCode::UNAUTHORIZED, "this endpoint needs the admin client certificate (STATE/admin)"));
     };
     let admin_id = svc.authority.ca().trust_domain().id(ADMIN_NAME).map(|id| id.to_string()).unwrap_or_default();
-    if !peer.uris.iter().any(|u| *u == admin_id) {
-        return Err(error(StatusCode::FORBIDDEN, format!("{} is not the admin identity {admin_id}", peer_name(peer))));
+    if !peer.uris.contains(&admin_id) {
+        return Some(error(StatusCode::FORBIDDEN, format!("{} is not the admin identity {admin_id}", peer_name(peer))));
     }
     if svc.is_revoked(&peer.serial) {
-        return Err(error(StatusCode::FORBIDDEN, "the admin certificate is revoked"));
+        return Some(error(StatusCode::FORBIDDEN, "the admin certificate is revoked"));
     }
-    Ok(())
+    None
 }
 
 fn peer_name(peer: &CertInfo) -> String {

@@ -58,6 +58,9 @@ pub fn backoff(failures: u32) -> Duration {
     base.mul_f64(0.5 + 0.5 * unit_random())
 }
 
+/// Runs after a successful rotation, with the identity name.
+pub type RotateHook = Box<dyn Fn(&str) + Send + Sync>;
+
 /// Keeps managed cert dirs current.
 pub struct Scheduler {
     authority: Arc<Authority>,
@@ -66,7 +69,7 @@ pub struct Scheduler {
     kick: Notify,
     metrics: Arc<CaMetrics>,
     /// Called with the identity name after each successful rotation.
-    on_rotate: Mutex<Vec<Box<dyn Fn(&str) + Send + Sync>>>,
+    on_rotate: Mutex<Vec<RotateHook>>,
 }
 
 impl Scheduler {

@@ -1,0 +1,440 @@
+//! `ca serve` against real peers: rotation picked up by running sidecars,
+//! the signing API through curl, CRL enforcement, crash safety, backups.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use lanyard_sidecar::certdir::CertDir;
+use lanyard_tests::*;
+use serde_json::{json, Value};
+
+fn serial_of(dir: &Path) -> Option<String> {
+    CertDir::new(dir).load(time::OffsetDateTime::now_utc()).ok().map(|s| s.leaf.serial)
+}
+
+fn identity(name: &str, ttl: &str, out: &Path, extra: &str) -> String {
+    format!("[[identity]]\nname = \"{name}\"\nttl = \"{ttl}\"\nout_dir = {out:?}\n{extra}\n")
+}
+
+fn csr(dir: &Path, cn: &str, san: &str) -> String {
+    let key = dir.join(format!("{cn}.key"));
+    let out = run_ok(
+        Command::new(peer("openssl"))
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+            ])
+            .args(["-addext", &format!("subjectAltName={san}"), "-keyout"])
+            .arg(&key),
+    );
+    text(&out.stdout)
+}
+
+fn token(pki: &Pki, name: &str, ttl: &str) -> String {
+    text(&run_ok(ca().args(["token", name, "--ttl", ttl, "--state"]).arg(pki.state())).stdout).trim().to_owned()
+}
+
+#[test]
+fn short_lived_certs_rotate_and_running_sidecars_pick_them_up() {
+    let pki = Pki::new(&[]);
+    let (api, web) = (pki.path("certs/api"), pki.path("certs/web"));
+    let ids = identity("api", "9s", &api, "dns = [\"api\", \"localhost\"]") + &identity("web", "9s", &web, "");
+    let server = CaServer::start(&pki, &ids);
+    wait_until(Duration::from_secs(10), "first issue of both identities", || {
+        serial_of(&api).is_some() && serial_of(&web).is_some()
+    });
+
+    // api's app, api's inbound sidecar, web's outbound sidecar.
+    let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app_addr = app.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in app.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut w = conn;
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if w.write_all(line.as_bytes()).is_err() {
+                        break;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    let inbound = free_port();
+    let inb = Sidecar::start(
+        &[
+            "--cert-dir",
+            api.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{inbound}"),
+            "--upstream",
+            &app_addr.to_string(),
+            "--allow",
+            "spiffe://lanyard.internal/web",
+        ],
+        pki.path("in.log"),
+    );
+    let outbound = free_port();
+    let out = Sidecar::start(
+        &[
+            "--cert-dir",
+            web.to_str().unwrap(),
+            "--mode",
+            "outbound",
+            "--listen",
+            &format!("127.0.0.1:{outbound}"),
+            "--upstream",
+            &format!("localhost:{inbound}"),
+            "--server-name",
+            "spiffe://lanyard.internal/api",
+        ],
+        pki.path("out.log"),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{outbound}").parse().unwrap();
+    let (mut api_serials, mut web_serials) = (HashSet::new(), HashSet::new());
+    let mut requests = 0;
+    let start = std::time::Instant::now();
+    while api_serials.len() < 4 || web_serials.len() < 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "rotations too slow: api {api_serials:?} web {web_serials:?}\n{}",
+            server.log_text()
+        );
+        // A new connection each time: app -> outbound -> mTLS -> inbound -> app.
+        use std::io::{BufRead, Write};
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.write_all(b"ping\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(conn).read_line(&mut line).unwrap();
+        assert_eq!(line, "ping\n", "request {requests} failed");
+        requests += 1;
+        api_serials.extend(serial_of(&api));
+        web_serials.extend(serial_of(&web));
+    }
+    // Every handshake succeeded on both sides, across several rotations.
+    let rejected: f64 = ["no_cert", "unknown_ca", "expired", "not_yet_valid", "revoked", "not_allowed", "other"]
+        .iter()
+        .map(|r| {
+            inb.metric(&format!(
+                "lanyard_sidecar_handshakes_total{{listener=\"inbound-{inbound}\",result=\"rejected\",reason=\"{r}\"}}"
+            ))
+        })
+        .sum();
+    assert_eq!(rejected, 0.0, "no failed handshake on the inbound side");
+    assert!(inb.metric("lanyard_sidecar_cert_reloads_total{result=\"success\"}") >= 4.0);
+    assert!(out.metric("lanyard_sidecar_cert_reloads_total{result=\"success\"}") >= 4.0);
+    let (_, metrics) = curl_api(&pki, "GET", &server.url("/metrics"), None, None);
+    assert!(metrics.contains("lanyard_ca_renewed_total{result=\"success\"}"), "{metrics}");
+    let (code, health) = curl_api(&pki, "GET", &server.url("/health"), None, None);
+    let h: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(h["status"], "healthy", "{health}");
+    assert_eq!(h["scheduler"], true);
+    assert_eq!(h["store"], "healthy");
+    assert_eq!(h["https_enabled"], true);
+    assert_eq!(h["certificates_loaded"], 3, "api, web and the API's own cert");
+}
+
+#[test]
+fn signing_api_paths_and_refusals() {
+    let pki = Pki::new(&[]);
+    let server = CaServer::start(&pki, "");
+    let work = pki.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+
+    // Token sign.
+    let tok = token(&pki, "web", "5m");
+    let body = json!({"token": tok, "csr": csr(&work, "web", "DNS:web")}).to_string();
+    let (code, resp) = curl_api(&pki, "POST", &server.url("/v1/sign"), Some(&body), None);
+    assert_eq!(code, 200, "{resp}");
+    let v: Value = serde_json::from_str(&resp).unwrap();
+    let web = pki.path("web-signed");
+    std::fs::create_dir_all(&web).unwrap();
+    std::fs::write(web.join("cert.pem"), v["certificate"].as_str().unwrap()).unwrap();
+    std::fs::write(web.join("ca.pem"), v["ca"].as_str().unwrap()).unwrap();
+    std::fs::copy(work.join("web.key"), web.join("key.pem")).unwrap();
+    run_ok(ca().arg("inspect").arg(&web));
+
+    // The same token again, an expired token, a token for another name.
+    let (code, resp) = curl_api(&pki, "POST", &server.url("/v1/sign"), Some(&body), None);
+    assert!(code == 401 && resp.contains("already used"), "{code} {resp}");
+    let short = token(&pki, "web", "1s");
+    let expiry = std::time::Instant::now() + Duration::from_secs(2);
+    wait_until(Duration::from_secs(5), "the token's lifetime to pass", || std::time::Instant::now() > expiry);
+    let body = json!({"token": short, "csr": csr(&work, "web", "DNS:web")}).to_string();
+    let (code, resp) = curl_api(&pki, "POST", &server.url("/v1/sign"), Some(&body), None);
+    assert!(code == 401 && resp.contains("expired"), "{code} {resp}");
+    let other = token(&pki, "api", "5m");
+    let body = json!({"token": other, "csr": csr(&work, "web2", "DNS:web")}).to_string();
+    let (code, resp) = curl_api(&pki, "POST", &server.url("/v1/sign"), Some(&body), None);
+    assert!(code == 403 && resp.contains("may not use"), "{code} {resp}");
+
+    // mTLS renew with the signed cert.
+    let body = json!({"csr": csr(&work, "web-renew", "DNS:web")}).to_string();
+    let (code, resp) = curl_api(&pki, "POST", &server.url("/v1/renew"), Some(&body), Some(&web));
+    assert_eq!(code, 200, "{resp}");
+    let (code, resp) = curl_api(&pki, "POST", &server.url("/v1/renew"), Some(&body), None);
+    assert!(code == 401, "renew without a client cert: {code} {resp}");
+
+    // Admin calls without, and with, the admin certificate.
+    let serial = serial_of_pem(v["certificate"].as_str().unwrap());
+    let revoke = json!({"serial": serial}).to_string();
+    let (code, _) = curl_api(&pki, "POST", &server.url("/v1/revoke"), Some(&revoke), None);
+    assert_eq!(code, 401, "no client cert");
+    let (code, _) = curl_api(&pki, "POST", &server.url("/v1/revoke"), Some(&revoke), Some(&web));
+    assert_eq!(code, 403, "a service cert is not the admin cert");
+    let (code, _) = curl_api(&pki, "GET", &server.url("/v1/certificates"), None, Some(&web));
+    assert_eq!(code, 403);
+    let admin = pki.state().join("admin");
+    let (code, resp) = curl_api(&pki, "POST", &server.url("/v1/revoke"), Some(&revoke), Some(&admin));
+    assert_eq!(code, 200, "{resp}");
+    let (code, resp) = curl_api(&pki, "GET", &server.url("/v1/certificates"), None, Some(&admin));
+    assert!(code == 200 && resp.contains(&serial), "{resp}");
+
+    // A renew with the revoked cert is refused.
+    let (code, resp) = curl_api(&pki, "POST", &server.url("/v1/renew"), Some(&body), Some(&web));
+    assert!(code == 403 && resp.contains("revoked"), "{code} {resp}");
+
+    // The CRL lists it, and openssl agrees.
+    let (code, crl) = curl_api(&pki, "GET", &server.url("/v1/crl"), None, None);
+    assert_eq!(code, 200);
+    std::fs::write(work.join("crl.pem"), &crl).unwrap();
+    let shown = text(
+        &run_ok(Command::new(peer("openssl")).args(["crl", "-noout", "-text", "-in"]).arg(work.join("crl.pem"))).stdout,
+    );
+    assert!(shown.to_lowercase().contains(&serial), "{shown}");
+    let (code, roots) = curl_api(&pki, "GET", &server.url("/v1/roots"), None, None);
+    assert!(code == 200 && roots.contains("BEGIN CERTIFICATE"));
+
+    // Bad input is a clear 4xx, never a 500.
+    for (method, path, body, expect) in [
+        ("POST", "/v1/sign", "{not json", 400),
+        ("POST", "/v1/sign", "{\"token\": 1}", 400),
+        ("POST", "/v1/sign", &json!({"token": token(&pki, "web", "5m"), "csr": "garbage"}).to_string(), 400),
+        ("POST", "/v1/sign", &"x".repeat(100_000), 413),
+        ("GET", "/v1/sign", "", 405),
+        ("GET", "/nowhere", "", 404),
+        ("POST", "/v1/revoke", "{}", 401),
+    ] {
+        let (code, resp) = curl_api(&pki, method, &server.url(path), (!body.is_empty()).then_some(body), None);
+        assert_eq!(code, expect, "{method} {path}: {resp}");
+        assert!(resp.contains("\"error\""), "{resp}");
+    }
+    let (code, _) = curl_api(&pki, "POST", &server.url("/v1/revoke"), Some("{}"), Some(&admin));
+    assert_eq!(code, 400);
+    assert!(!server.log_text().contains("panicked"));
+}
+
+fn serial_of_pem(pem: &str) -> String {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), pem).unwrap();
+    let out = run_ok(Command::new(peer("openssl")).args(["x509", "-noout", "-serial", "-in"]).arg(f.path()));
+    text(&out.stdout).trim().trim_start_matches("serial=").to_lowercase().trim_start_matches('0').to_owned()
+}
+
+#[test]
+fn revocation_reaches_sidecars_through_the_crl() {
+    let pki = Pki::new(&[]);
+    let api = pki.path("certs/api");
+    let web = pki.path("certs/web");
+    let ids = identity("api", "1h", &api, "dns = [\"api\", \"localhost\"]") + &identity("web", "1h", &web, "");
+    let server = CaServer::start(&pki, &ids);
+    wait_until(Duration::from_secs(10), "first issue", || serial_of(&api).is_some() && serial_of(&web).is_some());
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    std::thread::spawn(move || for _c in echo.incoming() {});
+    let port = free_port();
+    let sc = Sidecar::start(
+        &[
+            "--cert-dir",
+            api.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &echo_addr.to_string(),
+        ],
+        pki.path("sc.log"),
+    );
+
+    // A second client cert for "web" that the CA knows, issued through the API.
+    let work = pki.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let body = json!({"token": token(&pki, "web", "5m"), "csr": csr(&work, "web", "DNS:web")}).to_string();
+    let (_, resp) = curl_api(&pki, "POST", &server.url("/v1/sign"), Some(&body), None);
+    let v: Value = serde_json::from_str(&resp).unwrap();
+    let client = pki.path("client");
+    std::fs::create_dir_all(&client).unwrap();
+    std::fs::write(client.join("cert.pem"), v["certificate"].as_str().unwrap()).unwrap();
+    std::fs::copy(work.join("web.key"), client.join("key.pem")).unwrap();
+
+    let connect = || {
+        let out = run(Command::new(peer("curl"))
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", "--cacert"])
+            .arg(api.join("ca.pem"))
+            .arg("--cert")
+            .arg(client.join("cert.pem"))
+            .arg("--key")
+            .arg(client.join("key.pem"))
+            .arg("--resolve")
+            .arg(format!("api:{port}:127.0.0.1"))
+            .arg(format!("https://api:{port}/")));
+        text(&out.stdout)
+    };
+    let revoked_sample = format!(
+        "lanyard_sidecar_handshakes_total{{listener=\"inbound-{port}\",result=\"rejected\",reason=\"revoked\"}}"
+    );
+    connect();
+    assert_eq!(sc.metric(&revoked_sample), 0.0);
+    let revoke = json!({"serial": v["serial"]}).to_string();
+    let (code, resp) =
+        curl_api(&pki, "POST", &server.url("/v1/revoke"), Some(&revoke), Some(&pki.state().join("admin")));
+    assert_eq!(code, 200, "{resp}");
+    wait_until(Duration::from_secs(10), "crl.pem distributed", || {
+        std::fs::read_to_string(api.join("crl.pem")).is_ok_and(|crl| !crl.is_empty())
+            && sc.metric("lanyard_sidecar_cert_reloads_total{result=\"success\"}") >= 2.0
+    });
+    wait_until(Duration::from_secs(10), "revoked client refused", || {
+        connect();
+        sc.metric(&revoked_sample) >= 1.0
+    });
+}
+
+#[test]
+fn crash_during_a_signing_burst_keeps_serials_unique_and_dirs_valid() {
+    let pki = Pki::new(&[]);
+    let dirs: Vec<_> = (0..3).map(|i| pki.path(&format!("certs/s{i}"))).collect();
+    let ids: String = dirs.iter().enumerate().map(|(i, d)| identity(&format!("s{i}"), "6s", d, "")).collect();
+    let server = CaServer::start(&pki, &ids);
+    wait_until(Duration::from_secs(10), "first issue", || dirs.iter().all(|d| serial_of(d).is_some()));
+    let work = pki.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let csr_pem = csr(&work, "burst", "DNS:burst");
+    // 1000 signings through the API from 4 threads, with the CA killed midway.
+    let tokens: Vec<String> = (0..1000).map(|_| token(&pki, "burst", "10m")).collect();
+    let url = server.url("/v1/sign");
+    let ok = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handles: Vec<_> = tokens
+        .chunks(250)
+        .map(|chunk| {
+            let (chunk, url, csr_pem, ok, root) =
+                (chunk.to_vec(), url.clone(), csr_pem.clone(), ok.clone(), pki.state().join("root.pem"));
+            std::thread::spawn(move || {
+                for t in chunk {
+                    let body = json!({"token": t, "csr": csr_pem}).to_string();
+                    let out = run(Command::new("curl")
+                        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--cacert"])
+                        .arg(&root)
+                        .args(["-XPOST", "--data", &body])
+                        .arg(&url));
+                    if text(&out.stdout) == "200" {
+                        ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until(Duration::from_secs(60), "burst under way", || ok.load(std::sync::atomic::Ordering::Relaxed) >= 100);
+    run_ok(Command::new("kill").args(["-9", &server.pid().to_string()]));
+    for h in handles {
+        h.join().unwrap();
+    }
+    // Every cert dir is a complete, valid set.
+    for d in &dirs {
+        assert!(serial_of(d).is_some(), "{} is valid after kill -9", d.display());
+    }
+    // Restart: the store opens, serials are unique, rotation resumes.
+    let config = server.config.clone();
+    drop(server);
+    let restarted = CaServer::start_with(&pki, config, free_port(), free_port());
+    let before: Vec<_> = dirs.iter().map(|d| serial_of(d).unwrap()).collect();
+    wait_until(Duration::from_secs(20), "rotation resumes after restart", || {
+        dirs.iter().zip(&before).all(|(d, b)| serial_of(d).is_some_and(|s| &s != b))
+    });
+    let db = pki.state().join("lanyard.db");
+    let out = run_ok(Command::new(venv_tool("python")).arg("-c").arg(format!(
+        "import sqlite3; c = sqlite3.connect({:?}); print(c.execute('pragma integrity_check').fetchone()[0]); print(c.execute('select count(*), count(distinct serial) from certificates').fetchone())",
+        db
+    )));
+    let report = text(&out.stdout);
+    assert!(report.starts_with("ok"), "{report}");
+    let counts = report.lines().nth(1).unwrap();
+    let (total, distinct) = counts.trim_matches(|c| c == '(' || c == ')').split_once(", ").unwrap();
+    assert_eq!(total, distinct, "serials unique");
+    assert!(
+        total.parse::<usize>().unwrap() >= ok.load(std::sync::atomic::Ordering::Relaxed),
+        "every answered signing is recorded"
+    );
+    drop(restarted);
+}
+
+#[test]
+fn status_check_and_backup_restore() {
+    let pki = Pki::new(&[]);
+    let web = pki.path("certs/web");
+    let server = CaServer::start(&pki, &identity("web", "1h", &web, ""));
+    wait_until(Duration::from_secs(10), "first issue", || serial_of(&web).is_some());
+    let status = text(&run_ok(ca().args(["status", "--state"]).arg(pki.state())).stdout);
+    assert!(
+        status.contains("web") && status.contains("DNS:web") && status.contains(&serial_of(&web).unwrap()),
+        "{status}"
+    );
+    let json: Value =
+        serde_json::from_slice(&run_ok(ca().args(["status", "--json", "--state"]).arg(pki.state())).stdout).unwrap();
+    assert!(json.as_array().unwrap().iter().any(|r| r["identity"] == "web" && r["trouble"].is_null()));
+    run_ok(ca().args(["check", "web", "--state"]).arg(pki.state()));
+    let err = run_err(ca().args(["check", "nobody", "--state"]).arg(pki.state()));
+    assert!(err.contains("not managed"), "{err}");
+
+    // A backup taken while the CA runs restores into a working CA.
+    let backup = pki.path("backup.json");
+    run_ok(ca().arg("backup").arg(&backup).arg("--state").arg(pki.state()));
+    drop(server);
+    let restored = pki.path("restored");
+    run_ok(ca().arg("restore").arg(&backup).arg("--state").arg(&restored));
+    let err = run_err(ca().arg("restore").arg(&backup).arg("--state").arg(&restored));
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(restored.join("root.pem")).unwrap(), std::fs::read(pki.state().join("root.pem")).unwrap());
+    let status = text(&run_ok(ca().args(["status", "--state"]).arg(&restored)).stdout);
+    assert!(status.contains(&serial_of(&web).unwrap()), "the store came along: {status}");
+    run_ok(ca().args(["issue", "x", "--state"]).arg(&restored).arg("--out").arg(pki.path("x")));
+    std::fs::write(pki.path("junk.json"), "{}").unwrap();
+    let err = run_err(ca().arg("restore").arg(pki.path("junk.json")).arg("--state").arg(pki.path("r2")));
+    assert!(err.contains("junk.json") && err.contains("not a Lanyard backup"), "{err}");
+}
+
+#[test]
+fn plain_http_redirects_to_https_and_env_overrides_ports() {
+    let pki = Pki::new(&[]);
+    let server = CaServer::start(&pki, "");
+    let out = run_ok(
+        Command::new(peer("curl"))
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}"])
+            .arg(format!("http://127.0.0.1:{}/v1/roots", server.http_port)),
+    );
+    assert_eq!(text(&out.stdout), format!("308 https://127.0.0.1:{}/v1/roots", server.https_port));
+    drop(server);
+    let port = free_port();
+    let config = pki.path("lanyard.toml");
+    let log = pki.path("env.log");
+    let mut cmd = ca();
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("HTTPS_PORT", port.to_string())
+        .env("HTTP_PORT", free_port().to_string());
+    let _g = ChildGuard::spawn(cmd, &log);
+    wait_for_port(format!("127.0.0.1:{port}").parse().unwrap());
+}
