@@ -22,7 +22,7 @@ use crate::CaError;
 pub const DEFAULT_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Where the leaf's key comes from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum KeySource {
     /// The CA generates a fresh key of this type.
     Generate(KeyType),
@@ -36,7 +36,7 @@ pub enum KeySource {
 }
 
 /// A request for one service certificate.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LeafRequest {
     /// The service name: the CN, the SPIFFE path and the default DNS SAN.
     pub name: DnsName,

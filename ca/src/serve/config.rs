@@ -85,6 +85,27 @@ pub struct ServeConfig {
     /// Managed identities.
     #[serde(default, rename = "identity")]
     pub identities: Vec<IdentityConfig>,
+    /// Docker discovery.
+    #[serde(default)]
+    pub docker: DockerConfig,
+}
+
+/// `[docker]`: discovery of containers labelled `lanyard.identity`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// Whether to follow Docker.
+    pub enabled: bool,
+    /// The Docker socket.
+    pub socket: String,
+    /// Where cert dirs go when a container has no `lanyard.certdir` label (default `STATE/certs`).
+    pub cert_root: Option<PathBuf>,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self { enabled: false, socket: "/var/run/docker.sock".into(), cert_root: None }
+    }
 }
 
 fn default_https() -> SocketAddr {

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod config;
+pub mod docker;
 pub mod metrics;
 pub mod schedule;
 
@@ -155,6 +156,15 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if config.docker.enabled {
+        let cert_root = config.docker.cert_root.clone().unwrap_or_else(|| dir.join("certs"));
+        match docker::Discovery::connect(&config.docker.socket, scheduler.clone(), cert_root) {
+            Ok(discovery) => {
+                tokio::spawn(discovery.run(stop_rx.clone()));
+            }
+            Err(e) => return Err(CaError::Config { origin: "docker".into(), what: e }),
+        }
     }
     let mut watch_stop = stop_rx.clone();
     tokio::spawn(api_certs.clone().watch(async move {

@@ -23,7 +23,7 @@ use crate::CaError;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// One identity whose cert dir the CA keeps current.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Managed {
     /// The issuance template (the key is always fresh).
     pub request: LeafRequest,
@@ -102,8 +102,12 @@ impl Scheduler {
     }
 
     /// Adds or replaces a managed identity and plans its first issue.
+    /// Re-adding an unchanged identity changes nothing.
     pub fn upsert(&self, managed: Managed) -> Result<(), CaError> {
         let name = managed.name();
+        if self.identities.read().unwrap_or_else(|e| e.into_inner()).get(&name) == Some(&managed) {
+            return Ok(());
+        }
         let row = self.plan(&managed)?;
         self.authority.store().put_schedule(&row)?;
         self.identities.write().unwrap_or_else(|e| e.into_inner()).insert(name, managed);
