@@ -40,8 +40,8 @@ pub enum KeySource {
 pub struct LeafRequest {
     /// The service name: the CN, the SPIFFE path and the default DNS SAN.
     pub name: DnsName,
-    /// DNS SANs; empty means just `name`.
-    pub dns: Vec<DnsName>,
+    /// DNS SANs; `None` means just `name`, `Some(vec![])` none at all.
+    pub dns: Option<Vec<DnsName>>,
     /// IP SANs.
     pub ips: Vec<IpAddr>,
     /// SPIFFE ID; `None` means `spiffe://<trust-domain>/<name>`.
@@ -50,6 +50,13 @@ pub struct LeafRequest {
     pub ttl: Span,
     /// Key source.
     pub key: KeySource,
+}
+
+impl LeafRequest {
+    /// The DNS SANs the leaf will carry.
+    pub fn dns_names(&self) -> Vec<DnsName> {
+        self.dns.clone().unwrap_or_else(|| vec![self.name.clone()])
+    }
 }
 
 /// An issued certificate, ready for a cert dir.
@@ -100,7 +107,7 @@ impl CaState {
             Some(id) => id.clone(),
             None => self.trust_domain().id(req.name.as_str())?,
         };
-        let dns = if req.dns.is_empty() { vec![req.name.clone()] } else { req.dns.clone() };
+        let dns = req.dns_names();
         let mut seen = BTreeSet::new();
         for name in dns.iter().map(ToString::to_string).chain(req.ips.iter().map(ToString::to_string)) {
             if !seen.insert(name.clone()) {

@@ -214,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let authority = Authority::open(dir)?;
             let admin = LeafRequest {
                 name: ADMIN_NAME.parse()?,
-                dns: Vec::new(),
+                dns: Some(Vec::new()),
                 ips: Vec::new(),
                 spiffe: None,
                 ttl: "90d".parse()?,
@@ -254,7 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let out = if single { a.out.clone() } else { a.out.join(name.as_str()) };
                 let req = LeafRequest {
                     name,
-                    dns: a.dns.clone(),
+                    dns: (!a.dns.is_empty()).then(|| a.dns.clone()),
                     ips: a.ip.clone(),
                     spiffe: a.spiffe.clone(),
                     ttl: a.ttl,

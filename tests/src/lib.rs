@@ -344,7 +344,7 @@ impl CaServer {
 /// dir to authenticate with. Returns (status, body).
 pub fn curl_api(pki: &Pki, method: &str, url: &str, body: Option<&str>, client: Option<&Path>) -> (u16, String) {
     let mut cmd = Command::new(peer("curl"));
-    cmd.args(["-s", "--max-time", "10", "-w", "\n%{http_code}", "-X", method, "--cacert"])
+    cmd.args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", "-X", method, "--cacert"])
         .arg(pki.state().join("root.pem"));
     if let Some(dir) = client {
         cmd.arg("--cert").arg(dir.join("cert.pem")).arg("--key").arg(dir.join("key.pem"));
@@ -356,12 +356,19 @@ pub fn curl_api(pki: &Pki, method: &str, url: &str, body: Option<&str>, client: 
         use std::io::Write;
         child.stdin.take().expect("stdin").write_all(b.as_bytes()).expect("write body");
         let out = child.wait_with_output().expect("curl output");
-        return split_status(&text(&out.stdout));
+        return split_status(&out);
     }
-    split_status(&text(&run(cmd.arg(url)).stdout))
+    split_status(&run(cmd.arg(url)))
 }
 
-fn split_status(out: &str) -> (u16, String) {
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+/// Splits curl's `-w "\n%{http_code}"` output; on a transport failure (code
+/// 0) the body is curl's error, for the assertion message.
+fn split_status(out: &Output) -> (u16, String) {
+    let stdout = text(&out.stdout);
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
+    let code = code.trim().parse().unwrap_or(0);
+    if code == 0 {
+        return (0, format!("curl failed ({}): {}", out.status, text(&out.stderr)));
+    }
+    (code, body.to_owned())
 }

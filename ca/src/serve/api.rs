@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use lanyard_sidecar::certinfo::{rfc3339, CertInfo};
@@ -74,14 +74,26 @@ struct RevokeBody {
     identity: Option<String>,
 }
 
+/// Most bytes read (and dropped) from an oversized body before answering 413,
+/// so that the client sees the answer instead of a reset connection.
+const MAX_DRAIN: usize = 8 * 1024 * 1024;
+
 async fn body_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {MAX_BODY} bytes")))
+    let mut body = req.into_body();
+    let (mut bytes, mut seen) = (Vec::new(), 0usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len();
+        if seen <= MAX_BODY {
+            bytes.extend_from_slice(&data);
+        } else if seen > MAX_DRAIN {
+            break;
         }
-        Err(e) => return Err(error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"))),
-    };
+    }
+    if seen > MAX_BODY {
+        return Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {MAX_BODY} bytes")));
+    }
     serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
 }
 
@@ -190,7 +202,7 @@ fn issued_reply(
 fn csr_request(svc: &Service, name: lanyard_sidecar::identity::DnsName, csr: String) -> LeafRequest {
     let mut req = svc.template(&name).unwrap_or(LeafRequest {
         name,
-        dns: Vec::new(),
+        dns: None,
         ips: Vec::new(),
         spiffe: None,
         ttl: lanyard_sidecar::span::Span::new(crate::issue::DEFAULT_TTL).expect("non-zero"),

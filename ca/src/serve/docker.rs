@@ -52,11 +52,12 @@ pub fn parse_labels(labels: &HashMap<String, String>, cert_root: &Path) -> Resul
     let Some(name) = labels.get(IDENTITY_LABEL) else { return Ok(None) };
     let name = name.parse().map_err(|e| format!("label {IDENTITY_LABEL}: {e}"))?;
     let dns = match labels.get("lanyard.dns") {
-        Some(list) => list
-            .split(',')
-            .map(|d| d.trim().parse().map_err(|e| format!("label lanyard.dns: {e}")))
-            .collect::<Result<_, _>>()?,
-        None => Vec::new(),
+        Some(list) => Some(
+            list.split(',')
+                .map(|d| d.trim().parse().map_err(|e| format!("label lanyard.dns: {e}")))
+                .collect::<Result<_, _>>()?,
+        ),
+        None => None,
     };
     let ttl: Span = labels
         .get("lanyard.ttl")
@@ -252,7 +253,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(d.managed.out_dir.path(), Path::new("/certs/web"));
-        assert_eq!(d.managed.request.dns.len(), 2);
+        assert_eq!(d.managed.request.dns_names().len(), 2);
         assert_eq!(d.reload, Some(ReloadAction::Signal("SIGHUP".into())));
         for (k, v) in [
             ("lanyard.ttl", "0s"),

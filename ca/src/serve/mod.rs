@@ -130,7 +130,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     let api = Managed {
         request: LeafRequest {
             name: API_IDENTITY.parse()?,
-            dns: config.api_names.clone(),
+            dns: Some(config.api_names.clone()),
             ips: vec!["127.0.0.1".parse().expect("valid"), "::1".parse().expect("valid")],
             spiffe: None,
             ttl: config.api_ttl,

@@ -157,12 +157,8 @@ impl Scheduler {
 
     /// Whether the served leaf carries the identity's names.
     fn matches(&self, m: &Managed, leaf: &CertInfo) -> bool {
-        let dns: Vec<String> = if m.request.dns.is_empty() {
-            vec![m.request.name.to_string()]
-        } else {
-            m.request.dns.iter().map(ToString::to_string).collect()
-        };
-        dns.iter().all(|d| leaf.dns.contains(d)) && m.request.ips.iter().all(|ip| leaf.ips.contains(ip))
+        m.request.dns_names().iter().all(|d| leaf.dns.contains(&d.to_string()))
+            && m.request.ips.iter().all(|ip| leaf.ips.contains(ip))
     }
 
     /// Issues a new set for `m` and writes it; never touches the dir on failure.
@@ -288,7 +284,7 @@ pub fn managed_from_config(c: &crate::serve::config::IdentityConfig) -> Managed 
     Managed {
         request: LeafRequest {
             name: c.name.clone(),
-            dns: c.dns.clone(),
+            dns: (!c.dns.is_empty()).then(|| c.dns.clone()),
             ips: c.ip.clone(),
             spiffe: c.spiffe.clone(),
             ttl: c.ttl,
