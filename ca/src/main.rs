@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use lanyard_sidecar::cli;
 use std::collections::HashMap;
 
 use lanyard_ca::authority::Authority;
@@ -182,14 +183,9 @@ struct InspectArgs {
 
 fn main() -> ExitCode {
     lanyard_sidecar::install_crypto_provider();
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match cli::parse_args() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
-            let rendered = e.to_string();
-            eprintln!("{}", rendered.lines().next().unwrap_or("error: invalid arguments"));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match run(cli) {
         Ok(code) => code,
@@ -277,16 +273,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
                 .collect();
             let config = ServeConfig::load(&a.config, &env)?;
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn")),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            cli::init_logging();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(lanyard_ca::serve::run(config, shutdown_signal()))?;
+            runtime.block_on(lanyard_ca::serve::run(config, cli::shutdown_signal()))?;
         }
         Command::Token(a) => {
             let authority = Authority::open(a.state.dir()?)?;
@@ -345,22 +334,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// Writes to stdout; a closed pipe (`ca inspect | head`) is not an error.

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+use crate::cli::serde_str;
 use crate::identity::{NameError, PeerId};
 use crate::span::Span;
 
@@ -99,27 +100,6 @@ impl FromStr for Upstream {
     }
 }
 
-fn from_str<'de, D: serde::Deserializer<'de>, T: FromStr>(d: D) -> Result<T, D::Error>
-where
-    T::Err: std::fmt::Display,
-{
-    String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-}
-
-fn opt_from_str<'de, D: serde::Deserializer<'de>, T: FromStr>(d: D) -> Result<Option<T>, D::Error>
-where
-    T::Err: std::fmt::Display,
-{
-    Option::<String>::deserialize(d)?.map(|s| s.parse().map_err(serde::de::Error::custom)).transpose()
-}
-
-fn vec_from_str<'de, D: serde::Deserializer<'de>, T: FromStr>(d: D) -> Result<Vec<T>, D::Error>
-where
-    T::Err: std::fmt::Display,
-{
-    Vec::<String>::deserialize(d)?.iter().map(|s| s.parse().map_err(serde::de::Error::custom)).collect()
-}
-
 /// One listener.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,13 +113,13 @@ pub struct ListenerConfig {
     /// Address to accept on.
     pub listen: SocketAddr,
     /// Where to forward.
-    #[serde(deserialize_with = "from_str")]
+    #[serde(deserialize_with = "serde_str::one")]
     pub upstream: Upstream,
     /// Inbound: identities (SPIFFE IDs or DNS names) allowed to connect; empty allows any client of the CA.
-    #[serde(default, deserialize_with = "vec_from_str")]
+    #[serde(default, deserialize_with = "serde_str::vec")]
     pub allow: Vec<PeerId>,
     /// Outbound: the identity the upstream must present; defaults to the upstream's host name.
-    #[serde(default, deserialize_with = "opt_from_str")]
+    #[serde(default, deserialize_with = "serde_str::opt")]
     pub server_name: Option<PeerId>,
     /// Inbound: send a PROXY v2 header with the peer identity to the upstream.
     #[serde(default)]
@@ -161,16 +141,16 @@ pub struct ListenerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Longest TLS handshake.
-    #[serde(deserialize_with = "from_str")]
+    #[serde(deserialize_with = "serde_str::one")]
     pub handshake_timeout: Span,
     /// Close a connection with no traffic in either direction for this long.
-    #[serde(deserialize_with = "from_str")]
+    #[serde(deserialize_with = "serde_str::one")]
     pub idle_timeout: Span,
     /// Longest wait for the upstream to accept.
-    #[serde(deserialize_with = "from_str")]
+    #[serde(deserialize_with = "serde_str::one")]
     pub connect_timeout: Span,
     /// How long SIGTERM waits for open connections.
-    #[serde(deserialize_with = "from_str")]
+    #[serde(deserialize_with = "serde_str::one")]
     pub drain_timeout: Span,
     /// Most open connections per listener.
     pub max_connections: usize,

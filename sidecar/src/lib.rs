@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod certdir;
 pub mod certinfo;
+pub mod cli;
 pub mod config;
 pub mod health;
 pub mod http;

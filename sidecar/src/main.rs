@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use lanyard_sidecar::certdir::CertDir;
+use lanyard_sidecar::cli;
 use lanyard_sidecar::config::{Config, Limits, ListenerConfig, Mode, Upstream};
 use lanyard_sidecar::identity::PeerId;
 use lanyard_sidecar::span::Span;
@@ -78,13 +79,9 @@ struct HealthArgs {
 
 fn main() -> ExitCode {
     lanyard_sidecar::install_crypto_provider();
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match cli::parse_args() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
-            eprintln!("{}", e.to_string().lines().next().unwrap_or("error: invalid arguments"));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -95,14 +92,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn")),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            cli::init_logging();
             let config = match config_from(args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -110,7 +100,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match runtime.block_on(lanyard_sidecar::run(config, shutdown_signal())) {
+            match runtime.block_on(lanyard_sidecar::run(config, cli::shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -161,20 +151,4 @@ fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigErro
     };
     Config { cert_dir: a.cert_dir.unwrap_or_default(), admin: a.admin, limits: Limits::default(), listeners }
         .checked("command line")
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -6,32 +6,12 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use lanyard_sidecar::cli::serde_str;
 use lanyard_sidecar::identity::{DnsName, SpiffeId};
 use lanyard_sidecar::span::Span;
 use serde::Deserialize;
 
 use crate::CaError;
-
-fn from_str<'de, D: serde::Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<T, D::Error>
-where
-    T::Err: std::fmt::Display,
-{
-    String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-}
-
-fn vec_from_str<'de, D: serde::Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<Vec<T>, D::Error>
-where
-    T::Err: std::fmt::Display,
-{
-    Vec::<String>::deserialize(d)?.iter().map(|s| s.parse().map_err(serde::de::Error::custom)).collect()
-}
-
-fn opt_from_str<'de, D: serde::Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<Option<T>, D::Error>
-where
-    T::Err: std::fmt::Display,
-{
-    Option::<String>::deserialize(d)?.map(|s| s.parse().map_err(serde::de::Error::custom)).transpose()
-}
 
 fn default_ttl() -> Span {
     "24h".parse().expect("valid")
@@ -42,19 +22,19 @@ fn default_ttl() -> Span {
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Service name.
-    #[serde(deserialize_with = "from_str")]
+    #[serde(deserialize_with = "serde_str::one")]
     pub name: DnsName,
     /// DNS SANs; empty means the name.
-    #[serde(default, deserialize_with = "vec_from_str")]
+    #[serde(default, deserialize_with = "serde_str::vec")]
     pub dns: Vec<DnsName>,
     /// IP SANs.
     #[serde(default)]
     pub ip: Vec<IpAddr>,
     /// SPIFFE ID; defaults to spiffe://<trust-domain>/<name>.
-    #[serde(default, deserialize_with = "opt_from_str")]
+    #[serde(default, deserialize_with = "serde_str::opt")]
     pub spiffe: Option<SpiffeId>,
     /// Certificate lifetime.
-    #[serde(default = "default_ttl", deserialize_with = "from_str")]
+    #[serde(default = "default_ttl", deserialize_with = "serde_str::one")]
     pub ttl: Span,
     /// The cert dir to keep current.
     pub out_dir: PathBuf,
@@ -74,13 +54,13 @@ pub struct ServeConfig {
     #[serde(default = "default_http")]
     pub http_listen: SocketAddr,
     /// DNS names of the API certificate (127.0.0.1 and ::1 are always added).
-    #[serde(default = "default_api_names", deserialize_with = "vec_from_str")]
+    #[serde(default = "default_api_names", deserialize_with = "serde_str::vec")]
     pub api_names: Vec<DnsName>,
     /// Lifetime of the API certificate.
-    #[serde(default = "default_ttl", deserialize_with = "from_str")]
+    #[serde(default = "default_ttl", deserialize_with = "serde_str::one")]
     pub api_ttl: Span,
     /// How often the CRL is re-signed and redistributed.
-    #[serde(default = "default_crl_refresh", deserialize_with = "from_str")]
+    #[serde(default = "default_crl_refresh", deserialize_with = "serde_str::one")]
     pub crl_refresh: Span,
     /// Managed identities.
     #[serde(default, rename = "identity")]

@@ -341,13 +341,9 @@ fn pkilint_finds_no_errors_or_warnings() {
     }
 }
 
-#[test]
-fn openssl_s_server_and_s_client_authenticate_both_ways() {
-    let pki = Pki::new(&[]);
-    let server = pki.issue("server", &["--dns", "localhost"]);
-    let client = pki.issue("client", &[]);
+/// `openssl s_server` requiring a client certificate, serving one connection; logs to `log`.
+fn s_server(server: &Path, log: &Path) -> (u16, ChildGuard) {
     let port = free_port();
-    let log = pki.path("s_server.log");
     let mut cmd = openssl();
     cmd.args([
         "s_server",
@@ -368,38 +364,25 @@ fn openssl_s_server_and_s_client_authenticate_both_ways() {
     .arg(server.join("key.pem"))
     .arg("-CAfile")
     .arg(server.join("ca.pem"));
-    let _srv = ChildGuard::spawn(cmd, &log);
-    wait_for_log(&log, "ACCEPT");
+    let guard = ChildGuard::spawn(cmd, log);
+    wait_for_log(log, "ACCEPT");
+    (port, guard)
+}
+
+#[test]
+fn openssl_s_server_and_s_client_authenticate_both_ways() {
+    let pki = Pki::new(&[]);
+    let server = pki.issue("server", &["--dns", "localhost"]);
+    let client = pki.issue("client", &[]);
+    let (port, _srv) = s_server(&server, &pki.path("s_server.log"));
     let out = run_s_client(port, &client, true);
     assert!(out.contains("Verify return code: 0 (ok)") && out.contains("HTTP/1.0 200 ok"), "{out}");
     assert!(out.contains("Client certificate"), "server saw the client cert: {out}");
     assert!(out.contains("CN=client") || out.contains("CN = client"), "{out}");
 
     // Without a client certificate the server refuses.
-    let port2 = free_port();
-    let mut cmd = openssl();
-    cmd.args([
-        "s_server",
-        "-accept",
-        &format!("127.0.0.1:{port2}"),
-        "-naccept",
-        "1",
-        "-Verify",
-        "1",
-        "-verify_return_error",
-        "-www",
-    ])
-    .arg("-cert")
-    .arg(server.join("cert.pem"))
-    .arg("-cert_chain")
-    .arg(server.join("cert.pem"))
-    .arg("-key")
-    .arg(server.join("key.pem"))
-    .arg("-CAfile")
-    .arg(server.join("ca.pem"));
-    let _srv2 = ChildGuard::spawn(cmd, &pki.path("s_server2.log"));
-    wait_for_log(&pki.path("s_server2.log"), "ACCEPT");
-    let out = run_s_client(port2, &client, false);
+    let (port, _srv) = s_server(&server, &pki.path("s_server2.log"));
+    let out = run_s_client(port, &client, false);
     assert!(!out.contains("HTTP/1.0 200 ok"), "served without a client cert: {out}");
     assert!(out.contains("alert"), "the server sent an alert: {out}");
 }
