@@ -113,6 +113,15 @@ impl ChildGuard {
         &mut self.child
     }
 
+    /// Waits until `addr` accepts TCP, failing with the log if the process exits
+    /// or 20 s pass.
+    pub fn wait_for_port(&mut self, addr: SocketAddr, log: &Path) {
+        wait_until(Duration::from_secs(20), &format!("{} to listen on {addr}", self.what), || {
+            self.assert_running(log);
+            TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+        });
+    }
+
     /// Asserts the process is still running.
     pub fn assert_running(&mut self, log: &Path) {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -221,16 +230,7 @@ impl Sidecar {
         let mut cmd = Command::new(bin("sidecar"));
         cmd.arg("run").arg("--admin").arg(admin.to_string()).args(args).env("RUST_LOG", "info");
         let mut guard = ChildGuard::spawn(cmd, &log);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect_timeout(&admin, Duration::from_millis(100)).is_err() {
-            guard.assert_running(&log);
-            assert!(
-                Instant::now() < deadline,
-                "sidecar admin never came up; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        guard.wait_for_port(admin, &log);
         Self { guard, log, admin }
     }
 
@@ -311,16 +311,7 @@ impl CaServer {
             .env("HTTPS_PORT", https_port.to_string())
             .env("HTTP_PORT", http_port.to_string());
         let mut guard = ChildGuard::spawn(cmd, &log);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", https_port)).is_err() {
-            guard.assert_running(&log);
-            assert!(
-                Instant::now() < deadline,
-                "ca serve never listened on {https_port}; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        guard.wait_for_port(SocketAddr::from(([127, 0, 0, 1], https_port)), &log);
         Self { guard, log, https_port, http_port, config }
     }
 
