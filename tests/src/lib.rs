@@ -363,3 +363,27 @@ fn split_status(out: &Output) -> (u16, String) {
     }
     (code, body.to_owned())
 }
+
+/// A line-echo TCP server on background threads (a stand-in app); returns its address.
+pub fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let local = listener.local_addr().expect("local addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let Ok(read_half) = conn.try_clone() else { return };
+                let mut reader = std::io::BufReader::new(read_half);
+                let mut writer = conn;
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if writer.write_all(line.as_bytes()).is_err() {
+                        break;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    local
+}

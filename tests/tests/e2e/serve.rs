@@ -55,24 +55,7 @@ fn short_lived_certs_rotate_and_running_sidecars_pick_them_up() {
     });
 
     // api's app, api's inbound sidecar, web's outbound sidecar.
-    let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let app_addr = app.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in app.incoming().flatten() {
-            std::thread::spawn(move || {
-                use std::io::{BufRead, Write};
-                let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
-                let mut w = conn;
-                let mut line = String::new();
-                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
-                    if w.write_all(line.as_bytes()).is_err() {
-                        break;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
+    let app_addr = echo_upstream();
     let inbound = free_port();
     let inb = Sidecar::start(
         &[

@@ -17,29 +17,6 @@ fn addr(port: u16) -> SocketAddr {
     format!("127.0.0.1:{port}").parse().unwrap()
 }
 
-/// A line-echo TCP server on a background thread; returns its address.
-fn echo_upstream() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let local = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
-                let mut writer = conn;
-                let mut line = String::new();
-                use std::io::{BufRead, Write};
-                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                    if writer.write_all(line.as_bytes()).is_err() {
-                        break;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
-    local
-}
-
 fn client_config(dir: &Path) -> Arc<rustls::ClientConfig> {
     lanyard_sidecar::install_crypto_provider();
     let set = CertDir::new(dir).load(time::OffsetDateTime::now_utc()).unwrap();
