@@ -42,7 +42,9 @@ pub struct Listener {
     limits: Limits,
     store: Arc<CertStore>,
     built: ArcSwapOption<Built>,
-    resumption: Resumption,
+    /// Session cache and ticket key, with the CRL they were issued under: a
+    /// new CRL starts a new cache so that a revoked client cannot resume.
+    resumption: std::sync::Mutex<(Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, Resumption)>,
     slots: Arc<Semaphore>,
 }
 
@@ -60,7 +62,7 @@ impl Listener {
             limits,
             store,
             built: ArcSwapOption::empty(),
-            resumption: Resumption::new()?,
+            resumption: std::sync::Mutex::new((Vec::new(), Resumption::new()?)),
         }))
     }
 
@@ -79,7 +81,16 @@ impl Listener {
         let (server, client) = match self.config.mode {
             Mode::Inbound => {
                 let auth = ClientAuth::Required(self.config.allow.clone().into());
-                let server = tls::server_config(&snapshot.set, &auth, Some(&self.resumption)).map(|mut c| {
+                let resumption = {
+                    let mut guard = self.resumption.lock().unwrap_or_else(|e| e.into_inner());
+                    if guard.0 != snapshot.set.crls {
+                        if let Ok(fresh) = Resumption::new() {
+                            *guard = (snapshot.set.crls.clone(), fresh);
+                        }
+                    }
+                    guard.1.clone()
+                };
+                let server = tls::server_config(&snapshot.set, &auth, Some(&resumption)).map(|mut c| {
                     c.alpn_protocols = self.alpn();
                     c
                 });

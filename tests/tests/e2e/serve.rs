@@ -264,6 +264,36 @@ fn revocation_reaches_sidecars_through_the_crl() {
     std::fs::create_dir_all(&client).unwrap();
     std::fs::write(client.join("cert.pem"), v["certificate"].as_str().unwrap()).unwrap();
     std::fs::copy(work.join("web.key"), client.join("key.pem")).unwrap();
+    std::fs::write(client.join("ca.pem"), v["ca"].as_str().unwrap()).unwrap();
+    // A rustls client that keeps its TLS session, to try resuming after the revocation.
+    lanyard_sidecar::install_crypto_provider();
+    let set = CertDir::new(&client).load(time::OffsetDateTime::now_utc()).unwrap();
+    let resuming = std::sync::Arc::new(
+        lanyard_sidecar::tls::client_config(&set, &lanyard_sidecar::tls::ServerCheck::ChainOnly).unwrap(),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let handshake = |config: std::sync::Arc<rustls::ClientConfig>| {
+        runtime.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+            let name = rustls::pki_types::ServerName::try_from("api").unwrap();
+            let mut tls =
+                tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| e.to_string())?;
+            // TLS 1.3: the server's verdict on the client certificate arrives after the handshake.
+            tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(300), tls.read(&mut buf)).await {
+                Ok(Err(e)) => Err(e.to_string()),
+                _ => Ok(tls.get_ref().1.handshake_kind()),
+            }
+        })
+    };
+    assert_eq!(handshake(resuming.clone()), Ok(Some(rustls::HandshakeKind::Full)));
+    assert_eq!(
+        handshake(resuming.clone()),
+        Ok(Some(rustls::HandshakeKind::Resumed)),
+        "sessions resume before the revocation"
+    );
 
     let connect = || {
         let out = run(Command::new(peer("curl"))
@@ -295,6 +325,9 @@ fn revocation_reaches_sidecars_through_the_crl() {
         connect();
         sc.metric(&revoked_sample) >= 1.0
     });
+    // The new CRL also started a new session cache: the revoked client cannot resume.
+    let after = handshake(resuming.clone());
+    assert!(after.is_err(), "a revoked client resumed its session: {after:?}");
 }
 
 #[test]
