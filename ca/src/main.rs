@@ -12,8 +12,7 @@ use lanyard_ca::authority::Authority;
 use lanyard_ca::inspect::inspect;
 use lanyard_ca::issue::{KeySource, LeafRequest};
 use lanyard_ca::keys::KeyType;
-use lanyard_ca::ops::{backup, new_token, restore, status_table, trouble};
-use lanyard_ca::serve::api::ADMIN_NAME;
+use lanyard_ca::ops::{backup, init_ca, new_token, restore, status_table, trouble};
 use lanyard_ca::serve::config::ServeConfig;
 use lanyard_ca::state::{write_file, CaState, InitOptions, DEFAULT_TRUST_DOMAIN};
 use lanyard_ca::CaError;
@@ -51,13 +50,33 @@ enum Command {
     Backup(BackupArgs),
     /// Recreate the state directory from a backup.
     Restore(RestoreArgs),
+    /// Rewrite a docker-compose file so every service sits behind a sidecar.
+    Inject(InjectArgs),
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    /// The compose file to read (`-` for standard input).
+    input: PathBuf,
+    /// Where to write the result; standard output when absent.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Certificate lifetime; overrides x-lanyard.ttl.
+    #[arg(long)]
+    ttl: Option<Span>,
+    /// The Lanyard image; overrides x-lanyard.image.
+    #[arg(long)]
+    image: Option<String>,
 }
 
 #[derive(Args)]
 struct ServeArgs {
     /// The service configuration (lanyard.toml).
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "config_toml", conflicts_with = "config_toml")]
+    config: Option<PathBuf>,
+    /// The same TOML as text, for containers configured through the environment.
+    #[arg(long, env = "LANYARD_CONFIG", value_name = "TOML", hide_env_values = true)]
+    config_toml: Option<String>,
 }
 
 #[derive(Args)]
@@ -206,17 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 offline_root: a.offline_root,
                 force: a.force,
             };
-            let (ca, offline_key) = CaState::init(dir, &opts)?;
-            let authority = Authority::open(dir)?;
-            let admin = LeafRequest {
-                name: ADMIN_NAME.parse()?,
-                dns: Some(Vec::new()),
-                ips: Vec::new(),
-                spiffe: None,
-                ttl: "90d".parse()?,
-                key: KeySource::Generate(KeyType::EcdsaP256),
-            };
-            CertDir::new(dir.join("admin")).write(&authority.issue(&admin, "admin")?.pem)?;
+            let (ca, offline_key) = init_ca(dir, &opts)?;
             if let Some(key) = offline_key {
                 match &a.root_key_out {
                     Some(path) => write_file(path, &key, 0o600)?,
@@ -272,10 +281,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .iter()
                 .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
                 .collect();
-            let config = ServeConfig::load(&a.config, &env)?;
+            let config = match (&a.config, &a.config_toml) {
+                (Some(path), _) => ServeConfig::load(path, &env)?,
+                (None, Some(text)) => ServeConfig::parse(text, "$LANYARD_CONFIG", &env)?,
+                (None, None) => anyhow::bail!("give --config FILE or set LANYARD_CONFIG"),
+            };
             cli::init_logging();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(lanyard_ca::serve::run(config, cli::shutdown_signal()))?;
+        }
+        Command::Inject(a) => {
+            let (text, origin) = if a.input.as_os_str() == "-" {
+                (std::io::read_to_string(std::io::stdin())?, "standard input".to_owned())
+            } else {
+                let text = std::fs::read_to_string(&a.input)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", a.input.display()))?;
+                (text, a.input.display().to_string())
+            };
+            let compose = lanyard_compose::Compose::parse(&text, &origin)?;
+            let overrides = lanyard_compose::inject::Overrides { ttl: a.ttl, image: a.image };
+            let injected = lanyard_compose::inject(&compose, &overrides)?;
+            let yaml = injected.compose.to_yaml();
+            match &a.output {
+                Some(path) => {
+                    std::fs::write(path, &yaml).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?
+                }
+                None => stdout(&yaml),
+            }
+            for line in &injected.report {
+                eprintln!("{line}");
+            }
         }
         Command::Token(a) => {
             let authority = Authority::open(a.state.dir()?)?;

@@ -6,16 +6,37 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use base64::Engine;
+use lanyard_sidecar::certdir::CertDir;
 use lanyard_sidecar::certinfo::rfc3339;
 use lanyard_sidecar::span::Span;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::authority::Authority;
-use crate::serve::api::token_hash;
-use crate::state::write_file;
+use crate::issue::{KeySource, LeafRequest};
+use crate::keys::KeyType;
+use crate::serve::api::{token_hash, ADMIN_NAME};
+use crate::state::{write_file, CaState, InitOptions};
 use crate::store::{ScheduleRow, SqliteStore, Store, DB_FILE};
 use crate::CaError;
+
+/// `ca init`: creates the root and intermediate in `dir`, then the admin
+/// client certificate in `dir/admin`. Returns the CA and, with an offline
+/// root, the root key PEM that was not stored.
+pub fn init_ca(dir: &Path, opts: &InitOptions) -> Result<(CaState, Option<String>), CaError> {
+    let (ca, offline_key) = CaState::init(dir, opts)?;
+    let authority = Authority::open(dir)?;
+    let admin = LeafRequest {
+        name: ADMIN_NAME.parse()?,
+        dns: Some(Vec::new()),
+        ips: Vec::new(),
+        spiffe: None,
+        ttl: "90d".parse().expect("valid span"),
+        key: KeySource::Generate(KeyType::EcdsaP256),
+    };
+    CertDir::new(dir.join("admin")).write(&authority.issue(&admin, "admin")?.pem)?;
+    Ok((ca, offline_key))
+}
 
 /// Creates a single-use bootstrap token for `identity`, valid for `ttl`.
 pub fn new_token(authority: &Authority, identity: &str, ttl: Span) -> Result<String, CaError> {

@@ -25,7 +25,8 @@ use time::{Duration, OffsetDateTime};
 
 use crate::CaError;
 
-const META_FILE: &str = "ca.json";
+/// The file that marks a state directory as holding a CA.
+pub const META_FILE: &str = "ca.json";
 const ROOT_CERT: &str = "root.pem";
 const ROOT_KEY: &str = "root-key.pem";
 const INTERMEDIATE_CERT: &str = "intermediate.pem";

@@ -51,14 +51,16 @@ pub enum Mode {
     Outbound,
 }
 
-/// A `host:port` to connect to; the host is resolved at connect time.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Upstream {
+/// A `host:port`: an upstream (resolved at connect time) or a listen
+/// address (resolved once at start, so a listener can bind to the address
+/// a name has on one network only).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostPort {
     host: String,
     port: u16,
 }
 
-impl Upstream {
+impl HostPort {
     /// The host part.
     pub fn host(&self) -> &str {
         &self.host
@@ -70,7 +72,7 @@ impl Upstream {
     }
 }
 
-impl std::fmt::Display for Upstream {
+impl std::fmt::Display for HostPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.host.contains(':') {
             write!(f, "[{}]:{}", self.host, self.port)
@@ -80,16 +82,16 @@ impl std::fmt::Display for Upstream {
     }
 }
 
-/// Why an upstream address was refused.
+/// Why an address was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid upstream {0:?}: expected HOST:PORT, such as app:8080 or 127.0.0.1:8080")]
-pub struct UpstreamError(String);
+#[error("invalid address {0:?}: expected HOST:PORT, such as app:8080 or 127.0.0.1:8080")]
+pub struct HostPortError(String);
 
-impl FromStr for Upstream {
-    type Err = UpstreamError;
+impl FromStr for HostPort {
+    type Err = HostPortError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || UpstreamError(s.to_owned());
+        let err = || HostPortError(s.to_owned());
         let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let port: u16 = port.parse().map_err(|_| err())?;
@@ -110,11 +112,15 @@ pub struct ListenerConfig {
     /// What the listener does.
     #[serde(default)]
     pub mode: Mode,
-    /// Address to accept on.
-    pub listen: SocketAddr,
+    /// Address to accept on: an IP (`0.0.0.0:8443`) or a name resolved
+    /// once at start. Listeners may share a port when one binds the
+    /// wildcard address: a connection goes to the listener whose address it
+    /// arrived on, else to the wildcard one.
+    #[serde(deserialize_with = "serde_str::one")]
+    pub listen: HostPort,
     /// Where to forward.
     #[serde(deserialize_with = "serde_str::one")]
-    pub upstream: Upstream,
+    pub upstream: HostPort,
     /// Inbound: identities (SPIFFE IDs or DNS names) allowed to connect; empty allows any client of the CA.
     #[serde(default, deserialize_with = "serde_str::vec")]
     pub allow: Vec<PeerId>,
@@ -191,9 +197,15 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and checks TOML text; `origin` names it in errors (a file, or
+    /// `$LANYARD_SIDECAR_CONFIG`).
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let config: Self =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
-        config.checked(&path.display().to_string())
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        config.checked(&origin.display().to_string())
     }
 
     /// Checks cross-field rules and fills default names; `origin` names the source in errors.
@@ -207,7 +219,7 @@ impl Config {
             if l.name.is_empty() {
                 l.name = format!("{:?}-{}", l.mode, l.listen.port()).to_lowercase();
             }
-            if !seen.insert(l.listen) {
+            if !seen.insert(l.listen.clone()) {
                 return Err(invalid(format!("listener {}: address {} is used twice", l.name, l.listen)));
             }
             match l.mode {

@@ -51,9 +51,101 @@ pub enum SidecarError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A listen name did not resolve.
+    #[error("cannot resolve listen address {addr} ({what}): {reason}; use an IP address or a name this container can resolve")]
+    Resolve {
+        /// The address as configured.
+        addr: config::HostPort,
+        /// Which listener.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// Two listeners claim the same address.
+    #[error("listeners {first} and {second} both bind {addr}; give one of them another address or port")]
+    Clash {
+        /// The address.
+        addr: SocketAddr,
+        /// One listener.
+        first: String,
+        /// The other.
+        second: String,
+    },
     /// The TLS setup failed.
     #[error(transparent)]
     Tls(#[from] tls::TlsConfigError),
+}
+
+/// How long a listen name may take to resolve at start (container DNS can lag).
+const RESOLVE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn resolve(addr: &config::HostPort, what: &str) -> Result<Vec<SocketAddr>, SidecarError> {
+    let deadline = tokio::time::Instant::now() + RESOLVE_PATIENCE;
+    loop {
+        let reason = match tokio::net::lookup_host((addr.host(), addr.port())).await {
+            Ok(found) => {
+                let mut found: Vec<SocketAddr> = found.collect();
+                found.sort();
+                found.dedup();
+                if !found.is_empty() {
+                    return Ok(found);
+                }
+                "no addresses".to_owned()
+            }
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(SidecarError::Resolve { addr: addr.clone(), what: what.to_owned(), reason });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Resolves every listen address and binds one socket per port and address,
+/// routing connections on a shared wildcard socket by local address.
+async fn bind_listeners(listeners: &[Arc<proxy::Listener>]) -> Result<Vec<(TcpListener, proxy::Routes)>, SidecarError> {
+    use std::collections::BTreeMap;
+    let mut by_port: BTreeMap<u16, Vec<(SocketAddr, Arc<proxy::Listener>)>> = BTreeMap::new();
+    for l in listeners {
+        for addr in resolve(&l.config.listen, &l.config.name).await? {
+            by_port.entry(addr.port()).or_default().push((addr, l.clone()));
+        }
+    }
+    let mut bound = Vec::new();
+    for (_, entries) in by_port {
+        let mut exact: BTreeMap<SocketAddr, Arc<proxy::Listener>> = BTreeMap::new();
+        let mut wildcard: Option<(SocketAddr, Arc<proxy::Listener>)> = None;
+        for (addr, l) in entries {
+            let taken = if addr.ip().is_unspecified() {
+                wildcard.replace((addr, l.clone()))
+            } else {
+                exact.insert(addr, l.clone()).map(|other| (addr, other))
+            };
+            if let Some((_, other)) = taken.filter(|(_, o)| !Arc::ptr_eq(o, &l)) {
+                return Err(SidecarError::Clash {
+                    addr,
+                    first: other.config.name.clone(),
+                    second: l.config.name.clone(),
+                });
+            }
+        }
+        match wildcard {
+            Some((addr, l)) => {
+                let routes = proxy::Routes {
+                    exact: exact.into_iter().map(|(a, l)| (a.ip(), l)).collect(),
+                    wildcard: Some(l.clone()),
+                };
+                bound.push((bind(addr, &l.config.name).await?, routes));
+            }
+            None => {
+                for (addr, l) in exact {
+                    let socket = bind(addr, &l.config.name).await?;
+                    bound.push((socket, proxy::Routes { exact: vec![(addr.ip(), l)], wildcard: None }));
+                }
+            }
+        }
+    }
+    Ok(bound)
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, SidecarError> {
@@ -74,11 +166,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut listeners = Vec::new();
     let mut tasks = Vec::new();
     for lc in &config.listeners {
-        let socket = bind(lc.listen, &lc.name).await?;
-        tracing::info!(listener = %lc.name, mode = ?lc.mode, listen = %lc.listen, upstream = %lc.upstream, "listening");
-        let l = proxy::Listener::new(lc.clone(), config.limits.clone(), store.clone())?;
-        listeners.push(l.clone());
-        tasks.push(tokio::spawn(l.serve(socket, stop_rx.clone())));
+        listeners.push(proxy::Listener::new(lc.clone(), config.limits.clone(), store.clone())?);
+    }
+    for (socket, routes) in bind_listeners(&listeners).await? {
+        for l in routes.all() {
+            let lc = &l.config;
+            let on = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(listener = %lc.name, mode = ?lc.mode, listen = %lc.listen, on, upstream = %lc.upstream, "listening");
+        }
+        tasks.push(tokio::spawn(proxy::serve(socket, routes, stop_rx.clone())));
     }
     if let Some(addr) = config.admin {
         let socket = bind(addr, "admin").await?;

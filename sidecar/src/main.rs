@@ -1,13 +1,13 @@
 //! `sidecar`: Lanyard's data plane command. Thin over `lanyard_sidecar`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use lanyard_sidecar::certdir::CertDir;
 use lanyard_sidecar::cli;
-use lanyard_sidecar::config::{Config, Limits, ListenerConfig, Mode, Upstream};
+use lanyard_sidecar::config::{Config, HostPort, Limits, ListenerConfig, Mode};
 use lanyard_sidecar::identity::PeerId;
 use lanyard_sidecar::span::Span;
 
@@ -30,14 +30,14 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Cert dir to serve from and watch (cert.pem, key.pem, ca.pem).
-    #[arg(long, env = "LANYARD_CERT_DIR", value_name = "DIR", required_unless_present = "config")]
+    #[arg(long, env = "LANYARD_CERT_DIR", value_name = "DIR", required_unless_present_any = ["config", "config_toml"])]
     cert_dir: Option<PathBuf>,
-    /// Address to accept on.
-    #[arg(long, value_name = "ADDR", requires = "upstream", conflicts_with = "config")]
-    listen: Option<SocketAddr>,
+    /// Address to accept on (IP:PORT, or a name resolved once at start).
+    #[arg(long, value_name = "ADDR", requires = "upstream", conflicts_with_all = ["config", "config_toml"])]
+    listen: Option<HostPort>,
     /// HOST:PORT to forward to.
     #[arg(long, value_name = "ADDR", requires = "listen")]
-    upstream: Option<Upstream>,
+    upstream: Option<HostPort>,
     /// Inbound (mTLS in) or outbound (mTLS out).
     #[arg(long, value_enum, default_value_t = Mode::Inbound)]
     mode: Mode,
@@ -60,8 +60,11 @@ struct RunArgs {
     #[arg(long, value_name = "PROTO")]
     alpn: Vec<String>,
     /// TOML file declaring several listeners.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "config_toml")]
     config: Option<PathBuf>,
+    /// The same TOML as text, for containers configured through the environment.
+    #[arg(long, env = "LANYARD_SIDECAR_CONFIG", value_name = "TOML", hide_env_values = true)]
+    config_toml: Option<String>,
 }
 
 #[derive(Args)]
@@ -125,8 +128,12 @@ fn main() -> ExitCode {
 }
 
 fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigError> {
-    if let Some(path) = &a.config {
-        let mut config = Config::from_file(path)?;
+    let from_toml = match (&a.config, &a.config_toml) {
+        (Some(path), _) => Some(Config::from_file(path)?),
+        (None, Some(text)) => Some(Config::from_toml(text, Path::new("$LANYARD_SIDECAR_CONFIG"))?),
+        (None, None) => None,
+    };
+    if let Some(mut config) = from_toml {
         if let Some(dir) = a.cert_dir {
             config.cert_dir = dir;
         }

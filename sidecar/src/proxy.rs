@@ -2,6 +2,7 @@
 //! (plaintext from the app, mTLS to the upstream) listeners.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +23,55 @@ use crate::proxy_protocol;
 use crate::reload::{CertStore, Snapshot};
 use crate::tls::{self, ClientAuth, Resumption, ServerCheck};
 use crate::verify::{classify, peer_identity};
+
+/// The listeners that share one socket. A connection goes to the listener
+/// bound to the exact address it arrived on, else to the wildcard one; this
+/// is how an outbound listener on a private address and an inbound listener
+/// on `0.0.0.0` can share a port.
+#[derive(Default)]
+pub struct Routes {
+    /// Listeners bound to one address.
+    pub exact: Vec<(IpAddr, Arc<Listener>)>,
+    /// The listener bound to the unspecified address, if any.
+    pub wildcard: Option<Arc<Listener>>,
+}
+
+impl Routes {
+    fn pick(&self, local: Option<IpAddr>) -> Option<&Arc<Listener>> {
+        let exact = local.and_then(|ip| self.exact.iter().find(|(a, _)| *a == ip).map(|(_, l)| l));
+        exact.or(self.wildcard.as_ref())
+    }
+
+    /// Every listener on this socket.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Listener>> {
+        self.exact.iter().map(|(_, l)| l).chain(self.wildcard.iter())
+    }
+}
+
+/// Accepts on `socket` until `stop` turns true, then drains every listener
+/// it served.
+pub async fn serve(socket: TcpListener, routes: Routes, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            a = socket.accept() => a,
+        };
+        match accepted {
+            Ok((tcp, peer)) => match routes.pick(tcp.local_addr().ok().map(|a| a.ip())) {
+                Some(listener) => listener.accept(tcp, peer),
+                None => tracing::debug!(%peer, "no listener for this local address; closed"),
+            },
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(socket);
+    for listener in routes.all() {
+        listener.drain().await;
+    }
+}
 
 /// Copy buffer per direction.
 const BUFFER: usize = 64 * 1024;
@@ -118,39 +168,27 @@ impl Listener {
         self.config.alpn.iter().map(|p| p.as_bytes().to_vec()).collect()
     }
 
-    /// Accepts until `stop` turns true, then waits up to the drain timeout
-    /// for open connections to finish.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.wait_for(|s| *s) => break,
-                a = listener.accept() => a,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(listener = %self.config.name, "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                self.metrics.over_cap.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let this = self.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                this.metrics.active.fetch_add(1, Ordering::Relaxed);
-                let _ = tcp.set_nodelay(true);
-                match this.config.mode {
-                    Mode::Inbound => this.inbound(tcp, peer).await,
-                    Mode::Outbound => this.outbound(tcp).await,
-                }
-                this.metrics.active.fetch_sub(1, Ordering::Relaxed);
-            });
-        }
-        drop(listener);
+    /// Handles one accepted connection on its own task, within the connection cap.
+    fn accept(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.metrics.over_cap.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            this.metrics.active.fetch_add(1, Ordering::Relaxed);
+            let _ = tcp.set_nodelay(true);
+            match this.config.mode {
+                Mode::Inbound => this.inbound(tcp, peer).await,
+                Mode::Outbound => this.outbound(tcp).await,
+            }
+            this.metrics.active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    /// Waits up to the drain timeout for open connections to finish.
+    async fn drain(&self) {
         let all = self.limits.max_connections as u32;
         if timeout(self.limits.drain_timeout.get(), self.slots.acquire_many(all)).await.is_err() {
             tracing::warn!(listener = %self.config.name, "drain timeout: closing open connections");

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use lanyard_sidecar::cli::serde_str;
-use lanyard_sidecar::identity::{DnsName, SpiffeId};
+use lanyard_sidecar::identity::{DnsName, SpiffeId, TrustDomain};
 use lanyard_sidecar::span::Span;
 use serde::Deserialize;
 
@@ -47,6 +47,10 @@ pub struct ServeConfig {
     /// The CA state directory (`LANYARD_STATE` overrides).
     #[serde(default)]
     pub state: Option<PathBuf>,
+    /// When the state directory holds no CA yet, create one for this trust
+    /// domain (as `ca init` would); a CA of another trust domain is an error.
+    #[serde(default, deserialize_with = "serde_str::opt")]
+    pub trust_domain: Option<TrustDomain>,
     /// HTTPS API address (`HTTPS_PORT` overrides the port).
     #[serde(default = "default_https")]
     pub https_listen: SocketAddr,

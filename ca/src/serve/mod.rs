@@ -16,7 +16,7 @@ use std::sync::Arc;
 use hyper_util::rt::TokioIo;
 use lanyard_sidecar::certdir::CertDir;
 use lanyard_sidecar::certinfo::CertInfo;
-use lanyard_sidecar::identity::DnsName;
+use lanyard_sidecar::identity::{DnsName, TrustDomain};
 use lanyard_sidecar::reload::CertStore;
 use lanyard_sidecar::tls::{self, ClientAuth};
 use serde::Serialize;
@@ -119,9 +119,40 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, CaError> {
         .map_err(|e| CaError::Config { origin: what.to_owned(), what: format!("cannot listen on {addr}: {e}") })
 }
 
+/// Creates the CA for `trust_domain` in `dir` unless one is there; refuses
+/// one of another trust domain.
+fn ensure_ca(dir: &std::path::Path, trust_domain: &TrustDomain) -> Result<(), CaError> {
+    if !dir.join(crate::state::META_FILE).exists() {
+        let opts = crate::state::InitOptions {
+            trust_domain: trust_domain.clone(),
+            permit_dns: Vec::new(),
+            offline_root: false,
+            force: false,
+        };
+        let (ca, _) = crate::ops::init_ca(dir, &opts)?;
+        tracing::info!(state = %dir.display(), trust_domain = %ca.trust_domain(), "created a new CA");
+        return Ok(());
+    }
+    let ca = crate::state::CaState::load(dir)?;
+    if ca.trust_domain() != trust_domain {
+        return Err(CaError::Config {
+            origin: "trust_domain".into(),
+            what: format!(
+                "the CA in {} is for trust domain {}, not {trust_domain}; fix trust_domain or use another state directory",
+                dir.display(),
+                ca.trust_domain()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Runs the service until `shutdown` resolves.
 pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), CaError> {
     let dir = config.state_dir().to_owned();
+    if let Some(td) = &config.trust_domain {
+        ensure_ca(&dir, td)?;
+    }
     let authority = Arc::new(Authority::open(&dir)?);
     let metrics = Arc::new(CaMetrics::default());
     let scheduler = Scheduler::new(authority.clone(), metrics.clone())?;

@@ -1,0 +1,185 @@
+//! The `x-lanyard` extensions: defaults at the top level, options per service.
+
+use std::fmt;
+use std::str::FromStr;
+
+use lanyard_sidecar::identity::TrustDomain;
+use lanyard_sidecar::span::Span;
+use serde::Deserialize;
+use serde_norway::Value;
+
+use crate::error::ComposeError;
+use crate::model::EXTENSION;
+
+/// How a protected port is proxied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    /// Bytes, as they come (databases, caches, anything on TCP).
+    Tcp,
+    /// HTTP/1.1, request by request, with the caller's verified identity in
+    /// `X-Forwarded-Client-Cert`.
+    Http,
+    /// Bytes, preceded by a PROXY v2 header carrying the caller's identity.
+    Proxy,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+            Self::Proxy => "proxy",
+        })
+    }
+}
+
+/// A port with its protocol: `3000`, `3000/http`, `6379/tcp`, `7000/proxy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortSpec {
+    /// The port.
+    pub port: u16,
+    /// The protocol, when written.
+    pub protocol: Option<Protocol>,
+}
+
+impl FromStr for PortSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (port, protocol) = match s.split_once('/') {
+            None => (s, None),
+            Some((p, "tcp")) => (p, Some(Protocol::Tcp)),
+            Some((p, "http")) => (p, Some(Protocol::Http)),
+            Some((p, "proxy")) => (p, Some(Protocol::Proxy)),
+            Some((_, other)) => return Err(format!("unknown protocol {other:?} in {s:?}: use tcp, http or proxy")),
+        };
+        match port.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(Self { port, protocol }),
+            _ => Err(format!("{s:?} is not a port: write 3000, 3000/http, 6379/tcp or 7000/proxy")),
+        }
+    }
+}
+
+/// An upstream named in `x-lanyard.upstreams`: `service:port[/protocol]`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UpstreamSpec {
+    /// The service called.
+    pub service: String,
+    /// The port and protocol.
+    pub port: PortSpec,
+}
+
+impl FromStr for UpstreamSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (service, port) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: write upstreams as SERVICE:PORT, such as users:4000 or cache:6379/tcp"))?;
+        Ok(Self { service: service.to_owned(), port: port.parse()? })
+    }
+}
+
+/// Per-service `x-lanyard`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceOptions {
+    /// Leave this service as it is: no sidecar, no identity.
+    #[serde(default)]
+    pub disable: bool,
+    /// The ports to protect; default: `expose`, the targets of `ports`, and
+    /// the ports other services call this one on.
+    #[serde(default, deserialize_with = "strings")]
+    pub ports: Vec<PortSpec>,
+    /// Calls that cannot be inferred from `depends_on` and URLs in the environment.
+    #[serde(default, deserialize_with = "strings")]
+    pub upstreams: Vec<UpstreamSpec>,
+    /// Callers allowed in (service names or SPIFFE IDs); default: any service of the mesh.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Certificate lifetime for this service; default: the top-level `ttl`.
+    #[serde(default, deserialize_with = "opt_span")]
+    pub ttl: Option<Span>,
+    /// Make the network between the app and its sidecar `internal`, cutting
+    /// the app off from everything else, the internet included.
+    #[serde(default)]
+    pub isolate: bool,
+    /// Public names served over HTTPS with ACME certificates (edge mode).
+    #[serde(default)]
+    pub public: Vec<String>,
+}
+
+/// Top-level `x-lanyard`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Defaults {
+    /// SPIFFE trust domain of the fleet.
+    #[serde(deserialize_with = "one")]
+    pub trust_domain: TrustDomain,
+    /// Certificate lifetime.
+    #[serde(deserialize_with = "one")]
+    pub ttl: Span,
+    /// The image with the `ca` and `sidecar` binaries.
+    pub image: String,
+    /// The sidecars' admin (health and metrics) port, on loopback.
+    pub admin_port: u16,
+    /// ACME account email, for public names.
+    pub acme_email: Option<String>,
+    /// ACME directory URL, for public names.
+    pub acme_directory: Option<String>,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            trust_domain: "lanyard.internal".parse().expect("valid"),
+            ttl: "24h".parse().expect("valid"),
+            image: "lanyard:latest".into(),
+            admin_port: 9901,
+            acme_email: None,
+            acme_directory: None,
+        }
+    }
+}
+
+impl Defaults {
+    pub(crate) fn parse(v: &Value) -> Result<Self, ComposeError> {
+        serde_norway::from_value(v.clone()).map_err(|e| ComposeError::top(EXTENSION, e.to_string()))
+    }
+}
+
+impl ServiceOptions {
+    pub(crate) fn parse(service: &str, v: &Value) -> Result<Self, ComposeError> {
+        serde_norway::from_value(v.clone()).map_err(|e| ComposeError::service(service, EXTENSION, e.to_string()))
+    }
+}
+
+fn one<'de, D: serde::Deserializer<'de>, T: FromStr>(d: D) -> Result<T, D::Error>
+where
+    T::Err: fmt::Display,
+{
+    let text = scalar_string(d)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
+fn opt_span<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Span>, D::Error> {
+    one(d).map(Some)
+}
+
+fn strings<'de, D: serde::Deserializer<'de>, T: FromStr>(d: D) -> Result<Vec<T>, D::Error>
+where
+    T::Err: fmt::Display,
+{
+    let list = Vec::<Value>::deserialize(d)?;
+    list.iter()
+        .map(|v| {
+            let text = crate::model::scalar(v).ok_or_else(|| serde::de::Error::custom("expected a list of strings"))?;
+            text.parse().map_err(serde::de::Error::custom)
+        })
+        .collect()
+}
+
+fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let v = Value::deserialize(d)?;
+    crate::model::scalar(&v).ok_or_else(|| serde::de::Error::custom("expected a string"))
+}
