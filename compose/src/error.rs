@@ -12,11 +12,11 @@ pub enum ComposeError {
         message: String,
     },
     /// A service key has a value this tool cannot use.
-    #[error("service {service}, key {key}: {message}")]
+    #[error("service {service}{}: {message}", if key.is_empty() { String::new() } else { format!(", key {key}") })]
     Service {
         /// The service.
         service: String,
-        /// The key, such as `ports[1]` or `x-lanyard.allow`.
+        /// The key, such as `ports[1]` or `x-lanyard.allow`; empty for the service as a whole.
         key: String,
         /// What is wrong and what to do.
         message: String,

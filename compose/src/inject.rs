@@ -200,6 +200,7 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
     for s in compose.services.iter().filter(|s| s.options.disable) {
         report.push(format!("{}: opted out (x-lanyard.disable)", s.name));
     }
+    check_generated_names(&plans)?;
     if plans.is_empty() {
         return Err(ComposeError::top("services", "no service to protect: every service is opted out or has no ports"));
     }
@@ -246,6 +247,26 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
     doc.insert("volumes".into(), Value::Mapping(volumes));
     let compose = Compose::parse(&serde_norway::to_string(&doc).expect("serializable"), "injected output")?;
     Ok(Injected { compose, report })
+}
+
+/// Generated DNS names must not collide: service `app-x`'s sidecar and
+/// service `x`'s app alias would both be `lanyard-app-x`.
+fn check_generated_names(plans: &BTreeMap<&str, Plan>) -> Result<(), ComposeError> {
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    for (name, plan) in plans {
+        let mut generated = vec![format!("{PREFIX}{name}"), app_alias(name)];
+        generated.extend((0..plan.networks).map(|k| out_alias(name, k)));
+        for g in generated {
+            if let Some(other) = seen.insert(g.clone(), name).filter(|o| o != name) {
+                return Err(ComposeError::service(
+                    name,
+                    "",
+                    format!("services {other} and {name} both lead to the name {g}: rename one of them"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_injectable(s: &Service) -> Result<(), ComposeError> {

@@ -81,7 +81,8 @@ impl Compose {
     /// Parses compose YAML; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ComposeError> {
         let syntax = |message: String| ComposeError::Syntax { origin: origin.to_owned(), message };
-        let doc: Value = serde_norway::from_str(text).map_err(|e| syntax(e.to_string()))?;
+        let mut doc: Value = serde_norway::from_str(text).map_err(|e| syntax(e.to_string()))?;
+        doc.apply_merge().map_err(|e| syntax(format!("YAML merge key (<<): {e}")))?;
         let Value::Mapping(doc) = doc else {
             return Err(syntax("not a compose file: the top level must be a mapping with `services`".into()));
         };

@@ -147,11 +147,36 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
+    poll_until(timeout, Duration::from_millis(20), what, cond);
+}
+
+/// Polls `cond` every `every` until it holds or `timeout` passes.
+pub fn poll_until(timeout: Duration, every: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
         assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(every);
+    }
+}
+
+/// A `docker` command; fails loudly when no engine answers.
+pub fn docker() -> Command {
+    Command::new(peer("docker"))
+}
+
+/// Asserts that a Docker engine answers (`scripts/test` starts dockerd).
+pub fn require_dockerd() {
+    let out = run(docker().arg("info"));
+    assert!(out.status.success(), "dockerd is not running (scripts/test starts it): {}", text(&out.stderr));
+}
+
+/// A container removed on drop.
+pub struct Container(pub String);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker().args(["rm", "-f", &self.0]).output();
     }
 }
 

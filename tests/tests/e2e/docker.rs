@@ -2,7 +2,6 @@
 //! cert dir, and a `signal` container receives its signal after rotation.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lanyard_sidecar::certdir::CertDir;
@@ -10,23 +9,9 @@ use lanyard_tests::*;
 
 const IMAGE: &str = "lanyard-test-busybox";
 
-fn docker() -> Command {
-    Command::new(peer("docker"))
-}
-
-/// A container removed on drop.
-struct Container(String);
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = docker().args(["rm", "-f", &self.0]).output();
-    }
-}
-
 /// Builds a FROM-scratch image holding busybox-static; no registry needed.
 fn build_image(work: &Path) {
-    let out = run(docker().arg("info"));
-    assert!(out.status.success(), "dockerd is not running (scripts/test starts it): {}", text(&out.stderr));
+    require_dockerd();
     let ctx = work.join("image");
     std::fs::create_dir_all(&ctx).unwrap();
     let busybox = Path::new("/bin/busybox");

@@ -1,6 +1,7 @@
 //! End-to-end tests: Lanyard's binaries against real peers.
 #![allow(clippy::unwrap_used)]
 
+mod compose;
 mod docker;
 mod pki;
 mod serve;

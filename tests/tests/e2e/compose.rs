@@ -1,0 +1,275 @@
+//! `ca inject` on a real engine: the example fleet in `compose/examples`
+//! is injected, brought up with docker-compose (v1) and probed from the host
+//! and from a rogue container; certificates rotate under traffic, the CA
+//! restarts, and identities survive `down`/`up`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lanyard_tests::*;
+
+/// Image tag for the test build, so a user's `lanyard:latest` is not replaced.
+const TAG: &str = "e2e";
+const TRUST_DOMAIN: &str = "fleet.internal";
+
+fn build_images() {
+    require_dockerd();
+    let target = bin("ca").parent().unwrap().to_owned();
+    run_ok(Command::new(workspace_root().join("scripts/build-images")).arg("--from").arg(&target).args([
+        "--tag",
+        TAG,
+        "--testapp",
+    ]));
+}
+
+/// A docker-compose project, taken down with its volumes on drop.
+struct Project {
+    name: String,
+    file: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Project {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(peer("docker-compose"));
+        c.args(["--no-ansi", "-p", &self.name, "-f"]).arg(&self.file);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    fn up(&self) {
+        run_ok(self.cmd().args(["up", "-d"]));
+    }
+
+    /// The container of `service`.
+    fn id(&self, service: &str) -> String {
+        let id = text(&run_ok(self.cmd().args(["ps", "-q", service])).stdout).trim().to_owned();
+        assert!(!id.is_empty(), "no container for {service}");
+        id
+    }
+
+    fn exec(&self, service: &str, args: &[&str]) -> std::process::Output {
+        run(self.cmd().args(["exec", "-T", service]).args(args))
+    }
+
+    fn logs(&self, service: &str) -> String {
+        text(&run(self.cmd().args(["logs", "--no-color", service])).stdout)
+    }
+
+    fn containers(&self) -> Vec<String> {
+        text(&run_ok(self.cmd().args(["ps", "-q"])).stdout).lines().map(str::to_owned).collect()
+    }
+
+    fn inspect(&self, id: &str, format: &str) -> String {
+        text(&run_ok(docker().args(["inspect", "--format", format, id])).stdout).trim().to_owned()
+    }
+
+    /// Waits until every container with a healthcheck is healthy; returns
+    /// how many have one.
+    fn wait_healthy(&self) -> usize {
+        let mut checked = 0;
+        poll_until(Duration::from_secs(180), Duration::from_millis(500), "every container healthy", || {
+            let states: Vec<String> = self
+                .containers()
+                .iter()
+                .map(|id| self.inspect(id, "{{.Name}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}"))
+                .collect();
+            checked = states.iter().filter(|s| !s.ends_with(" none")).count();
+            let bad: Vec<_> = states.iter().filter(|s| !s.ends_with(" healthy") && !s.ends_with(" none")).collect();
+            if bad.iter().any(|s| s.ends_with(" unhealthy")) {
+                panic!(
+                    "unhealthy: {bad:?}\n{}",
+                    text(&run(self.cmd().args(["logs", "--no-color", "--tail", "30"])).stdout)
+                );
+            }
+            bad.is_empty() && states.len() >= 9
+        });
+        checked
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", text(&run(self.cmd().args(["logs", "--no-color", "--tail", "40"])).stdout));
+        }
+        let _ = run(self.cmd().args(["down", "-v", "--remove-orphans", "-t", "2"]));
+    }
+}
+
+/// Runs the test app image as a rogue container on `network`.
+fn rogue(network: &str, args: &[&str]) -> std::process::Output {
+    run(docker()
+        .args(["run", "--rm", "--network", network])
+        .arg(format!("lanyard-testapp:{TAG}"))
+        .arg("/testapp")
+        .args(args))
+}
+
+/// curl from the host through the frontend's published port, with mTLS.
+fn curl_frontend(admin: &Path, port: u16, path: &str) -> Result<String, String> {
+    let out = run(Command::new(peer("curl"))
+        .args(["-sS", "--max-time", "10", "--fail-with-body", "--resolve"])
+        .arg(format!("frontend:{port}:127.0.0.1"))
+        .arg("--cacert")
+        .arg(admin.join("ca.pem"))
+        .arg("--cert")
+        .arg(admin.join("cert.pem"))
+        .arg("--key")
+        .arg(admin.join("key.pem"))
+        .arg(format!("https://frontend:{port}{path}")));
+    if out.status.success() {
+        Ok(text(&out.stdout))
+    } else {
+        Err(format!("{} {}", text(&out.stdout), text(&out.stderr)))
+    }
+}
+
+fn rotations(project: &Project, identity: &str) -> usize {
+    project.logs("lanyard-ca").matches(&format!("rotated identity={identity} ")).count()
+}
+
+#[test]
+fn golden_outputs_pass_docker_compose_config() {
+    let dir = workspace_root().join("compose/tests/golden");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().ends_with(".out.yml") {
+            let out = run(Command::new(peer("docker-compose")).arg("-f").arg(&path).args(["config", "-q"]));
+            assert!(out.status.success(), "docker-compose rejects {}: {}", path.display(), text(&out.stderr));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} golden outputs");
+}
+
+#[test]
+fn injected_fleet_is_mtls_on_every_hop() {
+    build_images();
+    let tmp = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(workspace_root().join("compose/examples/fleet/docker-compose.yml")).unwrap();
+    let input = tmp.path().join("in.yml");
+    std::fs::write(&input, example.replace("image: lanyard-testapp", &format!("image: lanyard-testapp:{TAG}")))
+        .unwrap();
+    let file = tmp.path().join("docker-compose.yml");
+    run_ok(ca().arg("inject").arg(&input).arg("-o").arg(&file).args([
+        "--image",
+        &format!("lanyard:{TAG}"),
+        "--ttl",
+        "20s",
+    ]));
+
+    let port = free_port();
+    let project =
+        Project { name: format!("lanyarde2e{port}"), file, env: vec![("FRONTEND_PORT".into(), port.to_string())] };
+    project.up();
+    let with_health = project.wait_healthy();
+    assert!(with_health >= 7, "ca + 4 sidecars + 2 apps have healthchecks, saw {with_health}");
+
+    // No container has extra privileges.
+    for id in project.containers() {
+        let caps = project.inspect(&id, "{{.Name}} {{.HostConfig.Privileged}} {{.HostConfig.CapAdd}}");
+        assert!(caps.ends_with(" false []"), "extra privileges: {caps}");
+    }
+
+    // The backend's unchanged calls travel over mTLS, and the callees see
+    // its verified identity: XFCC for HTTP, PROXY v2 for plain TCP.
+    let backend_id = format!("spiffe://{TRUST_DOMAIN}/backend");
+    let users = project.exec("backend", &["/testapp", "get", "http://127.0.0.1:3000/call/USERS_URL"]);
+    assert!(text(&users.stdout).contains(&format!("URI={backend_id}")), "{users:?}");
+    let echo = project.exec("backend", &["/testapp", "get", "http://127.0.0.1:3000/call/ECHO_URL"]);
+    assert_eq!(text(&echo.stdout), format!("{backend_id}: ping\n"), "{echo:?}");
+    // users allows only backend: the frontend's sidecar is refused there.
+    let denied = project.exec("frontend", &["/testapp", "get", "http://users:4000/whoami"]);
+    assert!(!denied.status.success(), "frontend reached users: {denied:?}");
+
+    // From the host: mTLS into the frontend, then frontend -> backend -> users.
+    let admin = tmp.path().join("admin");
+    run_ok(docker().arg("cp").arg(format!("{}:/state/admin", project.id("lanyard-ca"))).arg(&admin));
+    let chain = curl_frontend(&admin, port, "/call/BACKEND_URL").unwrap();
+    assert!(chain.contains(&format!("URI={backend_id}")), "{chain}");
+
+    // A rogue container on the shared network gets nothing from any app port,
+    // is refused by every sidecar without a certificate, and cannot reach
+    // any sidecar's outbound listener.
+    let network = format!("{}_default", project.name);
+    for (service, port) in [("frontend", 8080), ("backend", 3000), ("users", 4000), ("echo", 7000)] {
+        let app_ips =
+            project.inspect(&project.id(service), "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}");
+        for ip in app_ips.split_whitespace() {
+            let out = rogue(&network, &["tcp", &format!("{ip}:{port}")]);
+            assert!(!out.status.success(), "rogue reached the {service} app at {ip}:{port}: {out:?}");
+        }
+        let out = rogue(&network, &["tcp", &format!("{service}:{port}")]);
+        assert!(text(&out.stderr).contains("TLS"), "{service}:{port} answered plaintext: {out:?}");
+        let out = rogue(&network, &["tls", &format!("{service}:{port}")]);
+        assert!(text(&out.stderr).contains("CertificateRequired"), "{service}:{port} without a cert: {out:?}");
+    }
+    for (service, outbound_ports) in [("frontend", &[3000][..]), ("backend", &[4000, 7000][..])] {
+        let sidecar = project.id(&format!("lanyard-{service}"));
+        let shared_ip =
+            project.inspect(&sidecar, &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"));
+        for p in outbound_ports {
+            let out = rogue(&network, &["tcp", &format!("{shared_ip}:{p}")]);
+            assert!(!out.status.success(), "rogue used {service}'s outbound listener {shared_ip}:{p}: {out:?}");
+        }
+    }
+
+    // Traffic through three sidecars while 20 s certificates rotate and
+    // the CA restarts: no request may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let traffic = {
+        let (stop, done, admin) = (stop.clone(), done.clone(), admin.clone());
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match curl_frontend(&admin, port, "/call/BACKEND_URL") {
+                    Ok(_) => drop(done.fetch_add(1, Ordering::Relaxed)),
+                    Err(e) => failures.push(e),
+                }
+            }
+            failures
+        })
+    };
+    let before: Vec<usize> = ["frontend", "backend", "users"].iter().map(|i| rotations(&project, i)).collect();
+    poll_until(Duration::from_secs(90), Duration::from_secs(1), "two rotations of each identity under traffic", || {
+        ["frontend", "backend", "users"].iter().zip(&before).all(|(i, b)| rotations(&project, i) >= b + 2)
+    });
+    run_ok(project.cmd().args(["restart", "-t", "2", "lanyard-ca"]));
+    project.wait_healthy();
+    let after_restart = done.load(Ordering::Relaxed);
+    poll_until(Duration::from_secs(30), Duration::from_millis(200), "traffic after the CA restart", || {
+        done.load(Ordering::Relaxed) > after_restart + 20
+    });
+    stop.store(true, Ordering::Relaxed);
+    let failures = traffic.join().unwrap();
+    let total = done.load(Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        total + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    eprintln!("{total} requests through three sidecars during rotations and a CA restart, none failed");
+
+    // Identities survive down/up through the state volume.
+    let root_before = std::fs::read_to_string(admin.join("ca.pem")).unwrap();
+    run_ok(project.cmd().args(["down", "-t", "2"]));
+    project.up();
+    project.wait_healthy();
+    let admin_after = tmp.path().join("admin-after");
+    run_ok(docker().arg("cp").arg(format!("{}:/state/admin", project.id("lanyard-ca"))).arg(&admin_after));
+    assert_eq!(
+        std::fs::read_to_string(admin_after.join("ca.pem")).unwrap(),
+        root_before,
+        "the CA changed across down/up"
+    );
+    let chain = curl_frontend(&admin, port, "/call/BACKEND_URL").unwrap();
+    assert!(chain.contains(&format!("URI={backend_id}")), "{chain}");
+}
