@@ -96,106 +96,22 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
         compose.services.iter().map(|s| Ok((s.name.as_str(), calls_of(s, &names)?))).collect::<Result<_, _>>()?;
     let mut report = Vec::new();
 
-    // Inbound ports: declared, exposed, published, and called by others.
-    let mut inbound: BTreeMap<&str, BTreeMap<u16, Protocol>> = BTreeMap::new();
     for s in compose.services.iter().filter(|s| !s.options.disable) {
         check_injectable(s)?;
-        let mut ports: BTreeMap<u16, Option<Protocol>> = BTreeMap::new();
-        if s.options.ports.is_empty() {
-            for p in s.expose.iter().chain(s.ports.iter().map(|p| &p.target)) {
-                ports.entry(*p).or_default();
-            }
-            for call in calls.values().flatten().filter(|c| c.service == s.name) {
-                ports.entry(call.port).or_default();
-            }
-        } else {
-            for p in &s.options.ports {
-                ports.insert(p.port, p.protocol);
-            }
-        }
-        let resolved = ports
-            .into_iter()
-            .map(|(port, declared)| {
-                let called_http = calls
-                    .values()
-                    .flatten()
-                    .any(|c| c.service == s.name && c.port == port && c.protocol == Some(Protocol::Http));
-                let protocol = declared.unwrap_or(if called_http { Protocol::Http } else { Protocol::Tcp });
-                (port, protocol)
-            })
-            .collect();
-        inbound.insert(&s.name, resolved);
     }
-
+    let inbound = inbound_ports(compose, &calls);
     let mut plans: BTreeMap<&str, Plan> = BTreeMap::new();
     for s in compose.services.iter().filter(|s| !s.options.disable) {
-        let mut targets: BTreeSet<(String, u16)> = BTreeSet::new();
-        let mut plain = BTreeSet::new();
-        let mut all_calls = calls[s.name.as_str()].clone();
-        for d in &s.depends_on {
-            if let Some(ports) = inbound.get(d.service.as_str()) {
-                all_calls.extend(ports.keys().map(|p| Call { service: d.service.clone(), port: *p, protocol: None }));
-            } else if names.contains(d.service.as_str()) {
-                plain.insert(d.service.clone());
+        match plan(s, &calls[s.name.as_str()], &inbound, &names)? {
+            Some(p) => {
+                report.push(p.summary(&s.name));
+                plans.insert(&s.name, p);
             }
-        }
-        for c in all_calls.iter().filter(|c| c.service != s.name) {
-            match inbound.get(c.service.as_str()) {
-                Some(ports) if ports.contains_key(&c.port) => {
-                    targets.insert((c.service.clone(), c.port));
-                }
-                Some(ports) => {
-                    return Err(ComposeError::service(
-                        &s.name,
-                        EXTENSION,
-                        format!(
-                            "calls {}:{}, but {} protects only ports {:?}: add {} to its x-lanyard.ports",
-                            c.service,
-                            c.port,
-                            c.service,
-                            ports.keys().collect::<Vec<_>>(),
-                            c.port
-                        ),
-                    ))
-                }
-                None => {
-                    plain.insert(c.service.clone());
-                }
-            }
-        }
-        // Two upstreams on one port need two addresses: one private network each.
-        let mut per_port: BTreeMap<u16, usize> = BTreeMap::new();
-        let outbound: Vec<(usize, String, u16)> = targets
-            .into_iter()
-            .map(|(service, port)| {
-                let k = per_port.entry(port).or_default();
-                *k += 1;
-                (*k - 1, service, port)
-            })
-            .collect();
-        let networks = per_port.values().copied().max().unwrap_or(0).max(1);
-        let ports = &inbound[s.name.as_str()];
-        if ports.is_empty() && outbound.is_empty() {
-            report.push(format!(
+            None => report.push(format!(
                 "{}: left as is: no ports to protect and no calls to other services (declare them in x-lanyard.ports or x-lanyard.upstreams)",
                 s.name
-            ));
-            continue;
+            )),
         }
-        report.push(format!(
-            "{}: sidecar lanyard-{} in [{}] out [{}]{}",
-            s.name,
-            s.name,
-            ports.iter().map(|(p, proto)| format!("{p}/{proto}")).collect::<Vec<_>>().join(", "),
-            outbound.iter().map(|(_, t, p)| format!("{t}:{p}")).collect::<Vec<_>>().join(", "),
-            if plain.is_empty() {
-                String::new()
-            } else {
-                format!(" plain [{}]", plain.iter().cloned().collect::<Vec<_>>().join(", "))
-            }
-        ));
-        let inbound = ports.iter().map(|(p, proto)| (*p, *proto)).collect();
-        plans.insert(&s.name, Plan { inbound, outbound, plain, networks });
     }
     for s in compose.services.iter().filter(|s| s.options.disable) {
         report.push(format!("{}: opted out (x-lanyard.disable)", s.name));
@@ -208,7 +124,7 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
     let mut doc = compose.doc.clone();
     let plain_targets: BTreeSet<&String> = plans.values().flat_map(|p| p.plain.iter()).collect();
     let mut services = Mapping::new();
-    services.insert(CA_SERVICE.into(), ca_service(&defaults, &plans, compose)?);
+    services.insert(CA_SERVICE.into(), ca_service(&defaults, &plans, compose));
     let mut networks = take_mapping(&mut doc, "networks")?;
     let mut volumes = take_mapping(&mut doc, "volumes")?;
     networks.insert(format!("{PREFIX}control").into(), mapping([("internal", Value::Bool(true))]));
@@ -247,6 +163,123 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
     doc.insert("volumes".into(), Value::Mapping(volumes));
     let compose = Compose::parse(&serde_norway::to_string(&doc).expect("serializable"), "injected output")?;
     Ok(Injected { compose, report })
+}
+
+/// The ports each injected service protects, with their protocols:
+/// declared in `x-lanyard.ports`, else exposed, published and called by others.
+fn inbound_ports<'a>(
+    compose: &'a Compose,
+    calls: &HashMap<&str, Vec<Call>>,
+) -> BTreeMap<&'a str, BTreeMap<u16, Protocol>> {
+    let mut inbound = BTreeMap::new();
+    for s in compose.services.iter().filter(|s| !s.options.disable) {
+        let mut ports: BTreeMap<u16, Option<Protocol>> = BTreeMap::new();
+        if s.options.ports.is_empty() {
+            for p in s.expose.iter().chain(s.ports.iter().map(|p| &p.target)) {
+                ports.entry(*p).or_default();
+            }
+            for call in calls.values().flatten().filter(|c| c.service == s.name) {
+                ports.entry(call.port).or_default();
+            }
+        } else {
+            for p in &s.options.ports {
+                ports.insert(p.port, p.protocol);
+            }
+        }
+        let resolved = ports
+            .into_iter()
+            .map(|(port, declared)| {
+                let called_http = calls
+                    .values()
+                    .flatten()
+                    .any(|c| c.service == s.name && c.port == port && c.protocol == Some(Protocol::Http));
+                let protocol = declared.unwrap_or(if called_http { Protocol::Http } else { Protocol::Tcp });
+                (port, protocol)
+            })
+            .collect();
+        inbound.insert(s.name.as_str(), resolved);
+    }
+
+    inbound
+}
+
+/// What service `s` gets: its inbound ports, its upstreams (each on a
+/// private network index) and the opted-out services it reaches in
+/// plaintext; `None` when there is nothing to protect.
+fn plan(
+    s: &Service,
+    calls: &[Call],
+    inbound: &BTreeMap<&str, BTreeMap<u16, Protocol>>,
+    names: &BTreeSet<&str>,
+) -> Result<Option<Plan>, ComposeError> {
+    let mut targets: BTreeSet<(String, u16)> = BTreeSet::new();
+    let mut plain = BTreeSet::new();
+    let mut all_calls = calls.to_vec();
+    for d in &s.depends_on {
+        if let Some(ports) = inbound.get(d.service.as_str()) {
+            all_calls.extend(ports.keys().map(|p| Call { service: d.service.clone(), port: *p, protocol: None }));
+        } else if names.contains(d.service.as_str()) {
+            plain.insert(d.service.clone());
+        }
+    }
+    for c in all_calls.iter().filter(|c| c.service != s.name) {
+        match inbound.get(c.service.as_str()) {
+            Some(ports) if ports.contains_key(&c.port) => {
+                targets.insert((c.service.clone(), c.port));
+            }
+            Some(ports) => {
+                return Err(ComposeError::service(
+                    &s.name,
+                    EXTENSION,
+                    format!(
+                        "calls {}:{}, but {} protects only ports {:?}: add {} to its x-lanyard.ports",
+                        c.service,
+                        c.port,
+                        c.service,
+                        ports.keys().collect::<Vec<_>>(),
+                        c.port
+                    ),
+                ))
+            }
+            None => {
+                plain.insert(c.service.clone());
+            }
+        }
+    }
+    // Two upstreams on one port need two addresses: one private network each.
+    let mut per_port: BTreeMap<u16, usize> = BTreeMap::new();
+    let outbound: Vec<(usize, String, u16)> = targets
+        .into_iter()
+        .map(|(service, port)| {
+            let k = per_port.entry(port).or_default();
+            *k += 1;
+            (*k - 1, service, port)
+        })
+        .collect();
+    let networks = per_port.values().copied().max().unwrap_or(0).max(1);
+    let ports = &inbound[s.name.as_str()];
+    if ports.is_empty() && outbound.is_empty() {
+        return Ok(None);
+    }
+    let inbound = ports.iter().map(|(p, proto)| (*p, *proto)).collect();
+    Ok(Some(Plan { inbound, outbound, plain, networks }))
+}
+
+impl Plan {
+    /// One line for the report.
+    fn summary(&self, service: &str) -> String {
+        let join = |items: Vec<String>| items.join(", ");
+        let plain = if self.plain.is_empty() {
+            String::new()
+        } else {
+            format!(" plain [{}]", join(self.plain.iter().cloned().collect()))
+        };
+        format!(
+            "{service}: sidecar {PREFIX}{service} in [{}] out [{}]{plain}",
+            join(self.inbound.iter().map(|(p, proto)| format!("{p}/{proto}")).collect()),
+            join(self.outbound.iter().map(|(_, t, p)| format!("{t}:{p}")).collect()),
+        )
+    }
 }
 
 /// Generated DNS names must not collide: service `app-x`'s sidecar and
@@ -438,7 +471,10 @@ fn networks_value(attachments: &[Attachment]) -> Value {
     Value::Mapping(map)
 }
 
-fn healthcheck(test: Vec<String>) -> Value {
+/// A compose healthcheck that runs `sidecar health`: an HTTPS GET of `url`
+/// verified against `cert_dir/ca.pem`.
+fn https_healthcheck(cert_dir: &str, url: String) -> Value {
+    let test = ["CMD", "/sidecar", "health", "--cert-dir", cert_dir, "--url", &url];
     mapping([
         ("test", strings(test)),
         ("interval", "5s".into()),
@@ -557,27 +593,17 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults) -> Result<Valu
         side.insert("ports".into(), ports.clone());
     }
     side.insert("depends_on".into(), mapping([(CA_SERVICE, mapping([("condition", "service_healthy".into())]))]));
-    side.insert(
-        "healthcheck".into(),
-        healthcheck(vec![
-            "CMD".into(),
-            "/sidecar".into(),
-            "health".into(),
-            "--cert-dir".into(),
-            SIDECAR_CERTS.into(),
-            "--url".into(),
-            // Verified against ca.pem, so this passes only once the sidecar
-            // serves a valid certificate (its fallback does not verify);
-            // /readyz would also wait for the app, which waits for us.
-            format!("https://127.0.0.1:{}/healthz", defaults.admin_port),
-        ]),
-    );
+    // Verified against ca.pem, so this passes only once the sidecar serves a
+    // valid certificate (its fallback does not verify); /readyz would also
+    // wait for the app, which waits for the sidecar.
+    let url = format!("https://127.0.0.1:{}/healthz", defaults.admin_port);
+    side.insert("healthcheck".into(), https_healthcheck(SIDECAR_CERTS, url));
     hardening(&mut side);
     side.insert("read_only".into(), Value::Bool(true));
     Ok(Value::Mapping(side))
 }
 
-fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compose) -> Result<Value, ComposeError> {
+fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compose) -> Value {
     let mut identities = Vec::new();
     let mut volumes = vec![format!("{PREFIX}ca-state:/state")];
     for name in plans.keys() {
@@ -604,20 +630,10 @@ fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compo
     ca.insert("environment".into(), mapping([("LANYARD_CONFIG", config.into())]));
     ca.insert("volumes".into(), strings(volumes));
     ca.insert("networks".into(), strings([format!("{PREFIX}control")]));
-    ca.insert(
-        "healthcheck".into(),
-        healthcheck(vec![
-            "CMD".into(),
-            "/sidecar".into(),
-            "health".into(),
-            "--cert-dir".into(),
-            "/state/api".into(),
-            "--url".into(),
-            format!("https://127.0.0.1:{CA_API_PORT}/health"),
-        ]),
-    );
+    let url = format!("https://127.0.0.1:{CA_API_PORT}/health");
+    ca.insert("healthcheck".into(), https_healthcheck("/state/api", url));
     hardening(&mut ca);
-    Ok(Value::Mapping(ca))
+    Value::Mapping(ca)
 }
 
 #[cfg(test)]
