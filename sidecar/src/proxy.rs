@@ -57,7 +57,7 @@ pub async fn serve(socket: TcpListener, routes: Routes, mut stop: watch::Receive
             a = socket.accept() => a,
         };
         match accepted {
-            Ok((tcp, peer)) => match routes.pick(tcp.local_addr().ok().map(|a| a.ip())) {
+            Ok((tcp, peer)) => match routes.pick(tcp.local_addr().ok().map(|a| a.ip().to_canonical())) {
                 Some(listener) => listener.accept(tcp, peer),
                 None => tracing::debug!(%peer, "no listener for this local address; closed"),
             },
