@@ -727,3 +727,42 @@ fn http_mode_sets_a_sanitized_client_identity_header() {
         assert!(!line.contains("evil") && !line.contains("/admin"), "client's header was stripped: {line}");
     }
 }
+
+/// An inbound listener on the wildcard address and an outbound listener on
+/// one specific address share a port (the compose topology): connections
+/// are routed by the local address they arrived on.
+#[test]
+fn listeners_sharing_a_port_are_routed_by_local_address() {
+    let f = fixture();
+    let echo = echo_upstream();
+    let port = free_port();
+    let cfg = f.pki.path("shared.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "cert_dir = {:?}\n\
+             [[listener]]\nname = \"in\"\nlisten = \"0.0.0.0:{port}\"\nupstream = \"{echo}\"\n\
+             [[listener]]\nname = \"out\"\nmode = \"outbound\"\nlisten = \"127.0.0.2:{port}\"\nupstream = \"127.0.0.1:{port}\"\nserver_name = \"api\"\n",
+            f.api
+        ),
+    )
+    .unwrap();
+    let log = f.pki.path("shared.log");
+    let _sc = Sidecar::start(&["--config", cfg.to_str().unwrap()], log.clone());
+    wait_for_log(&log, "listener=out");
+    // Plaintext to 127.0.0.2 goes out over mTLS, back in through the same
+    // socket on 127.0.0.1, and reaches the echo app.
+    let plain = |ip: &str| {
+        use std::io::{BufRead, Write};
+        let mut conn = std::net::TcpStream::connect((ip, port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        conn.write_all(b"routed\n").unwrap();
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(conn).read_line(&mut line);
+        line
+    };
+    assert_eq!(plain("127.0.0.2"), "routed\n");
+    // The same port on 127.0.0.1 is the inbound listener: TLS, not echo.
+    assert_ne!(plain("127.0.0.1"), "routed\n");
+    rt().block_on(echo_once(addr(port), client_config(&f.web))).unwrap();
+}
