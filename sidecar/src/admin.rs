@@ -45,13 +45,18 @@ pub struct Readiness {
 pub struct Admin {
     store: Arc<CertStore>,
     listeners: Vec<Arc<Listener>>,
+    edges: Vec<Arc<crate::edge::Edge>>,
     fallback: Arc<rustls::ServerConfig>,
 }
 
 impl Admin {
     /// Reports on `store` and `listeners`.
-    pub fn new(store: Arc<CertStore>, listeners: Vec<Arc<Listener>>) -> Result<Self, tls::TlsConfigError> {
-        Ok(Self { store, listeners, fallback: Arc::new(fallback_config()?) })
+    pub fn new(
+        store: Arc<CertStore>,
+        listeners: Vec<Arc<Listener>>,
+        edges: Vec<Arc<crate::edge::Edge>>,
+    ) -> Result<Self, tls::TlsConfigError> {
+        Ok(Self { store, listeners, edges, fallback: Arc::new(fallback_config()?) })
     }
 
     /// Computes readiness now; checks that each inbound upstream accepts TCP.
@@ -77,6 +82,9 @@ impl Admin {
                 "certificate is in the last sixth of its life (expires {}); renewal is overdue",
                 rfc3339(leaf.not_after)
             ));
+        }
+        if reason.is_none() {
+            reason = self.edges.iter().find_map(|e| e.not_ready());
         }
         if reason.is_none() {
             for l in self.listeners.iter().filter(|l| l.config.mode == Mode::Inbound) {
@@ -213,13 +221,9 @@ impl Admin {
 }
 
 fn fallback_config() -> Result<rustls::ServerConfig, tls::TlsConfigError> {
-    let key = rcgen::KeyPair::generate().map_err(|e| tls::TlsConfigError::Verifier(e.to_string()))?;
-    let cert = rcgen::CertificateParams::new(vec!["lanyard-sidecar-fallback".to_owned()])
-        .and_then(|p| p.self_signed(&key))
-        .map_err(|e| tls::TlsConfigError::Verifier(e.to_string()))?;
-    let der_key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let key = tls::fallback_key("lanyard-sidecar-fallback")?;
     Ok(rustls::ServerConfig::builder_with_provider(tls::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], der_key)?)
+        .with_cert_resolver(Arc::new(tls::FixedCert(key))))
 }

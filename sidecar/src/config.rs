@@ -190,6 +190,9 @@ pub struct Config {
     /// The listeners.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
+    /// Public HTTPS edges.
+    #[serde(rename = "edge", default)]
+    pub edges: Vec<crate::edge::EdgeConfig>,
 }
 
 impl Config {
@@ -211,8 +214,22 @@ impl Config {
     /// Checks cross-field rules and fills default names; `origin` names the source in errors.
     pub fn checked(mut self, origin: &str) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid { origin: origin.to_owned(), message };
-        if self.listeners.is_empty() {
-            return Err(invalid("no listener: add a [[listener]] table (or pass --listen and --upstream)".into()));
+        if self.listeners.is_empty() && self.edges.is_empty() {
+            return Err(invalid(
+                "no listener: add a [[listener]] or [[edge]] table (or pass --listen and --upstream)".into(),
+            ));
+        }
+        for e in &self.edges {
+            if e.cert_dirs.is_empty() {
+                return Err(invalid(format!(
+                    "edge {}: cert_dirs is empty; give the public certificates' cert dirs",
+                    e.name
+                )));
+            }
+            if e.http_listen.as_ref() == Some(&e.https_listen) {
+                return Err(invalid(format!("edge {}: https_listen and http_listen are the same address", e.name)));
+            }
+            e.headers.pairs().map_err(|m| invalid(format!("edge {}: {m}", e.name)))?;
         }
         let mut seen = std::collections::HashSet::new();
         for l in &mut self.listeners {
@@ -308,6 +325,7 @@ mod tests {
             cert_dir: "/c".into(),
             admin: None,
             limits: Limits::default(),
+            edges: vec![],
             listeners: vec![ListenerConfig {
                 name: String::new(),
                 mode: Mode::Outbound,

@@ -9,6 +9,7 @@ pub mod certdir;
 pub mod certinfo;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod health;
 pub mod http;
 pub mod identity;
@@ -176,10 +177,42 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         tasks.push(tokio::spawn(proxy::serve(socket, routes, stop_rx.clone())));
     }
+    let mut edges = Vec::new();
+    for ec in &config.edges {
+        let edge = edge::Edge::new(ec.clone())?;
+        for s in &edge.stores {
+            let s = s.clone();
+            let _ = tokio::task::spawn_blocking(move || s.reload()).await;
+        }
+        if let Some(why) = edge.not_ready() {
+            tracing::warn!("{why}");
+        }
+        for s in &edge.stores {
+            let mut watch_stop = stop_rx.clone();
+            tokio::spawn(s.clone().watch(async move {
+                let _ = watch_stop.wait_for(|s| *s).await;
+            }));
+        }
+        let https_addrs = resolve(&ec.https_listen, &ec.name).await?;
+        let https_port = ec.https_listen.port();
+        for addr in https_addrs {
+            let socket = bind(addr, &ec.name).await?;
+            tracing::info!(edge = %ec.name, %addr, upstream = %ec.upstream, "edge serving HTTPS");
+            tokio::spawn(edge.clone().serve_https(socket, stop_rx.clone()));
+        }
+        if let Some(http) = &ec.http_listen {
+            for addr in resolve(http, &ec.name).await? {
+                let socket = bind(addr, &ec.name).await?;
+                tracing::info!(edge = %ec.name, %addr, "edge redirecting HTTP to HTTPS");
+                tokio::spawn(edge.clone().serve_http(socket, https_port, stop_rx.clone()));
+            }
+        }
+        edges.push(edge);
+    }
     if let Some(addr) = config.admin {
         let socket = bind(addr, "admin").await?;
         tracing::info!(%addr, "admin endpoint on https://{addr}/readyz");
-        let admin = Arc::new(admin::Admin::new(store.clone(), listeners.clone())?);
+        let admin = Arc::new(admin::Admin::new(store.clone(), listeners.clone(), edges.clone())?);
         tokio::spawn(admin.serve(socket, stop_rx.clone()));
     }
     let mut watch_stop = stop_rx.clone();

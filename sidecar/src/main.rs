@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use lanyard_sidecar::certdir::CertDir;
 use lanyard_sidecar::cli;
 use lanyard_sidecar::config::{Config, HostPort, Limits, ListenerConfig, Mode};
+use lanyard_sidecar::edge::{EdgeConfig, Profile, SecurityHeaders};
 use lanyard_sidecar::identity::PeerId;
 use lanyard_sidecar::span::Span;
 
@@ -38,9 +39,21 @@ struct RunArgs {
     /// HOST:PORT to forward to.
     #[arg(long, value_name = "ADDR", requires = "listen")]
     upstream: Option<HostPort>,
-    /// Inbound (mTLS in) or outbound (mTLS out).
-    #[arg(long, value_enum, default_value_t = Mode::Inbound)]
-    mode: Mode,
+    /// Inbound (mTLS in), outbound (mTLS out) or edge (public HTTPS to the app's HTTP port).
+    #[arg(long, value_enum, default_value_t = RunMode::Inbound)]
+    mode: RunMode,
+    /// Edge: a cert dir of a public certificate, chosen by SNI; repeatable (default: --cert-dir).
+    #[arg(long, value_name = "DIR")]
+    public_cert_dir: Vec<PathBuf>,
+    /// Edge: plain-HTTP address that redirects to HTTPS and forwards ACME challenges.
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<HostPort>,
+    /// Edge: where /.well-known/acme-challenge/ goes (the CA's HTTP listener).
+    #[arg(long, value_name = "HOST:PORT")]
+    acme_forward: Option<HostPort>,
+    /// Edge: Mozilla TLS profile.
+    #[arg(long, value_enum, default_value_t = Profile::Intermediate)]
+    profile: Profile,
     /// Inbound: allowed client identity (SPIFFE ID or DNS name); repeatable.
     #[arg(long, value_name = "ID")]
     allow: Vec<PeerId>,
@@ -65,6 +78,17 @@ struct RunArgs {
     /// The same TOML as text, for containers configured through the environment.
     #[arg(long, env = "LANYARD_SIDECAR_CONFIG", value_name = "TOML", hide_env_values = true)]
     config_toml: Option<String>,
+}
+
+/// What `sidecar run` without `--config` sets up.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RunMode {
+    /// Accept mTLS, forward plaintext TCP to the app.
+    Inbound,
+    /// Accept plaintext from the app, open mTLS to the upstream.
+    Outbound,
+    /// Public HTTPS (with redirects and security headers) to the app's HTTP port.
+    Edge,
 }
 
 #[derive(Args)]
@@ -142,10 +166,31 @@ fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigErro
         }
         return Ok(config);
     }
+    let cert_dir = a.cert_dir.unwrap_or_default();
+    if a.mode == RunMode::Edge {
+        let (Some(https_listen), Some(upstream)) = (a.listen, a.upstream) else {
+            return Config { cert_dir, admin: a.admin, limits: Limits::default(), listeners: vec![], edges: vec![] }
+                .checked("command line");
+        };
+        let cert_dirs = if a.public_cert_dir.is_empty() { vec![cert_dir.clone()] } else { a.public_cert_dir };
+        let edge = EdgeConfig {
+            name: "edge".into(),
+            https_listen,
+            http_listen: a.http_listen,
+            upstream,
+            cert_dirs,
+            acme_forward: a.acme_forward,
+            profile: a.profile,
+            headers: SecurityHeaders::default(),
+        };
+        return Config { cert_dir, admin: a.admin, limits: Limits::default(), listeners: vec![], edges: vec![edge] }
+            .checked("command line");
+    }
+    let mode = if a.mode == RunMode::Outbound { Mode::Outbound } else { Mode::Inbound };
     let listeners = match (a.listen, a.upstream) {
         (Some(listen), Some(upstream)) => vec![ListenerConfig {
             name: String::new(),
-            mode: a.mode,
+            mode,
             listen,
             upstream,
             allow: a.allow,
@@ -156,6 +201,5 @@ fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigErro
         }],
         _ => Vec::new(),
     };
-    Config { cert_dir: a.cert_dir.unwrap_or_default(), admin: a.admin, limits: Limits::default(), listeners }
-        .checked("command line")
+    Config { cert_dir, admin: a.admin, limits: Limits::default(), listeners, edges: vec![] }.checked("command line")
 }

@@ -103,6 +103,34 @@ pub fn server_config(
     Ok(config)
 }
 
+/// A throwaway self-signed certificate, served until a real one is loaded
+/// (so that health endpoints can say why they are not ready).
+pub fn fallback_key(name: &str) -> Result<Arc<rustls::sign::CertifiedKey>, TlsConfigError> {
+    let err = |e: rcgen::Error| TlsConfigError::Verifier(format!("cannot make the fallback certificate: {e}"));
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()]).and_then(|p| p.self_signed(&key)).map_err(err)?;
+    certified_key(vec![cert.der().clone()], &rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+}
+
+/// Resolves every handshake to one certificate.
+#[derive(Debug)]
+pub struct FixedCert(pub Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A chain and its key, ready for a certificate resolver.
+pub fn certified_key(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: &rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsConfigError> {
+    let signing = provider().key_provider.load_private_key(key.clone_key())?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(chain, signing)))
+}
+
 /// How a client checks the server's certificate, beyond chaining to `ca.pem`.
 #[derive(Clone, Debug)]
 pub enum ServerCheck {

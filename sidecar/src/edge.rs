@@ -1,0 +1,416 @@
+//! Edge mode: public HTTPS in front of an app's plain HTTP port.
+//!
+//! - HTTPS with SNI across several cert dirs (one per public certificate),
+//!   each watched and reloaded like the mesh cert dir. Until the first valid
+//!   set arrives, a self-signed fallback is served and `/readyz` says why.
+//! - HTTP/1.1 and h2 are proxied to the app over HTTP/1.1 with
+//!   `X-Forwarded-For`, `-Proto` and `-Host` (set by us, never passed through
+//!   from the client), and security headers are added to every response
+//!   that does not set them itself.
+//! - The optional plain-HTTP listener redirects everything to HTTPS (308)
+//!   except `/.well-known/acme-challenge/`, which goes to the CA.
+//! - TLS follows Mozilla's "intermediate" profile (TLS 1.2 + 1.3, ECDHE
+//!   with AEAD suites) or "modern" (TLS 1.3 only).
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderName, HeaderValue, HOST, LOCATION};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::certdir::CertDir;
+use crate::cli::serde_str;
+use crate::config::HostPort;
+use crate::reload::{CertStore, Snapshot};
+use crate::span::Span;
+use crate::tls::{self, TlsConfigError};
+
+/// The path prefix of ACME HTTP-01 challenges.
+pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// A TLS profile from Mozilla's server-side TLS guidelines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// TLS 1.2 and 1.3, ECDHE with AEAD suites: for general-purpose servers.
+    #[default]
+    Intermediate,
+    /// TLS 1.3 only: for clients from 2019 on.
+    Modern,
+}
+
+/// Response headers added by the edge; an empty value turns one off.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityHeaders {
+    /// `Strict-Transport-Security` max-age.
+    #[serde(deserialize_with = "serde_str::one")]
+    pub hsts_max_age: Span,
+    /// Add `includeSubDomains` to HSTS.
+    pub hsts_include_subdomains: bool,
+    /// Add `preload` to HSTS (opt-in: it is hard to undo).
+    pub hsts_preload: bool,
+    /// `Content-Security-Policy`.
+    pub content_security_policy: String,
+    /// `X-Frame-Options`.
+    pub x_frame_options: String,
+    /// `X-Content-Type-Options`.
+    pub x_content_type_options: String,
+    /// `Referrer-Policy`.
+    pub referrer_policy: String,
+    /// `Permissions-Policy`.
+    pub permissions_policy: String,
+}
+
+impl Default for SecurityHeaders {
+    fn default() -> Self {
+        Self {
+            hsts_max_age: Span::new(Duration::from_secs(2 * 365 * 24 * 3600)).expect("non-zero"),
+            hsts_include_subdomains: true,
+            hsts_preload: false,
+            content_security_policy:
+                "default-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'; object-src 'none'"
+                    .into(),
+            x_frame_options: "DENY".into(),
+            x_content_type_options: "nosniff".into(),
+            referrer_policy: "strict-origin-when-cross-origin".into(),
+            permissions_policy: "camera=(), microphone=(), geolocation=(), payment=()".into(),
+        }
+    }
+}
+
+impl SecurityHeaders {
+    /// The headers to add, checked; a bad value is named.
+    pub fn pairs(&self) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+        let mut hsts = format!("max-age={}", self.hsts_max_age.get().as_secs());
+        if self.hsts_include_subdomains {
+            hsts.push_str("; includeSubDomains");
+        }
+        if self.hsts_preload {
+            hsts.push_str("; preload");
+        }
+        [
+            ("strict-transport-security", hsts.as_str()),
+            ("content-security-policy", &self.content_security_policy),
+            ("x-frame-options", &self.x_frame_options),
+            ("x-content-type-options", &self.x_content_type_options),
+            ("referrer-policy", &self.referrer_policy),
+            ("permissions-policy", &self.permissions_policy),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| {
+            let value =
+                HeaderValue::from_str(v).map_err(|_| format!("headers: {k} value {v:?} is not a valid header"))?;
+            Ok((HeaderName::from_static(k), value))
+        })
+        .collect()
+    }
+}
+
+/// One edge: `[[edge]]` in the config file, or `sidecar run --mode edge`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Label in logs and health.
+    #[serde(default = "default_edge_name")]
+    pub name: String,
+    /// HTTPS address.
+    #[serde(deserialize_with = "serde_str::one")]
+    pub https_listen: HostPort,
+    /// Plain-HTTP address that redirects to HTTPS and forwards ACME challenges.
+    #[serde(default, deserialize_with = "serde_str::opt")]
+    pub http_listen: Option<HostPort>,
+    /// The app's HTTP address.
+    #[serde(deserialize_with = "serde_str::one")]
+    pub upstream: HostPort,
+    /// Cert dirs of the public certificates, chosen by SNI; the first is the default.
+    pub cert_dirs: Vec<PathBuf>,
+    /// Where `/.well-known/acme-challenge/` requests go (the CA's HTTP listener).
+    #[serde(default, deserialize_with = "serde_str::opt")]
+    pub acme_forward: Option<HostPort>,
+    /// Mozilla TLS profile.
+    #[serde(default)]
+    pub profile: Profile,
+    /// Security headers.
+    #[serde(default)]
+    pub headers: SecurityHeaders,
+}
+
+fn default_edge_name() -> String {
+    "edge".into()
+}
+
+/// Picks the certificate whose DNS names match the SNI name.
+#[derive(Debug)]
+struct SniResolver {
+    stores: Vec<Arc<CertStore>>,
+    keys: Vec<ArcSwapOption<(u64, Arc<CertifiedKey>)>>,
+    fallback: Arc<CertifiedKey>,
+}
+
+impl SniResolver {
+    fn key(&self, i: usize, snapshot: &Snapshot) -> Option<Arc<CertifiedKey>> {
+        if let Some(k) = self.keys[i].load_full().filter(|k| k.0 == snapshot.generation) {
+            return Some(k.1.clone());
+        }
+        let key = tls::certified_key(snapshot.set.chain.clone(), &snapshot.set.key).ok()?;
+        self.keys[i].store(Some(Arc::new((snapshot.generation, key.clone()))));
+        Some(key)
+    }
+}
+
+/// Whether certificate name `pattern` (maybe `*.example.com`) covers `name`.
+fn name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            name.split_once('.').is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix))
+        }
+        None => pattern.eq_ignore_ascii_case(name),
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name();
+        let mut first = None;
+        for (i, store) in self.stores.iter().enumerate() {
+            let Some(snapshot) = store.current() else { continue };
+            let Some(key) = self.key(i, &snapshot) else { continue };
+            if sni.is_some_and(|n| snapshot.set.leaf.dns.iter().any(|d| name_matches(d, n))) {
+                return Some(key);
+            }
+            first.get_or_insert(key);
+        }
+        Some(first.unwrap_or_else(|| self.fallback.clone()))
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn text_response(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// A running edge.
+pub struct Edge {
+    /// Settings.
+    pub config: EdgeConfig,
+    /// One store per cert dir.
+    pub stores: Vec<Arc<CertStore>>,
+    tls: Arc<rustls::ServerConfig>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    client: Client<HttpConnector, Incoming>,
+}
+
+/// Headers that describe one hop and are not forwarded.
+const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
+
+impl Edge {
+    /// Builds the edge; cert dirs are loaded by the caller's stores.
+    pub fn new(config: EdgeConfig) -> Result<Arc<Self>, TlsConfigError> {
+        let headers = config.headers.pairs().map_err(TlsConfigError::Verifier)?;
+        let stores: Vec<Arc<CertStore>> = config.cert_dirs.iter().map(|d| CertStore::new(CertDir::new(d))).collect();
+        let resolver = SniResolver {
+            keys: stores.iter().map(|_| ArcSwapOption::empty()).collect(),
+            stores: stores.clone(),
+            fallback: tls::fallback_key("lanyard-edge-fallback")?,
+        };
+        let versions: &[&rustls::SupportedProtocolVersion] = match config.profile {
+            Profile::Intermediate => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            Profile::Modern => &[&rustls::version::TLS13],
+        };
+        let mut tls = rustls::ServerConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(versions)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(resolver));
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Ok(Arc::new(Self { config, stores, tls: Arc::new(tls), headers, client }))
+    }
+
+    /// Why the edge is not ready, if it is not: a cert dir with no valid set.
+    pub fn not_ready(&self) -> Option<String> {
+        self.stores.iter().find(|s| s.current().is_none()).map(|s| {
+            let why = s.last_error().unwrap_or_else(|| "no certificate yet".into());
+            format!(
+                "edge {}: {} has no valid certificate ({why}); serving a self-signed fallback",
+                self.config.name,
+                s.dir().path().display()
+            )
+        })
+    }
+
+    /// Serves HTTPS until `stop` turns true.
+    pub async fn serve_https(self: Arc<Self>, socket: TcpListener, mut stop: watch::Receiver<bool>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                a = socket.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            let (this, acceptor) = (self.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.forward(req, peer.ip()).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    }
+
+    /// Proxies one request to the app.
+    async fn forward(&self, mut req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+        let host = req
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let Some(host) = host else {
+            return self.secured(text_response(StatusCode::BAD_REQUEST, "no Host header\n".into()));
+        };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let Ok(uri) = format!("http://{}{path}", self.config.upstream).parse::<Uri>() else {
+            return self.secured(text_response(StatusCode::BAD_REQUEST, "bad request target\n".into()));
+        };
+        *req.uri_mut() = uri;
+        *req.version_mut() = hyper::Version::HTTP_11;
+        let headers = req.headers_mut();
+        for h in HOP_BY_HOP {
+            headers.remove(h);
+        }
+        let forwarded = [
+            ("x-forwarded-for", peer.to_string()),
+            ("x-forwarded-proto", "https".to_owned()),
+            ("x-forwarded-host", host.clone()),
+            ("host", host),
+        ];
+        for (name, value) in forwarded {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(name, v);
+            }
+        }
+        let response = match self.client.request(req).await {
+            Ok(r) => r.map(|b| b.boxed()),
+            Err(e) => {
+                tracing::warn!(edge = %self.config.name, upstream = %self.config.upstream, "upstream failed: {e}");
+                text_response(StatusCode::BAD_GATEWAY, format!("the app at {} did not answer\n", self.config.upstream))
+            }
+        };
+        self.secured(response)
+    }
+
+    /// Adds the security headers the app did not set.
+    fn secured(&self, mut response: Response<Body>) -> Response<Body> {
+        let headers = response.headers_mut();
+        for h in HOP_BY_HOP {
+            headers.remove(h);
+        }
+        for (name, value) in &self.headers {
+            if !headers.contains_key(name) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+        response
+    }
+
+    /// Serves the plain-HTTP listener until `stop` turns true.
+    pub async fn serve_http(self: Arc<Self>, socket: TcpListener, https_port: u16, mut stop: watch::Receiver<bool>) {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                a = socket.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.plain(req, https_port).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+            });
+        }
+    }
+
+    /// Plain HTTP: ACME challenges go to the CA, everything else to HTTPS.
+    async fn plain(&self, mut req: Request<Incoming>, https_port: u16) -> Response<Body> {
+        let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        if path.starts_with(ACME_CHALLENGE_PREFIX) {
+            let Some(ca) = &self.config.acme_forward else {
+                return text_response(StatusCode::NOT_FOUND, "no ACME responder configured\n".into());
+            };
+            let Ok(uri) = format!("http://{ca}{path}").parse::<Uri>() else {
+                return text_response(StatusCode::BAD_REQUEST, "bad request target\n".into());
+            };
+            *req.uri_mut() = uri;
+            return match self.client.request(req).await {
+                Ok(r) => r.map(|b| b.boxed()),
+                Err(e) => text_response(StatusCode::BAD_GATEWAY, format!("the CA at {ca} did not answer: {e}\n")),
+            };
+        }
+        let Some(host) = host else {
+            return text_response(StatusCode::BAD_REQUEST, "no Host header\n".into());
+        };
+        let name = match host.rsplit_once(':') {
+            Some((n, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !n.ends_with(']') || n.starts_with('[') => n,
+            _ => host.as_str(),
+        };
+        let port = if https_port == 443 { String::new() } else { format!(":{https_port}") };
+        let mut r = text_response(StatusCode::PERMANENT_REDIRECT, "use HTTPS\n".into());
+        if let Ok(location) = HeaderValue::from_str(&format!("https://{name}{port}{path}")) {
+            r.headers_mut().insert(LOCATION, location);
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_cover_one_label() {
+        assert!(name_matches("*.example.com", "www.example.com"));
+        assert!(name_matches("example.com", "EXAMPLE.com"));
+        assert!(!name_matches("*.example.com", "example.com"));
+        assert!(!name_matches("*.example.com", "a.b.example.com"));
+    }
+
+    #[test]
+    fn headers_have_safe_defaults_and_can_be_turned_off() {
+        let pairs = SecurityHeaders::default().pairs().unwrap();
+        let hsts = pairs.iter().find(|(k, _)| k == "strict-transport-security").unwrap();
+        assert_eq!(hsts.1, "max-age=63072000; includeSubDomains");
+        assert_eq!(pairs.len(), 6);
+        let off = SecurityHeaders { x_frame_options: String::new(), ..Default::default() };
+        assert_eq!(off.pairs().unwrap().len(), 5);
+        let bad = SecurityHeaders { referrer_policy: "a\nb".into(), ..Default::default() };
+        assert!(bad.pairs().unwrap_err().contains("referrer-policy"));
+    }
+}
