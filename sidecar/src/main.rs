@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Probe the admin endpoint over HTTPS; exit 0 only when ready.
     Health(HealthArgs),
 }
@@ -119,6 +119,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => {
+            let args = *args;
             cli::init_logging();
             let config = match config_from(args) {
                 Ok(c) => c,
