@@ -102,6 +102,15 @@ pub trait Store: Send + Sync {
     fn retain_schedule(&self, identities: &[String]) -> Result<(), StoreError>;
     /// The whole schedule.
     fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError>;
+    /// Writes a JSON document under `(kind, key)` (ACME accounts, public
+    /// certificates, rate-limit events).
+    fn put_doc(&self, kind: &str, key: &str, json: &str) -> Result<(), StoreError>;
+    /// Reads one document.
+    fn doc(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError>;
+    /// Every document of a kind, by key.
+    fn docs(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError>;
+    /// Removes one document; false when there was none.
+    fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, StoreError>;
     /// A cheap liveness query.
     fn check(&self) -> Result<(), StoreError>;
     /// A consistent copy of the store, taken while it is in use.
@@ -145,6 +154,12 @@ CREATE TABLE IF NOT EXISTS schedule (
     last_error TEXT,
     failures INTEGER NOT NULL DEFAULT 0,
     sans TEXT
+);
+CREATE TABLE IF NOT EXISTS docs (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
 );
 ";
 
@@ -347,6 +362,32 @@ impl Store for SqliteStore {
             let rows = stmt.query_map([], schedule_row)?;
             rows.collect()
         })
+    }
+
+    fn put_doc(&self, kind: &str, key: &str, json: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("INSERT OR REPLACE INTO docs (kind, key, json) VALUES (?1, ?2, ?3)", params![kind, key, json])
+                .map(drop)
+        })
+    }
+
+    fn doc(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT json FROM docs WHERE kind = ?1 AND key = ?2", params![kind, key], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    fn docs(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT key, json FROM docs WHERE kind = ?1 ORDER BY key")?;
+            let rows = stmt.query_map(params![kind], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, StoreError> {
+        self.with(|c| c.execute("DELETE FROM docs WHERE kind = ?1 AND key = ?2", params![kind, key]).map(|n| n > 0))
     }
 
     fn check(&self) -> Result<(), StoreError> {

@@ -316,6 +316,17 @@ pub struct CertSet {
 }
 
 impl RawSet {
+    /// The set `pem` would be once written to `dir` (to validate it first).
+    pub fn from_pem(dir: &Path, pem: &PemSet) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            cert: pem.cert.as_bytes().to_vec(),
+            key: pem.key.as_ref().map(|k| k.as_bytes().to_vec()),
+            ca: pem.ca.as_bytes().to_vec(),
+            crl: pem.crl.as_ref().map(|c| c.as_bytes().to_vec()),
+        }
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }

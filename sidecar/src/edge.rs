@@ -243,6 +243,7 @@ impl Edge {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(resolver));
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tls.ignore_client_order = true;
         let client = Client::builder(TokioExecutor::new()).build_http();
         Ok(Arc::new(Self { config, stores, tls: Arc::new(tls), headers, client }))
     }

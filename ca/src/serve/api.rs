@@ -8,6 +8,11 @@
 //! | `POST /v1/renew` | client certificate | `{"csr"}` → new chain for the caller's identity |
 //! | `POST /v1/revoke` | admin certificate | `{"serial"}` or `{"identity"}` |
 //! | `GET /v1/certificates`, `GET /v1/status` | admin certificate | issued certificates, schedule |
+//! | `GET /.well-known/acme-challenge/{token}` | anyone | ACME HTTP-01 answers |
+//! | `GET, POST /certificates` | admin certificate | public (ACME) certificates: list, create |
+//! | `GET, PUT /certificates/{name}` | admin certificate | one certificate; upload one from another provider |
+//! | `POST /certificates/{name}/renew` | admin certificate | order again now |
+//! | `DELETE /certificates/{name}/domains/{domain}` | admin certificate | re-issue without a domain |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -97,6 +102,90 @@ async fn body_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
 }
 
+/// The answer to an ACME HTTP-01 validation, when `path` asks for one.
+pub fn acme_challenge(svc: &Service, path: &str) -> Option<Reply> {
+    let token = path.strip_prefix(crate::serve::acme::CHALLENGE_PREFIX)?;
+    Some(match svc.acme.http01(token) {
+        Some(key_auth) => reply(StatusCode::OK, "application/octet-stream", key_auth),
+        None => error(StatusCode::NOT_FOUND, "no pending challenge with this token"),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreatePublic {
+    domain: Option<String>,
+    domains: Option<Vec<String>>,
+    email: String,
+    cert_name: String,
+    acme_directory_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadPublic {
+    certificate: String,
+    key: String,
+}
+
+fn public_reply(result: Result<serde_json::Value, crate::serve::acme::PublicError>, ok: StatusCode) -> Reply {
+    use crate::serve::acme::PublicError;
+    match result {
+        Ok(v) => json_reply(ok, v),
+        Err(e @ PublicError::Unknown(_)) => error(StatusCode::NOT_FOUND, e),
+        Err(e @ PublicError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e),
+        Err(e @ PublicError::Exists(_)) => error(StatusCode::CONFLICT, e),
+        Err(e @ PublicError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+/// `/certificates...`: public certificates, for the admin only.
+async fn public_certificates(svc: &Service, method: &Method, rest: &str, req: Request<Incoming>) -> Reply {
+    use crate::serve::acme::PublicError;
+    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    let not_found = |name: &str| Err::<serde_json::Value, _>(PublicError::Unknown(name.to_owned()));
+    match (method, parts.as_slice()) {
+        (&Method::GET, []) => public_reply(svc.acme.list().map(|l| json!({ "certificates": l })), StatusCode::OK),
+        (&Method::POST, []) => {
+            let body: CreatePublic = match body_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let domains = match (body.domain, body.domains) {
+                (Some(d), None) => vec![d],
+                (None, Some(list)) => list,
+                _ => return error(StatusCode::BAD_REQUEST, "give either `domain` or `domains`"),
+            };
+            let created = svc.acme.create(&body.cert_name, domains, body.email, body.acme_directory_url);
+            public_reply(created.map(to_json), StatusCode::CREATED)
+        }
+        (&Method::GET, [name]) => public_reply(
+            svc.acme.get(name).and_then(|c| c.map(to_json).map_or_else(|| not_found(name), Ok)),
+            StatusCode::OK,
+        ),
+        (&Method::PUT, [name]) => {
+            let body: UploadPublic = match body_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            public_reply(svc.acme.upload(name, &body.certificate, &body.key).map(to_json), StatusCode::OK)
+        }
+        (&Method::POST, [name, "renew"]) => public_reply(svc.acme.renew_now(name).map(to_json), StatusCode::ACCEPTED),
+        (&Method::DELETE, [name, "domains", domain]) => public_reply(
+            svc.acme.remove_domain(name, domain).map(|rest| match rest {
+                Some(c) => to_json(c),
+                None => json!({ "cert_name": name, "status": "removed" }),
+            }),
+            StatusCode::OK,
+        ),
+        _ => error(StatusCode::NOT_FOUND, format!("no route {method} /certificates{rest}")),
+    }
+}
+
 /// Handles one request; `peer` is the verified client certificate, if any.
 pub async fn handle(
     svc: Arc<Service>,
@@ -134,6 +223,14 @@ pub async fn handle(
                 Ok(rows) => json_reply(StatusCode::OK, json!({ "identities": rows })),
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
             },
+        },
+        (Method::GET, p) if p.starts_with(crate::serve::acme::CHALLENGE_PREFIX) => {
+            acme_challenge(&svc, p).unwrap_or_else(|| error(StatusCode::NOT_FOUND, "no such challenge"))
+        }
+        (m, p) if p == "/certificates" || p.starts_with("/certificates/") => match admin_refusal(&svc, peer.as_deref())
+        {
+            Some(r) => r,
+            None => public_certificates(&svc, &m, &p["/certificates".len()..], req).await,
         },
         (_, "/health" | "/metrics" | "/v1/roots" | "/v1/crl" | "/v1/certificates" | "/v1/status") => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} accepts GET only"))

@@ -72,6 +72,12 @@ pub struct ServeConfig {
     /// Docker discovery.
     #[serde(default)]
     pub docker: DockerConfig,
+    /// Public certificates from ACME.
+    #[serde(default)]
+    pub public: Vec<super::acme::PublicConfig>,
+    /// ACME settings.
+    #[serde(default)]
+    pub acme: super::acme::AcmeSettings,
 }
 
 /// `[docker]`: discovery of containers labelled `lanyard.identity`.

@@ -3,6 +3,7 @@
 //! to itself and rotates like any other, through the sidecar's reloading TLS
 //! code), and answers plain HTTP with a redirect.
 
+pub mod acme;
 pub mod api;
 pub mod config;
 pub mod docker;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
 use lanyard_sidecar::certdir::CertDir;
-use lanyard_sidecar::certinfo::CertInfo;
+use lanyard_sidecar::certinfo::{rfc3339, CertInfo};
 use lanyard_sidecar::identity::{DnsName, TrustDomain};
 use lanyard_sidecar::reload::CertStore;
 use lanyard_sidecar::tls::{self, ClientAuth};
@@ -43,6 +44,8 @@ pub struct Service {
     pub scheduler: Arc<Scheduler>,
     /// Counters.
     pub metrics: Arc<CaMetrics>,
+    /// Public certificates from ACME.
+    pub acme: Arc<acme::Acme>,
     api_certs: Arc<CertStore>,
 }
 
@@ -61,6 +64,25 @@ pub struct Health {
     pub https_enabled: bool,
     /// Identities past 2/3 of their certificate's life without a renewal.
     pub overdue: Vec<String>,
+    /// Public certificates: status, expiry, last error and next attempt.
+    pub public: Vec<PublicHealth>,
+}
+
+/// One public certificate in `/health`.
+#[derive(Debug, Serialize)]
+pub struct PublicHealth {
+    /// Name.
+    pub cert_name: String,
+    /// `pending`, `valid`, `failed` or `uploaded`.
+    pub status: String,
+    /// notAfter of the served certificate.
+    pub expires_at: Option<String>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Next order (RFC 3339).
+    pub next_attempt: Option<String>,
+    /// Why the CA is holding back, if it is.
+    pub held_back: Option<String>,
 }
 
 impl Service {
@@ -97,7 +119,22 @@ impl Service {
         let scheduler = self.metrics.scheduler_running.load(std::sync::atomic::Ordering::Relaxed);
         let https_enabled = self.api_certs.current().is_some();
         let healthy = scheduler && store == "healthy" && overdue.is_empty() && https_enabled;
+        let public = self
+            .acme
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| PublicHealth {
+                next_attempt: OffsetDateTime::from_unix_timestamp(c.next_attempt).ok().map(rfc3339),
+                cert_name: c.cert_name,
+                status: c.status,
+                expires_at: c.expires_at,
+                last_error: c.last_error,
+                held_back: c.held_back,
+            })
+            .collect();
         Health {
+            public,
             status: if healthy { "healthy" } else { "degraded" },
             scheduler,
             store,
@@ -206,9 +243,12 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     let http = bind(config.http_listen, "http_listen").await?;
     tracing::info!(https = %config.https_listen, http = %config.http_listen, state = %dir.display(), "ca serve listening");
     let https_port = config.https_listen.port();
-    let service = Arc::new(Service { authority, scheduler, metrics, api_certs });
+    let acme = acme::Acme::new(authority.store().clone(), config.acme.clone(), &dir);
+    acme.reconcile(&config.public).map_err(|e| CaError::Config { origin: "[[public]]".into(), what: e.to_string() })?;
+    tokio::spawn(acme.clone().run(stop_rx.clone()));
+    let service = Arc::new(Service { authority, scheduler, metrics, acme, api_certs });
     tokio::spawn(serve_https(service.clone(), https, stop_rx.clone()));
-    tokio::spawn(serve_http_redirect(http, https_port, stop_rx.clone()));
+    tokio::spawn(serve_http(service.clone(), http, https_port, stop_rx.clone()));
 
     shutdown.await;
     tracing::info!("ca serve shutting down");
@@ -264,27 +304,36 @@ async fn serve_https(svc: Arc<Service>, listener: TcpListener, mut stop: watch::
 }
 
 /// Plain HTTP: everything is redirected to HTTPS.
-async fn serve_http_redirect(listener: TcpListener, https_port: u16, mut stop: watch::Receiver<bool>) {
+/// The plain-HTTP listener: ACME HTTP-01 answers, and a redirect to HTTPS
+/// for everything else.
+async fn serve_http(svc: Arc<Service>, listener: TcpListener, https_port: u16, mut stop: watch::Receiver<bool>) {
     loop {
         let (tcp, _) = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
         };
+        let svc = svc.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
-                let host = req
-                    .headers()
-                    .get(hyper::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
-                    .unwrap_or_else(|| "localhost".into());
-                let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
-                let mut r = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::new()));
-                *r.status_mut() = hyper::StatusCode::PERMANENT_REDIRECT;
-                if let Ok(v) = format!("https://{host}:{https_port}{path}").parse() {
-                    r.headers_mut().insert(hyper::header::LOCATION, v);
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let svc = svc.clone();
+                async move {
+                    if let Some(r) = api::acme_challenge(&svc, req.uri().path()) {
+                        return Ok::<_, std::convert::Infallible>(r);
+                    }
+                    let host = req
+                        .headers()
+                        .get(hyper::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
+                        .unwrap_or_else(|| "localhost".into());
+                    let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+                    let mut r = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::new()));
+                    *r.status_mut() = hyper::StatusCode::PERMANENT_REDIRECT;
+                    if let Ok(v) = format!("https://{host}:{https_port}{path}").parse() {
+                        r.headers_mut().insert(hyper::header::LOCATION, v);
+                    }
+                    Ok(r)
                 }
-                Ok::<_, std::convert::Infallible>(r)
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
         });

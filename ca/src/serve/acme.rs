@@ -1,0 +1,800 @@
+//! Public certificates from an ACME CA (Let's Encrypt; Pebble in tests),
+//! through the same cert-dir contract and reload path as internal ones.
+//!
+//! Every public certificate is a document in the store (`public_cert`) that
+//! carries its own retry queue: `next_attempt`, `failures` and the last
+//! error, so a restart neither loses a pending order nor hammers the ACME
+//! server. Accounts are stored per directory and email and reused.
+//! A failure never touches the cert dir that is being served.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, ExternalAccountKey, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use lanyard_sidecar::certdir::{CertDir, PemSet};
+use lanyard_sidecar::certinfo::{rfc3339, CertInfo};
+use lanyard_sidecar::identity::DnsName;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::{watch, Notify};
+
+use crate::store::Store;
+
+/// Let's Encrypt's production directory, the default.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory (`staging = true`).
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// Where HTTP-01 validations ask.
+pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+const KIND_CERT: &str = "public_cert";
+const KIND_ACCOUNT: &str = "acme_account";
+const KIND_EVENT: &str = "acme_event";
+
+/// Let's Encrypt's published limits that the CA keeps itself under.
+const MAX_ORDERS_PER_DOMAIN_PER_WEEK: usize = 50;
+const MAX_FAILED_VALIDATIONS_PER_NAME_PER_HOUR: usize = 5;
+
+/// Longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// How a name is proven.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Challenge {
+    /// A token at `/.well-known/acme-challenge/` on port 80.
+    #[default]
+    #[serde(rename = "http-01")]
+    Http01,
+    /// A certificate for ALPN `acme-tls/1` on port 443.
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// A TXT record, written by RFC 2136 dynamic update (needed for wildcards).
+    #[serde(rename = "dns-01")]
+    Dns01,
+}
+
+/// `[[public]]` in `lanyard.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicConfig {
+    /// The certificate's name (its cert dir is `STATE/public/<name>` unless `out_dir` is set).
+    pub name: String,
+    /// The names on the certificate; `*.example.com` needs `dns-01`.
+    pub domains: Vec<String>,
+    /// Account contact.
+    pub email: String,
+    /// ACME directory; default Let's Encrypt production.
+    #[serde(default)]
+    pub directory_url: Option<String>,
+    /// Use Let's Encrypt staging instead of production.
+    #[serde(default)]
+    pub staging: bool,
+    /// How names are proven.
+    #[serde(default)]
+    pub challenge: Challenge,
+    /// Where the certificate goes.
+    #[serde(default)]
+    pub out_dir: Option<PathBuf>,
+    /// External account binding key ID, for CAs that need one.
+    #[serde(default)]
+    pub eab_kid: Option<String>,
+    /// External account binding HMAC key, base64url.
+    #[serde(default)]
+    pub eab_hmac_key: Option<String>,
+}
+
+/// `[acme]` in `lanyard.toml`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcmeSettings {
+    /// PEM roots trusted for the ACME server's HTTPS (Pebble's test CA);
+    /// default: the system's roots.
+    pub directory_roots: Option<PathBuf>,
+    /// Where to answer TLS-ALPN-01 validations (`acme-tls/1` on port 443).
+    pub tls_alpn_listen: Option<SocketAddr>,
+    /// Domains (and their subdomains) that may never be ordered.
+    pub blocklist: Vec<String>,
+    /// How long one order may take before it counts as failed.
+    #[serde(deserialize_with = "lanyard_sidecar::cli::serde_str::opt")]
+    pub order_timeout: Option<lanyard_sidecar::span::Span>,
+}
+
+/// A public certificate and where it stands: the REST API's certificate object.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PublicCert {
+    /// Name.
+    pub cert_name: String,
+    /// Names on the certificate.
+    pub domains: Vec<String>,
+    /// Account contact.
+    pub email: String,
+    /// ACME directory.
+    pub acme_directory_url: String,
+    /// How names are proven.
+    pub challenge: Challenge,
+    /// Where the certificate goes.
+    pub out_dir: PathBuf,
+    /// `config`, `api` or `upload`.
+    pub source: String,
+    /// `pending`, `valid`, `failed` or `uploaded`.
+    pub status: String,
+    /// notBefore of the served certificate (RFC 3339).
+    pub issued_at: Option<String>,
+    /// notAfter of the served certificate (RFC 3339).
+    pub expires_at: Option<String>,
+    /// SHA-256 of the served leaf.
+    pub fingerprint: Option<String>,
+    /// The served chain (PEM); never the key.
+    pub chain: Option<String>,
+    /// Next order, unix seconds.
+    pub next_attempt: i64,
+    /// Consecutive failures (drives the backoff).
+    pub failures: u32,
+    /// The last error, cleared on success.
+    pub last_error: Option<String>,
+    /// Why the CA is holding back (rate limits), if it is.
+    pub held_back: Option<String>,
+}
+
+/// Why a request about public certificates was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PublicError {
+    /// No such certificate.
+    #[error("no public certificate named {0:?}")]
+    Unknown(String),
+    /// Bad input, with what to do.
+    #[error("{0}")]
+    Invalid(String),
+    /// A certificate of that name exists.
+    #[error("a public certificate named {0:?} exists already")]
+    Exists(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// The ACME side of `ca serve`.
+pub struct Acme {
+    store: Arc<dyn Store>,
+    settings: AcmeSettings,
+    state_dir: PathBuf,
+    /// HTTP-01 token -> key authorization.
+    http01: Mutex<HashMap<String, String>>,
+    /// TLS-ALPN-01 name -> validation certificate.
+    alpn: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
+    eab: Mutex<HashMap<String, (String, String)>>,
+    wake: Notify,
+}
+
+fn now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// The registered domain of a name, for rate limits: its last two labels
+/// (an approximation of the public suffix list).
+fn registered_domain(name: &str) -> String {
+    let labels: Vec<&str> = name.trim_start_matches("*.").rsplitn(3, '.').collect();
+    labels.iter().take(2).rev().copied().collect::<Vec<_>>().join(".")
+}
+
+#[derive(Serialize, Deserialize)]
+struct Event {
+    at: i64,
+    name: String,
+    kind: String,
+}
+
+impl Acme {
+    /// The ACME manager over `store`.
+    pub fn new(store: Arc<dyn Store>, settings: AcmeSettings, state_dir: &Path) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            settings,
+            state_dir: state_dir.to_owned(),
+            http01: Mutex::default(),
+            alpn: Mutex::default(),
+            eab: Mutex::default(),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Checks `domains` for a new or changed certificate.
+    pub fn check_domains(&self, domains: &[String], challenge: Challenge) -> Result<(), PublicError> {
+        if domains.is_empty() {
+            return Err(PublicError::Invalid("no domain: give `domain` or `domains`".into()));
+        }
+        for d in domains {
+            let base = d.strip_prefix("*.").unwrap_or(d);
+            if base.parse::<DnsName>().is_err() || !base.contains('.') || base.parse::<std::net::IpAddr>().is_ok() {
+                return Err(PublicError::Invalid(format!(
+                    "malformed domain {d:?}: give a DNS name such as www.example.com (or *.example.com with dns-01)"
+                )));
+            }
+            if d.starts_with("*.") && challenge != Challenge::Dns01 {
+                return Err(PublicError::Invalid(format!("{d}: wildcard names need challenge = \"dns-01\"")));
+            }
+            let lower = base.to_ascii_lowercase();
+            if let Some(b) = self.settings.blocklist.iter().find(|b| lower == **b || lower.ends_with(&format!(".{b}")))
+            {
+                return Err(PublicError::Invalid(format!("domain {d:?} is on the blocklist ({b})")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the store match the `[[public]]` entries: adds and updates them,
+    /// and removes (with their cert dirs) config entries that are gone.
+    pub fn reconcile(&self, configured: &[PublicConfig]) -> Result<(), PublicError> {
+        let mut eab = self.eab.lock().unwrap_or_else(|e| e.into_inner());
+        eab.clear();
+        for c in configured {
+            self.check_domains(&c.domains, c.challenge)
+                .map_err(|e| PublicError::Invalid(format!("[[public]] {}: {e}", c.name)))?;
+            let directory = match (&c.directory_url, c.staging) {
+                (Some(url), _) => url.clone(),
+                (None, true) => LETS_ENCRYPT_STAGING.into(),
+                (None, false) => LETS_ENCRYPT.into(),
+            };
+            if let (Some(kid), Some(key)) = (&c.eab_kid, &c.eab_hmac_key) {
+                eab.insert(c.name.clone(), (kid.clone(), key.clone()));
+            }
+            let out_dir = c.out_dir.clone().unwrap_or_else(|| self.state_dir.join("public").join(&c.name));
+            let existing = self.get(&c.name)?;
+            let mut cert = existing.clone().unwrap_or_else(|| PublicCert::new(&c.name, "config"));
+            let changed = cert.domains != c.domains || cert.acme_directory_url != directory;
+            cert.domains = c.domains.clone();
+            cert.email = c.email.clone();
+            cert.acme_directory_url = directory;
+            cert.challenge = c.challenge;
+            cert.out_dir = out_dir;
+            if changed && existing.is_some() {
+                cert.next_attempt = now();
+            }
+            if Some(&cert) != existing.as_ref() {
+                self.put(&cert)?;
+            }
+        }
+        for cert in self.list()? {
+            if cert.source == "config" && !configured.iter().any(|c| c.cert_name_is(&cert.cert_name)) {
+                self.remove(&cert.cert_name)?;
+            }
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Every public certificate.
+    pub fn list(&self) -> Result<Vec<PublicCert>, PublicError> {
+        Ok(self.store.docs(KIND_CERT)?.iter().filter_map(|(_, json)| serde_json::from_str(json).ok()).collect())
+    }
+
+    /// One public certificate.
+    pub fn get(&self, name: &str) -> Result<Option<PublicCert>, PublicError> {
+        Ok(self.store.doc(KIND_CERT, name)?.and_then(|json| serde_json::from_str(&json).ok()))
+    }
+
+    fn put(&self, cert: &PublicCert) -> Result<(), PublicError> {
+        let json = serde_json::to_string(cert).map_err(|e| PublicError::Invalid(e.to_string()))?;
+        Ok(self.store.put_doc(KIND_CERT, &cert.cert_name, &json)?)
+    }
+
+    /// Removes a certificate, its state and its cert dir.
+    pub fn remove(&self, name: &str) -> Result<(), PublicError> {
+        let cert = self.get(name)?.ok_or_else(|| PublicError::Unknown(name.to_owned()))?;
+        self.store.delete_doc(KIND_CERT, name)?;
+        if cert.out_dir.starts_with(self.state_dir.join("public")) {
+            let _ = std::fs::remove_dir_all(&cert.out_dir);
+        }
+        tracing::info!(cert = name, "public certificate removed");
+        Ok(())
+    }
+
+    /// `POST /certificates`: a new certificate, ordered at once.
+    pub fn create(
+        &self,
+        name: &str,
+        domains: Vec<String>,
+        email: String,
+        directory: Option<String>,
+    ) -> Result<PublicCert, PublicError> {
+        if name.parse::<DnsName>().is_err() || name.contains('.') {
+            return Err(PublicError::Invalid(format!("cert_name {name:?}: use letters, digits and '-'")));
+        }
+        if self.get(name)?.is_some() {
+            return Err(PublicError::Exists(name.to_owned()));
+        }
+        if !email.contains('@') {
+            return Err(PublicError::Invalid(format!("email {email:?} is not an address")));
+        }
+        self.check_domains(&domains, Challenge::Http01)?;
+        let mut cert = PublicCert::new(name, "api");
+        cert.domains = domains;
+        cert.email = email;
+        cert.acme_directory_url = directory.unwrap_or_else(|| LETS_ENCRYPT.into());
+        cert.out_dir = self.state_dir.join("public").join(name);
+        self.put(&cert)?;
+        self.wake.notify_one();
+        Ok(cert)
+    }
+
+    /// `POST /certificates/{name}/renew`: order again now.
+    pub fn renew_now(&self, name: &str) -> Result<PublicCert, PublicError> {
+        let mut cert = self.get(name)?.ok_or_else(|| PublicError::Unknown(name.to_owned()))?;
+        if cert.source == "upload" {
+            return Err(PublicError::Invalid(format!("{name} was uploaded: upload its successor instead")));
+        }
+        cert.next_attempt = now();
+        cert.held_back = None;
+        self.put(&cert)?;
+        self.wake.notify_one();
+        Ok(cert)
+    }
+
+    /// `DELETE /certificates/{name}/domains/{domain}`: re-issue without the
+    /// domain; the last domain removes the certificate. Returns the rest.
+    pub fn remove_domain(&self, name: &str, domain: &str) -> Result<Option<PublicCert>, PublicError> {
+        let mut cert = self.get(name)?.ok_or_else(|| PublicError::Unknown(name.to_owned()))?;
+        if !cert.domains.iter().any(|d| d == domain) {
+            return Err(PublicError::Invalid(format!("{name} has no domain {domain:?} (it has {:?})", cert.domains)));
+        }
+        cert.domains.retain(|d| d != domain);
+        if cert.domains.is_empty() {
+            self.remove(name)?;
+            return Ok(None);
+        }
+        cert.next_attempt = now();
+        self.put(&cert)?;
+        self.wake.notify_one();
+        Ok(Some(cert))
+    }
+
+    /// `PUT /certificates/{name}` and `ca upload`: a certificate from another
+    /// provider, validated, then served and watched like the others.
+    pub fn upload(&self, name: &str, chain_pem: &str, key_pem: &str) -> Result<PublicCert, PublicError> {
+        if name.parse::<DnsName>().is_err() || name.contains('.') {
+            return Err(PublicError::Invalid(format!("certificate name {name:?}: use letters, digits and '-'")));
+        }
+        let mut cert = self.get(name)?.unwrap_or_else(|| PublicCert::new(name, "upload"));
+        if cert.source != "upload" {
+            cert.source = "upload".into();
+        }
+        if cert.out_dir.as_os_str().is_empty() {
+            cert.out_dir = self.state_dir.join("public").join(name);
+        }
+        let info = write_public(&cert.out_dir, chain_pem, key_pem).map_err(PublicError::Invalid)?;
+        cert.domains = info.dns.clone();
+        cert.status = "uploaded".into();
+        cert.record_served(&info, chain_pem);
+        cert.next_attempt = i64::MAX;
+        self.put(&cert)?;
+        Ok(cert)
+    }
+
+    /// The key authorization for an HTTP-01 token, if one is pending.
+    pub fn http01(&self, token: &str) -> Option<String> {
+        self.http01.lock().unwrap_or_else(|e| e.into_inner()).get(token).cloned()
+    }
+
+    /// Runs orders when they are due until `stop` turns true.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        if let Some(addr) = self.settings.tls_alpn_listen {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(socket) => {
+                    tracing::info!(%addr, "answering TLS-ALPN-01 validations");
+                    tokio::spawn(self.clone().serve_tls_alpn(socket, stop.clone()));
+                }
+                Err(e) => tracing::error!(%addr, "cannot listen for TLS-ALPN-01: {e}"),
+            }
+        }
+        loop {
+            let due: Vec<PublicCert> = match self.list() {
+                Ok(list) => list.into_iter().filter(|c| c.next_attempt <= now()).collect(),
+                Err(e) => {
+                    tracing::error!("cannot read public certificates: {e}");
+                    Vec::new()
+                }
+            };
+            for cert in due {
+                if *stop.borrow() {
+                    return;
+                }
+                self.attempt(cert).await;
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// One order for `cert`, recorded in its document whatever happens.
+    async fn attempt(&self, mut cert: PublicCert) {
+        if let Some(reason) = self.rate_limited(&cert) {
+            if cert.held_back.as_deref() != Some(reason.0.as_str()) {
+                tracing::warn!(cert = %cert.cert_name, "holding back: {}", reason.0);
+            }
+            cert.held_back = Some(reason.0);
+            cert.next_attempt = reason.1;
+            let _ = self.put(&cert);
+            return;
+        }
+        cert.held_back = None;
+        let started = std::time::Instant::now();
+        tracing::info!(cert = %cert.cert_name, domains = ?cert.domains, directory = %cert.acme_directory_url, "ordering");
+        let result = self.order(&cert).await;
+        // The document may have changed meanwhile (API); keep its edits.
+        let mut latest = match self.get(&cert.cert_name) {
+            Ok(Some(c)) if c.domains == cert.domains => c,
+            Ok(Some(c)) => {
+                let _ = self.put(&c);
+                return;
+            }
+            _ => return,
+        };
+        match result {
+            Ok((info, chain)) => {
+                tracing::info!(cert = %latest.cert_name, serial = %info.serial, not_after = %rfc3339(info.not_after), took = ?started.elapsed(), "public certificate issued");
+                latest.status = "valid".into();
+                latest.record_served(&info, &chain);
+                latest.failures = 0;
+                latest.last_error = None;
+                let life = (info.not_after - info.not_before).whole_seconds();
+                latest.next_attempt = info.not_before.unix_timestamp() + life * 2 / 3;
+            }
+            Err(e) => {
+                latest.failures += 1;
+                let wait = backoff(latest.failures);
+                tracing::warn!(cert = %latest.cert_name, failures = latest.failures, retry_in = ?wait, "order failed: {e}");
+                if latest.chain.is_none() {
+                    latest.status = "failed".into();
+                }
+                latest.last_error = Some(e);
+                latest.next_attempt = now() + wait.as_secs() as i64;
+            }
+        }
+        let _ = self.put(&latest);
+    }
+
+    /// Whether an order now would break a published limit: the reason and
+    /// when to look again.
+    fn rate_limited(&self, cert: &PublicCert) -> Option<(String, i64)> {
+        let events: Vec<Event> =
+            self.store.docs(KIND_EVENT).ok()?.iter().filter_map(|(_, j)| serde_json::from_str(j).ok()).collect();
+        let t = now();
+        for d in &cert.domains {
+            let failed: Vec<i64> =
+                events.iter().filter(|e| e.kind == "failed" && &e.name == d && e.at > t - 3600).map(|e| e.at).collect();
+            if failed.len() >= MAX_FAILED_VALIDATIONS_PER_NAME_PER_HOUR {
+                let until = failed.iter().min().copied().unwrap_or(t) + 3600;
+                return Some((format!("{d}: {} failed validations in the last hour (limit {MAX_FAILED_VALIDATIONS_PER_NAME_PER_HOUR})", failed.len()), until));
+            }
+            let reg = registered_domain(d);
+            let week = 7 * 24 * 3600;
+            let orders: Vec<i64> = events
+                .iter()
+                .filter(|e| e.kind == "order" && registered_domain(&e.name) == reg && e.at > t - week)
+                .map(|e| e.at)
+                .collect();
+            if orders.len() >= MAX_ORDERS_PER_DOMAIN_PER_WEEK {
+                let until = orders.iter().min().copied().unwrap_or(t) + week;
+                return Some((
+                    format!("{reg}: {} orders in 7 days (limit {MAX_ORDERS_PER_DOMAIN_PER_WEEK})", orders.len()),
+                    until,
+                ));
+            }
+        }
+        None
+    }
+
+    fn record_event(&self, kind: &str, name: &str) {
+        let at = now();
+        let mut id = [0u8; 8];
+        let _ = aws_lc_rs::rand::fill(&mut id);
+        let key = format!("{at:012}-{}", lanyard_sidecar::certinfo::hex(&id));
+        let json = serde_json::json!({"at": at, "name": name, "kind": kind}).to_string();
+        let _ = self.store.put_doc(KIND_EVENT, &key, &json);
+        // Forget events older than the longest window.
+        if let Ok(all) = self.store.docs(KIND_EVENT) {
+            let cutoff = format!("{:012}", at - 8 * 24 * 3600);
+            for (k, _) in all.iter().filter(|(k, _)| *k < cutoff) {
+                let _ = self.store.delete_doc(KIND_EVENT, k);
+            }
+        }
+    }
+
+    fn http_client(&self) -> Result<Option<Box<dyn instant_acme::HttpClient>>, String> {
+        let Some(path) = &self.settings.directory_roots else { return Ok(None) };
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read directory_roots {}: {e}", path.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&pem) {
+            let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(lanyard_sidecar::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
+        let client: hyper_util::client::legacy::Client<_, instant_acme::BodyWrapper<hyper::body::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        Ok(Some(Box::new(client)))
+    }
+
+    fn builder(&self) -> Result<instant_acme::AccountBuilder, String> {
+        match self.http_client()? {
+            Some(client) => Ok(Account::builder_with_http(client)),
+            None => Account::builder().map_err(|e| format!("cannot set up the ACME client: {e}")),
+        }
+    }
+
+    /// The account for the certificate's directory and email, reused when stored.
+    async fn account(&self, cert: &PublicCert) -> Result<Account, String> {
+        let key = format!("{}|{}", cert.acme_directory_url, cert.email);
+        if let Some(json) = self.store.doc(KIND_ACCOUNT, &key).map_err(|e| e.to_string())? {
+            if let Ok(creds) = serde_json::from_str::<AccountCredentials>(&json) {
+                match self.builder()?.from_credentials(creds).await {
+                    Ok(account) => return Ok(account),
+                    Err(e) => {
+                        tracing::warn!(directory = %cert.acme_directory_url, "stored account unusable ({e}); registering again")
+                    }
+                }
+            }
+        }
+        let eab = self.eab.lock().unwrap_or_else(|e| e.into_inner()).get(&cert.cert_name).cloned();
+        let eab = match eab {
+            Some((kid, hmac)) => {
+                use base64::Engine;
+                let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(hmac.trim_end_matches('='))
+                    .map_err(|e| format!("eab_hmac_key is not base64url: {e}"))?;
+                Some(ExternalAccountKey::new(kid, &raw))
+            }
+            None => None,
+        };
+        let contact = format!("mailto:{}", cert.email);
+        let (account, creds) = self
+            .builder()?
+            .create(
+                &NewAccount { contact: &[&contact], terms_of_service_agreed: true, only_return_existing: false },
+                cert.acme_directory_url.clone(),
+                eab.as_ref(),
+            )
+            .await
+            .map_err(|e| format!("cannot register an account at {}: {e}", cert.acme_directory_url))?;
+        let json = serde_json::to_string(&creds).map_err(|e| e.to_string())?;
+        self.store.put_doc(KIND_ACCOUNT, &key, &json).map_err(|e| e.to_string())?;
+        tracing::info!(directory = %cert.acme_directory_url, email = %cert.email, "ACME account registered");
+        Ok(account)
+    }
+
+    /// Orders, validates, finalizes and writes the cert dir.
+    async fn order(&self, cert: &PublicCert) -> Result<(CertInfo, String), String> {
+        let account = self.account(cert).await?;
+        for d in &cert.domains {
+            self.record_event("order", d);
+        }
+        let ids: Vec<Identifier> = cert.domains.iter().map(|d| Identifier::Dns(d.clone())).collect();
+        let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(|e| format!("new order: {e}"))?;
+        let mut tokens = Vec::new();
+        let mut names = Vec::new();
+        let outcome = async {
+            let mut authzs = order.authorizations();
+            while let Some(authz) = authzs.next().await {
+                let mut authz = authz.map_err(|e| format!("authorization: {e}"))?;
+                if authz.status != AuthorizationStatus::Pending {
+                    continue;
+                }
+                let name = match authz.identifier().identifier {
+                    Identifier::Dns(d) => d.clone(),
+                    other => format!("{other:?}"),
+                };
+                let kind = match cert.challenge {
+                    Challenge::Http01 => ChallengeType::Http01,
+                    Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+                    Challenge::Dns01 => ChallengeType::Dns01,
+                };
+                let mut challenge = authz
+                    .challenge(kind.clone())
+                    .ok_or_else(|| format!("{name}: the ACME server offers no {:?} challenge", cert.challenge))?;
+                let key_auth = challenge.key_authorization();
+                match cert.challenge {
+                    Challenge::Http01 => {
+                        self.http01
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(challenge.token.clone(), key_auth.as_str().to_owned());
+                        tokens.push(challenge.token.clone());
+                    }
+                    Challenge::TlsAlpn01 => {
+                        let key = alpn_certificate(&name, key_auth.digest().as_ref())?;
+                        self.alpn.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), key);
+                        names.push(name.clone());
+                    }
+                    Challenge::Dns01 => {
+                        return Err(format!(
+                            "{name}: dns-01 needs an RFC 2136 DNS server, which this version cannot update yet"
+                        ))
+                    }
+                }
+                challenge.set_ready().await.map_err(|e| format!("{name}: {e}"))?;
+            }
+            let timeout = self.settings.order_timeout.map_or(Duration::from_secs(60), |s| s.get());
+            let status = order
+                .poll_ready(&RetryPolicy::new().initial_delay(Duration::from_millis(50)).backoff(1.5).timeout(timeout))
+                .await
+                .map_err(|e| format!("validation: {e}"))?;
+            if status != OrderStatus::Ready {
+                return Err(format!("validation failed: the order is {status:?}"));
+            }
+            Ok(())
+        }
+        .await;
+        {
+            let mut http01 = self.http01.lock().unwrap_or_else(|e| e.into_inner());
+            tokens.iter().for_each(|t| drop(http01.remove(t)));
+            let mut alpn = self.alpn.lock().unwrap_or_else(|e| e.into_inner());
+            names.iter().for_each(|n| drop(alpn.remove(n)));
+        }
+        if let Err(e) = outcome {
+            if e.starts_with("validation") {
+                cert.domains.iter().for_each(|d| self.record_event("failed", d));
+            }
+            return Err(e);
+        }
+        // A new key for every order.
+        let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+        let params = rcgen::CertificateParams::new(cert.domains.clone()).map_err(|e| e.to_string())?;
+        let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
+        order.finalize_csr(csr.der()).await.map_err(|e| format!("finalize: {e}"))?;
+        let chain = order
+            .poll_certificate(
+                &RetryPolicy::new().initial_delay(Duration::from_millis(50)).timeout(Duration::from_secs(60)),
+            )
+            .await
+            .map_err(|e| format!("certificate download: {e}"))?;
+        let info = write_public(&cert.out_dir, &chain, &key.serialize_pem())?;
+        Ok((info, chain))
+    }
+
+    async fn serve_tls_alpn(self: Arc<Self>, socket: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
+        let mut config = match rustls::ServerConfig::builder_with_provider(lanyard_sidecar::tls::provider())
+            .with_safe_default_protocol_versions()
+        {
+            Ok(b) => b.with_no_client_auth().with_cert_resolver(Arc::new(AlpnResolver(self.clone()))),
+            Err(e) => return tracing::error!("TLS-ALPN-01 listener: {e}"),
+        };
+        config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                a = socket.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok(mut tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+                }
+            });
+        }
+    }
+}
+
+/// Serves the TLS-ALPN-01 validation certificate for the SNI name.
+#[derive(Debug)]
+struct AlpnResolver(Arc<Acme>);
+
+impl std::fmt::Debug for Acme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acme").field("state_dir", &self.state_dir).finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for AlpnResolver {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let name = hello.server_name()?.to_owned();
+        self.0.alpn.lock().unwrap_or_else(|e| e.into_inner()).get(&name).cloned()
+    }
+}
+
+/// The self-signed certificate RFC 8737 asks for: the name, and the key
+/// authorization digest in a critical acmeIdentifier extension.
+fn alpn_certificate(name: &str, digest: &[u8]) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).map_err(|e| e.to_string())?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    lanyard_sidecar::tls::certified_key(
+        vec![cert.der().clone()],
+        &rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Validates a chain and key and writes them as a cert dir, with the top of
+/// the chain as `ca.pem` so readers can verify the set on their own.
+fn write_public(out_dir: &Path, chain_pem: &str, key_pem: &str) -> Result<CertInfo, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the chain is not PEM certificates: {e}"))?;
+    let Some(leaf) = certs.first() else {
+        return Err("the chain holds no certificate".into());
+    };
+    let top_pem = chain_pem.rfind("-----BEGIN CERTIFICATE-----").map_or("", |i| &chain_pem[i..]).to_owned();
+    let set = PemSet { cert: chain_pem.to_owned(), key: Some(key_pem.to_owned()), ca: top_pem, crl: None };
+    let raw = lanyard_sidecar::certdir::RawSet::from_pem(out_dir, &set);
+    raw.validate(OffsetDateTime::now_utc()).map_err(|e| format!("refused: {e}"))?;
+    CertDir::new(out_dir).write(&set).map_err(|e| format!("cannot write {}: {e}", out_dir.display()))?;
+    CertInfo::from_der(leaf).map_err(|e| e.to_string())
+}
+
+fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_secs(1u64 << failures.min(12)).min(MAX_BACKOFF);
+    let mut r = [0u8; 2];
+    let _ = aws_lc_rs::rand::fill(&mut r);
+    let jitter = 0.9 + f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX) * 0.2;
+    base.mul_f64(jitter)
+}
+
+impl PublicCert {
+    fn new(name: &str, source: &str) -> Self {
+        Self {
+            cert_name: name.to_owned(),
+            domains: Vec::new(),
+            email: String::new(),
+            acme_directory_url: String::new(),
+            challenge: Challenge::Http01,
+            out_dir: PathBuf::new(),
+            source: source.to_owned(),
+            status: "pending".into(),
+            issued_at: None,
+            expires_at: None,
+            fingerprint: None,
+            chain: None,
+            next_attempt: now(),
+            failures: 0,
+            last_error: None,
+            held_back: None,
+        }
+    }
+
+    fn record_served(&mut self, info: &CertInfo, chain: &str) {
+        self.issued_at = Some(rfc3339(info.not_before));
+        self.expires_at = Some(rfc3339(info.not_after));
+        self.fingerprint = Some(info.sha256.clone());
+        self.chain = Some(chain.to_owned());
+    }
+}
+
+impl PublicConfig {
+    fn cert_name_is(&self, name: &str) -> bool {
+        self.name == name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registered_domains_and_backoff() {
+        assert_eq!(registered_domain("a.b.example.com"), "example.com");
+        assert_eq!(registered_domain("*.example.com"), "example.com");
+        assert_eq!(registered_domain("example.com"), "example.com");
+        let b = backoff(3);
+        assert!(b >= Duration::from_millis(7200) && b <= Duration::from_millis(8800), "{b:?}");
+        assert!(backoff(40) <= MAX_BACKOFF.mul_f64(1.1));
+    }
+}
