@@ -52,6 +52,22 @@ enum Command {
     Restore(RestoreArgs),
     /// Rewrite a docker-compose file so every service sits behind a sidecar.
     Inject(InjectArgs),
+    /// Serve a public certificate from another provider (validated, then watched).
+    Upload(UploadArgs),
+}
+
+#[derive(Args)]
+struct UploadArgs {
+    /// The certificate's name (its cert dir is STATE/public/NAME).
+    name: String,
+    /// The chain, leaf first (PEM).
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// The leaf's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    #[command(flatten)]
+    state: StateArg,
 }
 
 #[derive(Args)]
@@ -290,6 +306,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(lanyard_ca::serve::run(config, cli::shutdown_signal()))?;
         }
+        Command::Upload(a) => {
+            let dir = a.state.dir()?;
+            let authority = Authority::open(dir)?;
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+            };
+            let acme = lanyard_ca::serve::acme::Acme::new(authority.store().clone(), Default::default(), dir);
+            let cert = acme.upload(&a.name, &read(&a.cert)?, &read(&a.key)?)?;
+            eprintln!(
+                "uploaded {} ({}) valid until {} into {}",
+                cert.cert_name,
+                cert.domains.join(", "),
+                cert.expires_at.unwrap_or_default(),
+                cert.out_dir.display()
+            );
+        }
         Command::Inject(a) => {
             let (text, origin) = if a.input.as_os_str() == "-" {
                 (std::io::read_to_string(std::io::stdin())?, "standard input".to_owned())
@@ -332,6 +364,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stdout(&(serde_json::to_string_pretty(&list)? + "\n"));
             } else {
                 stdout(&status_table(&rows, now));
+                let acme =
+                    lanyard_ca::serve::acme::Acme::new(authority.store().clone(), Default::default(), a.state.dir()?);
+                stdout(&lanyard_ca::ops::public_table(&acme.list()?, now));
             }
         }
         Command::Check(a) => {

@@ -38,6 +38,36 @@ pub fn init_ca(dir: &Path, opts: &InitOptions) -> Result<(CaState, Option<String
     Ok((ca, offline_key))
 }
 
+/// `ca status`, public part: one line per ACME or uploaded certificate with
+/// its last error and next attempt. Empty when there are none.
+pub fn public_table(certs: &[crate::serve::acme::PublicCert], now: i64) -> String {
+    if certs.is_empty() {
+        return String::new();
+    }
+    let mut out =
+        String::from("\nPUBLIC      STATUS    EXPIRES               FAILURES  NEXT ATTEMPT  DOMAINS / LAST ERROR\n");
+    for c in certs {
+        let next = match c.next_attempt {
+            i64::MAX => "-".to_owned(),
+            t if t <= now => "now".to_owned(),
+            t => format!("in {}s", t - now),
+        };
+        let _ = writeln!(
+            out,
+            "{:<11} {:<9} {:<21} {:<9} {:<13} {}{}{}",
+            c.cert_name,
+            c.status,
+            c.expires_at.as_deref().unwrap_or("-"),
+            c.failures,
+            next,
+            c.domains.join(","),
+            c.last_error.as_deref().map(|e| format!("  error: {e}")).unwrap_or_default(),
+            c.held_back.as_deref().map(|h| format!("  holding back: {h}")).unwrap_or_default(),
+        );
+    }
+    out
+}
+
 /// Creates a single-use bootstrap token for `identity`, valid for `ttl`.
 pub fn new_token(authority: &Authority, identity: &str, ttl: Span) -> Result<String, CaError> {
     let mut bytes = [0u8; 32];

@@ -62,6 +62,16 @@ impl Admin {
     /// Computes readiness now; checks that each inbound upstream accepts TCP.
     pub async fn readiness(&self) -> Readiness {
         let last_reload_error = self.store.last_error();
+        if let Some(reason) = self.edges.iter().find_map(|e| e.not_ready()) {
+            let current = self.store.current();
+            return Readiness {
+                ready: false,
+                reason,
+                serial: current.as_ref().map(|s| s.set.leaf.serial.clone()),
+                not_after: current.as_ref().map(|s| rfc3339(s.set.leaf.not_after)),
+                last_reload_error,
+            };
+        }
         let Some(snapshot) = self.store.current() else {
             let why = last_reload_error.clone().unwrap_or_else(|| "no certificate found yet".into());
             return Readiness {
@@ -82,9 +92,6 @@ impl Admin {
                 "certificate is in the last sixth of its life (expires {}); renewal is overdue",
                 rfc3339(leaf.not_after)
             ));
-        }
-        if reason.is_none() {
-            reason = self.edges.iter().find_map(|e| e.not_ready());
         }
         if reason.is_none() {
             for l in self.listeners.iter().filter(|l| l.config.mode == Mode::Inbound) {

@@ -160,6 +160,21 @@ pub fn poll_until(timeout: Duration, every: Duration, what: &str, mut cond: impl
     }
 }
 
+/// Polls `check` every `every` until it returns `Ok`, or panics after
+/// `timeout` with what `what` was waiting for and the last `Err` seen.
+pub fn poll_until_ok(timeout: Duration, every: Duration, what: &str, mut check: impl FnMut() -> Result<(), String>) {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(last) => {
+                assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// A `docker` command; fails loudly when no engine answers.
 pub fn docker() -> Command {
     Command::new(peer("docker"))
@@ -406,6 +421,41 @@ pub fn echo_upstream() -> SocketAddr {
                         break;
                     }
                     line.clear();
+                }
+            });
+        }
+    });
+    local
+}
+
+/// A tiny HTTP server answering 200 "hello" to every request (the app).
+pub fn http_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("loopback");
+    let local = listener.local_addr().expect("loopback");
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let mut reader = std::io::BufReader::new(conn.try_clone().expect("loopback"));
+                let mut writer = conn;
+                loop {
+                    let mut line = String::new();
+                    let (mut saw_request, mut close) = (false, false);
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        saw_request = true;
+                        close |= line.eq_ignore_ascii_case("connection: close\r\n");
+                        if line == "\r\n" {
+                            break;
+                        }
+                        line.clear();
+                    }
+                    if !saw_request {
+                        return;
+                    }
+                    let ok = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nhello\n").is_ok();
+                    if !ok || close {
+                        return;
+                    }
                 }
             });
         }

@@ -586,7 +586,22 @@ impl Acme {
             self.record_event("order", d);
         }
         let ids: Vec<Identifier> = cert.domains.iter().map(|d| Identifier::Dns(d.clone())).collect();
-        let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(|e| format!("new order: {e}"))?;
+        let mut order = match account.new_order(&NewOrder::new(&ids)).await {
+            Ok(order) => order,
+            // The server forgot the account (a reset staging or test server): register again, once.
+            Err(instant_acme::Error::Api(p))
+                if p.r#type
+                    .as_deref()
+                    .is_some_and(|t| t.ends_with(":accountDoesNotExist") || t.ends_with(":unauthorized")) =>
+            {
+                tracing::warn!(directory = %cert.acme_directory_url, "the ACME server does not know the stored account; registering again");
+                let key = format!("{}|{}", cert.acme_directory_url, cert.email);
+                self.store.delete_doc(KIND_ACCOUNT, &key).map_err(|e| e.to_string())?;
+                let account = self.account(cert).await?;
+                account.new_order(&NewOrder::new(&ids)).await.map_err(|e| format!("new order: {e}"))?
+            }
+            Err(e) => return Err(format!("new order: {e}")),
+        };
         let mut tokens = Vec::new();
         let mut names = Vec::new();
         let outcome = async {

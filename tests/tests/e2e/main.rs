@@ -1,6 +1,7 @@
 //! End-to-end tests: Lanyard's binaries against real peers.
 #![allow(clippy::unwrap_used)]
 
+mod acme;
 mod compose;
 mod docker;
 mod pki;

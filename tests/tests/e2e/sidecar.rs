@@ -66,41 +66,6 @@ fn curl_status(url: &str, ca: &Path, client: Option<&Path>) -> String {
     text(&run(cmd.arg(url)).stdout)
 }
 
-/// A tiny HTTP server answering 200 "hello" to every request (the app).
-fn http_upstream() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let local = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                use std::io::{BufRead, Write};
-                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
-                let mut writer = conn;
-                loop {
-                    let mut line = String::new();
-                    let (mut saw_request, mut close) = (false, false);
-                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                        saw_request = true;
-                        close |= line.eq_ignore_ascii_case("connection: close\r\n");
-                        if line == "\r\n" {
-                            break;
-                        }
-                        line.clear();
-                    }
-                    if !saw_request {
-                        return;
-                    }
-                    let ok = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nhello\n").is_ok();
-                    if !ok || close {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    local
-}
-
 struct Fixture {
     pki: Pki,
     api: PathBuf,

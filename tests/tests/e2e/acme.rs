@@ -1,0 +1,561 @@
+//! Public certificates against a real Pebble (Debian 2.4.0), served by a
+//! real edge sidecar: HTTP-01 through the edge, TLS-ALPN-01 at the CA,
+//! unattended renewal, faults, the REST API, and the TLS scanners.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lanyard_sidecar::certdir::CertDir;
+use lanyard_tests::*;
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Pebble plus pebble-challtestsrv as its DNS (every name -> 127.0.0.1),
+/// on free ports, killed on drop.
+struct Pebble {
+    server: Option<ChildGuard>,
+    _dns: ChildGuard,
+    work: PathBuf,
+    acme: u16,
+    mgmt: u16,
+    dns: u16,
+    dns_mgmt: u16,
+    http_port: u16,
+    tls_port: u16,
+    validity: u64,
+    env: Vec<(String, String)>,
+}
+
+impl Pebble {
+    /// Starts Pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on
+    /// `tls_port`, issuing certificates valid for `validity` seconds.
+    fn start(work: &Path, http_port: u16, tls_port: u16, validity: u64, env: &[(&str, &str)]) -> Self {
+        let work = work.join(format!("pebble-{}", free_port()));
+        std::fs::create_dir_all(&work).unwrap();
+        // Debian's package ships no test certificates: make a CA and a localhost cert.
+        let openssl = |args: &[&str]| run_ok(Command::new(peer("openssl")).current_dir(&work).args(args));
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=pebble-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            work.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-out",
+            "cert.pem",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let (dns, dns_mgmt) = (free_port(), free_port());
+        let dns_log = work.join("challtestsrv.log");
+        let mut cts = Command::new(peer("pebble-challtestsrv"));
+        cts.args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", "", "-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .arg("-dns01")
+            .arg(format!("127.0.0.1:{dns}"))
+            .arg("-management")
+            .arg(format!("127.0.0.1:{dns_mgmt}"));
+        let mut dns_guard = ChildGuard::spawn(cts, &dns_log);
+        dns_guard.wait_for_port(local(dns_mgmt), &dns_log);
+        let mut p = Self {
+            server: None,
+            _dns: dns_guard,
+            work,
+            acme: free_port(),
+            mgmt: free_port(),
+            dns,
+            dns_mgmt,
+            http_port,
+            tls_port,
+            validity,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        p.restart();
+        p
+    }
+
+    /// (Re)starts the ACME server on the same ports; it forgets accounts and
+    /// makes a new root, as a real outage would.
+    fn restart(&mut self) {
+        self.server = None;
+        let config = serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{}", self.acme),
+            "managementListenAddress": format!("127.0.0.1:{}", self.mgmt),
+            "certificate": self.work.join("cert.pem"),
+            "privateKey": self.work.join("key.pem"),
+            "httpPort": self.http_port,
+            "tlsPort": self.tls_port,
+            "ocspResponderURL": "http://127.0.0.1:4002",
+            "externalAccountBindingRequired": false,
+            "certificateValidityPeriod": self.validity,
+        }});
+        let path = self.work.join("pebble.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let log = self.work.join(format!("pebble-{}.log", free_port()));
+        let mut cmd = Command::new(peer("pebble"));
+        cmd.arg("-config").arg(&path).arg("-dnsserver").arg(format!("127.0.0.1:{}", self.dns)).arg("-strict=false");
+        cmd.env("PEBBLE_VA_NOSLEEP", "1").envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut guard = ChildGuard::spawn(cmd, &log);
+        guard.wait_for_port(local(self.acme), &log);
+        self.server = Some(guard);
+    }
+
+    fn stop(&mut self) {
+        self.server = None;
+    }
+
+    fn directory(&self) -> String {
+        format!("https://127.0.0.1:{}/dir", self.acme)
+    }
+
+    /// The CA that signs Pebble's own HTTPS (for `[acme] directory_roots`).
+    fn tls_ca(&self) -> PathBuf {
+        self.work.join("ca.pem")
+    }
+
+    /// Pebble's current issuing root, written to a file.
+    fn root(&self) -> PathBuf {
+        let path = self.work.join(format!("root-{}.pem", free_port()));
+        let out = run_ok(
+            Command::new(peer("curl"))
+                .args(["-sS", "--fail", "--cacert"])
+                .arg(self.tls_ca())
+                .arg(format!("https://127.0.0.1:{}/roots/0", self.mgmt)),
+        );
+        std::fs::write(&path, out.stdout).unwrap();
+        path
+    }
+
+    /// Points `host` at `ip` in the DNS Pebble validates with.
+    fn set_a(&self, host: &str, ip: &str) {
+        let post = |path: &str, body: serde_json::Value| {
+            run_ok(
+                Command::new(peer("curl"))
+                    .args(["-sS", "--fail", "-d", &body.to_string()])
+                    .arg(format!("http://127.0.0.1:{}/{path}", self.dns_mgmt)),
+            );
+        };
+        post("clear-a", serde_json::json!({"host": host}));
+        post("add-a", serde_json::json!({"host": host, "addresses": [ip]}));
+    }
+}
+
+/// `ca serve` with `[acme]` and `public` (TOML `[[public]]` tables).
+fn ca_with_public(pki: &Pki, pebble: &Pebble, http_port: u16, tls_alpn: u16, public: &str) -> CaServer {
+    let https_port = free_port();
+    let config = pki.path(&format!("acme-{https_port}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "state = {:?}\nhttps_listen = \"127.0.0.1:{https_port}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n\
+             [acme]\ndirectory_roots = {:?}\ntls_alpn_listen = \"127.0.0.1:{tls_alpn}\"\nblocklist = [\"blocked.test\"]\n{public}",
+            pki.state(),
+            pebble.tls_ca(),
+        ),
+    )
+    .unwrap();
+    CaServer::start_with(pki, config, https_port, http_port)
+}
+
+fn public_entry(name: &str, domains: &[&str], challenge: &str, pebble: &Pebble) -> String {
+    format!(
+        "[[public]]\nname = \"{name}\"\ndomains = {domains:?}\nemail = \"ops@example.test\"\ndirectory_url = \"{}\"\nchallenge = \"{challenge}\"\n",
+        pebble.directory()
+    )
+}
+
+fn serial_of(dir: &Path) -> Option<String> {
+    CertDir::new(dir).load(time::OffsetDateTime::now_utc()).ok().map(|s| s.leaf.serial)
+}
+
+/// curl through the edge for `name`, verifying with `root`; (status, headers).
+fn edge_get(port: u16, name: &str, root: &Path, extra: &[&str]) -> (u16, String) {
+    let out = run(Command::new(peer("curl"))
+        .args(["-sS", "-D", "-", "-o", "/dev/null", "--max-time", "5", "--resolve"])
+        .arg(format!("{name}:{port}:127.0.0.1"))
+        .arg("--cacert")
+        .arg(root)
+        .args(extra)
+        .arg(format!("https://{name}:{port}/")));
+    let head = text(&out.stdout);
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, if status == 0 { text(&out.stderr) } else { head })
+}
+
+fn admin_api(pki: &Pki, server: &CaServer, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let (status, text) = curl_api(pki, method, &server.url(path), body, Some(&pki.state().join("admin")));
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
+
+#[test]
+fn edge_serves_acme_certificates_from_http01_and_tls_alpn01() {
+    let pki = Pki::new(&[]);
+    let (ca_http, edge_http, edge_https, tls_alpn) = (free_port(), free_port(), free_port(), free_port());
+    // Pebble validates HTTP-01 on the edge's port 80 stand-in; the edge
+    // forwards the challenge path to the CA.
+    let pebble = Pebble::start(pki.tmp.path(), edge_http, tls_alpn, 60 * 24 * 3600, &[]);
+    let (www, alpn) = (pki.state().join("public/www"), pki.state().join("public/alpn"));
+    let app = http_upstream();
+    let edge = Sidecar::start(
+        &[
+            "--mode",
+            "edge",
+            "--cert-dir",
+            www.to_str().unwrap(),
+            "--public-cert-dir",
+            www.to_str().unwrap(),
+            "--public-cert-dir",
+            alpn.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{edge_https}"),
+            "--http-listen",
+            &format!("127.0.0.1:{edge_http}"),
+            "--acme-forward",
+            &format!("127.0.0.1:{ca_http}"),
+            "--upstream",
+            &app.to_string(),
+        ],
+        pki.path("edge.log"),
+    );
+    // Before the first certificate: a fallback, and not ready with the reason.
+    let (status, body) = edge.get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("self-signed fallback"), "{body}");
+    let public = public_entry("www", &["example.test", "www.example.test"], "http-01", &pebble)
+        + &public_entry("alpn", &["alpn.example.test"], "tls-alpn-01", &pebble);
+    let server = ca_with_public(&pki, &pebble, ca_http, tls_alpn, &public);
+    wait_until(Duration::from_secs(30), "both public certificates", || {
+        serial_of(&www).is_some() && serial_of(&alpn).is_some()
+    });
+    // Served through the normal reload, without a restart.
+    let root = pebble.root();
+    wait_until(Duration::from_secs(10), "the edge ready", || edge.get("/readyz").0 == 200);
+    for name in ["example.test", "www.example.test", "alpn.example.test"] {
+        let (status, head) = edge_get(edge_https, name, &root, &[]);
+        assert_eq!(status, 200, "{name}: {head}");
+        for header in [
+            "strict-transport-security: max-age=63072000; includeSubDomains",
+            "content-security-policy: default-src 'self'",
+            "x-frame-options: DENY",
+            "x-content-type-options: nosniff",
+            "referrer-policy: strict-origin-when-cross-origin",
+            "permissions-policy: camera=()",
+        ] {
+            assert!(head.to_lowercase().contains(&header.to_lowercase()), "{name}: no {header} in\n{head}");
+        }
+    }
+    let (status, head) = edge_get(edge_https, "www.example.test", &root, &["--http2"]);
+    assert!(status == 200 && head.starts_with("HTTP/2"), "{head}");
+    // Port 80: a redirect for everything but the challenge path.
+    let out = run_ok(
+        Command::new("curl")
+            .args(["-sS", "-D", "-", "-o", "/dev/null", "-H", "Host: www.example.test"])
+            .arg(format!("http://127.0.0.1:{edge_http}/a/b?c=d")),
+    );
+    let head = text(&out.stdout);
+    assert!(head.starts_with("HTTP/1.1 308"), "{head}");
+    assert!(head.contains(&format!("location: https://www.example.test:{edge_https}/a/b?c=d")), "{head}");
+    let out = run(Command::new("curl")
+        .args(["-sS"])
+        .arg(format!("http://127.0.0.1:{edge_http}/.well-known/acme-challenge/unknown-token")));
+    assert!(text(&out.stdout).contains("no pending challenge"), "forwarded to the CA: {out:?}");
+    assert!(server.log_text().contains("public certificate issued cert=www"), "{}", server.log_text());
+
+    // The scanners, against the ACME certificate.
+    let sslyze_json = pki.path("sslyze.json");
+    let out = run(Command::new(venv_tool("sslyze"))
+        .args(["--mozilla_config=intermediate", "--quiet", "--certinfo_ca_file"])
+        .arg(&root)
+        .arg("--json_out")
+        .arg(&sslyze_json)
+        .arg(format!("www.example.test:{edge_https}{{127.0.0.1}}")));
+    // (The report holds RSA moduli as JSON integers, too large for serde_json.)
+    let report = std::fs::read_to_string(&sslyze_json).unwrap().replace(' ', "");
+    assert!(report.contains("\"scan_status\":\"COMPLETED\""), "sslyze did not complete a scan: {}", text(&out.stdout));
+    assert!(out.status.success() && text(&out.stdout).contains("OK - Compliant"), "sslyze: {}", text(&out.stdout));
+    let testssl_json = pki.path("testssl.json");
+    run(Command::new(peer("testssl"))
+        .args(["--quiet", "--color", "0", "--warnings", "batch", "--fast", "--sneaky", "--nodns", "none"])
+        .args(["--openssl-timeout", "10", "--ip", "127.0.0.1", "-p", "-s", "-P", "-S", "-U", "--add-ca"])
+        .arg(&root)
+        .arg("--jsonfile")
+        .arg(&testssl_json)
+        .arg(format!("https://www.example.test:{edge_https}")));
+    let findings: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&testssl_json).unwrap()).unwrap();
+    assert!(findings.len() > 20, "testssl ran no checks: {findings:?}");
+    let severe: Vec<_> =
+        findings.iter().filter(|f| matches!(f["severity"].as_str(), Some("HIGH" | "CRITICAL" | "FATAL"))).collect();
+    assert!(severe.is_empty(), "testssl: {severe:#?}");
+}
+
+#[test]
+fn renewals_are_unattended_and_the_edge_never_fails() {
+    let pki = Pki::new(&[]);
+    let (ca_http, edge_https, tls_alpn) = (free_port(), free_port(), free_port());
+    let pebble = Pebble::start(pki.tmp.path(), ca_http, tls_alpn, 12, &[]);
+    let www = pki.state().join("public/www");
+    let _server = ca_with_public(
+        &pki,
+        &pebble,
+        ca_http,
+        tls_alpn,
+        &public_entry("www", &["www.example.test"], "http-01", &pebble),
+    );
+    wait_until(Duration::from_secs(30), "the first certificate", || serial_of(&www).is_some());
+    let app = http_upstream();
+    let edge = Sidecar::start(
+        &["--mode", "edge", "--cert-dir", www.to_str().unwrap(), "--listen", &format!("127.0.0.1:{edge_https}")]
+            .into_iter()
+            .chain(["--upstream", &app.to_string()])
+            .collect::<Vec<_>>(),
+        pki.path("edge.log"),
+    );
+    let root = pebble.root();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, root) = (stop.clone(), root.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match edge_get(edge_https, "www.example.test", &root, &[]) {
+                    (200, _) => ok += 1,
+                    other => failed.push(other),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let mut serials = std::collections::BTreeSet::new();
+    poll_until(Duration::from_secs(60), Duration::from_millis(200), "three renewals", || {
+        serials.extend(serial_of(&www));
+        serials.len() >= 4
+    });
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), ok + failed.len(), &failed[..1]);
+    assert!(ok > 20, "only {ok} requests");
+    assert!(edge.metric("lanyard_sidecar_cert_reloads_total{result=\"success\"}") >= 3.0);
+    eprintln!("{} certificates, {ok} requests through the edge, none failed", serials.len());
+}
+
+#[test]
+fn failures_back_off_keep_serving_and_survive_restarts() {
+    let pki = Pki::new(&[]);
+    let (ca_http, tls_alpn) = (free_port(), free_port());
+    // Pebble also rejects a share of good nonces (the client must retry), and
+    // never reuses an authorization, so every order is validated again.
+    let mut pebble = Pebble::start(
+        pki.tmp.path(),
+        ca_http,
+        tls_alpn,
+        3600,
+        &[("PEBBLE_WFE_NONCEREJECT", "15"), ("PEBBLE_AUTHZREUSE", "0")],
+    );
+    let www = pki.state().join("public/www");
+    let public = public_entry("www", &["www.example.test"], "http-01", &pebble);
+    let server = ca_with_public(&pki, &pebble, ca_http, tls_alpn, &public);
+    wait_until(Duration::from_secs(30), "the first certificate", || serial_of(&www).is_some());
+    let first = serial_of(&www).unwrap();
+    let status = |server: &CaServer| admin_api(&pki, server, "GET", "/certificates/www", None).1;
+
+    // A challenge that cannot validate: retried with backoff, old cert kept.
+    pebble.set_a("www.example.test", "127.0.0.2");
+    assert_eq!(admin_api(&pki, &server, "POST", "/certificates/www/renew", None).0, 202);
+    poll_until(Duration::from_secs(30), Duration::from_millis(200), "two failed attempts", || {
+        status(&server)["failures"].as_u64().unwrap_or(0) >= 2
+    });
+    let s = status(&server);
+    assert!(s["last_error"].as_str().unwrap_or("").contains("validation"), "{s}");
+    assert!(s["next_attempt"].as_i64().unwrap() > time::OffsetDateTime::now_utc().unix_timestamp(), "{s}");
+    assert_eq!(serial_of(&www).as_deref(), Some(first.as_str()), "the served certificate was kept");
+    let (_, health) = curl_api(&pki, "GET", &server.url("/health"), None, None);
+    assert!(health.contains("\"last_error\":\"validation"), "{health}");
+    let out = run_ok(ca().arg("status").arg("--state").arg(pki.state()));
+    assert!(text(&out.stdout).contains("www") && text(&out.stdout).contains("validation"), "{}", text(&out.stdout));
+
+    // The queue survives a CA restart: failures and the error are still there.
+    let failures_before = status(&server)["failures"].as_u64().unwrap();
+    let config = server.config.clone();
+    drop(server);
+    // ... and so does an ACME outage: Pebble is down, then back (new root, no accounts).
+    pebble.stop();
+    let server = CaServer::start_with(&pki, config, free_port(), ca_http);
+    assert!(status(&server)["failures"].as_u64().unwrap() >= failures_before, "{}", status(&server));
+    pebble.set_a("www.example.test", "127.0.0.1");
+    assert_eq!(admin_api(&pki, &server, "POST", "/certificates/www/renew", None).0, 202);
+    poll_until(Duration::from_secs(20), Duration::from_millis(200), "a failure while the ACME server is down", || {
+        status(&server)["last_error"].as_str().is_some_and(|e| !e.contains("validation"))
+    });
+    assert_eq!(serial_of(&www).as_deref(), Some(first.as_str()));
+    pebble.restart();
+    poll_until_ok(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "recovery after the outage",
+        || match serial_of(&www) {
+            Some(s) if s != first => Ok(()),
+            _ => Err(format!("{}\n{}", status(&server), server.log_text())),
+        },
+    );
+    let s = status(&server);
+    assert_eq!(s["status"], "valid", "{s}");
+    assert_eq!(s["failures"], 0, "{s}");
+    assert!(s["last_error"].is_null(), "{s}");
+    assert!(server.log_text().contains("registering again"), "a lost account is registered again");
+}
+
+#[test]
+fn rest_api_manages_public_certificates() {
+    let pki = Pki::new(&[]);
+    let (ca_http, tls_alpn) = (free_port(), free_port());
+    let pebble = Pebble::start(pki.tmp.path(), ca_http, tls_alpn, 3600, &[]);
+    let config_entry = public_entry("cfg", &["cfg.example.test"], "http-01", &pebble);
+    let server = ca_with_public(&pki, &pebble, ca_http, tls_alpn, &config_entry);
+    let api = |method: &str, path: &str, body: Option<&str>| admin_api(&pki, &server, method, path, body);
+    let dir = pebble.directory();
+    let create = |name: &str, domains: &str| {
+        format!(
+            r#"{{"cert_name":"{name}","domains":{domains},"email":"ops@example.test","acme_directory_url":"{dir}"}}"#
+        )
+    };
+
+    let (status, created) =
+        api("POST", "/certificates", Some(&create("shop", r#"["shop.example.test","pay.example.test"]"#)));
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["status"], "pending");
+    poll_until(Duration::from_secs(30), Duration::from_millis(100), "shop issued", || {
+        api("GET", "/certificates/shop", None).1["status"] == "valid"
+    });
+    let (_, shop) = api("GET", "/certificates/shop", None);
+    for key in ["domains", "email", "acme_directory_url", "status", "issued_at", "expires_at", "fingerprint", "chain"] {
+        assert!(!shop[key].is_null(), "{key} missing in {shop}");
+    }
+    assert!(!shop.to_string().contains("PRIVATE KEY"), "a private key left through the API");
+    let (_, list) = api("GET", "/certificates", None);
+    let names: Vec<_> = list["certificates"].as_array().unwrap().iter().map(|c| c["cert_name"].clone()).collect();
+    assert!(names.contains(&"shop".into()) && names.contains(&"cfg".into()), "{list}");
+
+    // Dropping a domain re-issues without it; dropping the last removes the certificate.
+    let shop_dir = pki.state().join("public/shop");
+    let before = serial_of(&shop_dir).unwrap();
+    let (status, after) = api("DELETE", "/certificates/shop/domains/pay.example.test", None);
+    assert_eq!(status, 200, "{after}");
+    poll_until(Duration::from_secs(30), Duration::from_millis(100), "shop re-issued", || {
+        serial_of(&shop_dir).is_some_and(|s| s != before)
+    });
+    let set = CertDir::new(&shop_dir).load(time::OffsetDateTime::now_utc()).unwrap();
+    assert_eq!(set.leaf.dns, ["shop.example.test"]);
+    let (status, gone) = api("DELETE", "/certificates/shop/domains/shop.example.test", None);
+    assert_eq!((status, gone["status"].as_str()), (200, Some("removed")), "{gone}");
+    assert_eq!(api("GET", "/certificates/shop", None).0, 404);
+    assert!(!shop_dir.exists(), "the cert dir is cleaned up");
+    assert_eq!(api("POST", "/certificates/shop/renew", None).0, 404);
+
+    // Bad input gets clear 4xx answers.
+    let cases = [
+        ("GET", "/certificates/nope".to_owned(), None, 404, "no public certificate named"),
+        ("POST", "/certificates".into(), Some(create("bad", r#"["not..valid"]"#)), 400, "malformed domain"),
+        ("POST", "/certificates".into(), Some(create("bad", r#"["x.blocked.test"]"#)), 400, "blocklist"),
+        ("POST", "/certificates".into(), Some(create("bad", r#"["*.example.test"]"#)), 400, "dns-01"),
+        ("POST", "/certificates".into(), Some(create("cfg", r#"["a.example.test"]"#)), 409, "exists already"),
+        ("POST", "/certificates".into(), Some("{\"cert_name\":\"x\"}".into()), 400, "malformed JSON"),
+        ("DELETE", "/certificates/cfg/domains/other.test".into(), None, 400, "has no domain"),
+    ];
+    for (method, path, body, want, needle) in cases {
+        let (status, reply) = api(method, &path, body.as_deref());
+        assert_eq!(status, want, "{method} {path}: {reply}");
+        assert!(reply.to_string().contains(needle), "{method} {path}: {reply}");
+    }
+    let (status, _) = curl_api(&pki, "GET", &server.url("/certificates"), None, None);
+    assert_eq!(status, 401, "no admin certificate");
+
+    // A certificate from another provider, uploaded through the API and the CLI.
+    let other = Pki::new(&[]);
+    let issued = other.issue("legacy", &["--dns", "legacy.example.com"]);
+    let chain = std::fs::read_to_string(issued.join("cert.pem")).unwrap();
+    let key = std::fs::read_to_string(issued.join("key.pem")).unwrap();
+    let body = serde_json::json!({"certificate": chain, "key": key}).to_string();
+    let (status, up) = api("PUT", "/certificates/legacy", Some(&body));
+    assert_eq!((status, up["status"].as_str()), (200, Some("uploaded")), "{up}");
+    assert!(serial_of(&pki.state().join("public/legacy")).is_some());
+    let bad = serde_json::json!({"certificate": chain, "key": std::fs::read_to_string(pki.issue("x", &[]).join("key.pem")).unwrap()});
+    let (status, reply) = api("PUT", "/certificates/legacy2", Some(&bad.to_string()));
+    assert_eq!(status, 400, "a key of another certificate: {reply}");
+    let out = run_ok(
+        ca().args(["upload", "cli-up", "--cert"])
+            .arg(issued.join("cert.pem"))
+            .arg("--key")
+            .arg(issued.join("key.pem"))
+            .arg("--state")
+            .arg(pki.state()),
+    );
+    assert!(text(&out.stderr).contains("cli-up"), "{out:?}");
+    assert_eq!(api("GET", "/certificates/cli-up", None).1["status"], "uploaded");
+
+    // The public challenge route answers anyone.
+    let (status, _) = curl_api(&pki, "GET", &server.url("/.well-known/acme-challenge/nothing"), None, None);
+    assert_eq!(status, 404);
+
+    // A name removed from the config is cleaned up on the next start.
+    poll_until(Duration::from_secs(30), Duration::from_millis(100), "cfg issued", || {
+        serial_of(&pki.state().join("public/cfg")).is_some()
+    });
+    let config = server.config.clone();
+    drop(server);
+    let text_config = std::fs::read_to_string(&config).unwrap().replace(&config_entry, "");
+    std::fs::write(&config, text_config).unwrap();
+    let server = CaServer::start_with(&pki, config, free_port(), ca_http);
+    assert_eq!(admin_api(&pki, &server, "GET", "/certificates/cfg", None).0, 404);
+    assert!(!pki.state().join("public/cfg").exists());
+    assert_eq!(admin_api(&pki, &server, "GET", "/certificates/legacy", None).0, 200, "uploads are not config entries");
+}
