@@ -106,6 +106,8 @@ pub struct AcmeSettings {
     /// How long one order may take before it counts as failed.
     #[serde(deserialize_with = "lanyard_sidecar::cli::serde_str::opt")]
     pub order_timeout: Option<lanyard_sidecar::span::Span>,
+    /// The DNS server that takes DNS-01 records (RFC 2136 + TSIG).
+    pub dns: Option<super::rfc2136::DnsUpdateConfig>,
 }
 
 /// A public certificate and where it stands: the REST API's certificate object.
@@ -604,6 +606,7 @@ impl Acme {
         };
         let mut tokens = Vec::new();
         let mut names = Vec::new();
+        let mut records: Vec<(String, String)> = Vec::new();
         let outcome = async {
             let mut authzs = order.authorizations();
             while let Some(authz) = authzs.next().await {
@@ -638,9 +641,13 @@ impl Acme {
                         names.push(name.clone());
                     }
                     Challenge::Dns01 => {
-                        return Err(format!(
-                            "{name}: dns-01 needs an RFC 2136 DNS server, which this version cannot update yet"
-                        ))
+                        let dns = self.settings.dns.as_ref().ok_or_else(|| {
+                            format!("{name}: dns-01 needs [acme.dns] (an RFC 2136 server and its TSIG key)")
+                        })?;
+                        let record = format!("_acme-challenge.{}", name.trim_start_matches("*."));
+                        let value = key_auth.dns_value();
+                        dns.update(super::rfc2136::Change::Add, &record, &value).await?;
+                        records.push((record, value));
                     }
                 }
                 challenge.set_ready().await.map_err(|e| format!("{name}: {e}"))?;
@@ -656,6 +663,13 @@ impl Acme {
             Ok(())
         }
         .await;
+        if let Some(dns) = &self.settings.dns {
+            for (record, value) in &records {
+                if let Err(e) = dns.update(super::rfc2136::Change::Delete, record, value).await {
+                    tracing::warn!("cannot remove the DNS-01 record {record}: {e}");
+                }
+            }
+        }
         {
             let mut http01 = self.http01.lock().unwrap_or_else(|e| e.into_inner());
             tokens.iter().for_each(|t| drop(http01.remove(t)));

@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod docker;
 pub mod metrics;
+pub mod rfc2136;
 pub mod schedule;
 
 use std::future::Future;

@@ -30,6 +30,7 @@ struct Pebble {
     tls_port: u16,
     validity: u64,
     env: Vec<(String, String)>,
+    resolver: u16,
 }
 
 impl Pebble {
@@ -119,6 +120,7 @@ impl Pebble {
             tls_port,
             validity,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            resolver: dns,
         };
         p.restart();
         p
@@ -143,11 +145,21 @@ impl Pebble {
         std::fs::write(&path, config.to_string()).unwrap();
         let log = self.work.join(format!("pebble-{}.log", free_port()));
         let mut cmd = Command::new(peer("pebble"));
-        cmd.arg("-config").arg(&path).arg("-dnsserver").arg(format!("127.0.0.1:{}", self.dns)).arg("-strict=false");
+        cmd.arg("-config")
+            .arg(&path)
+            .arg("-dnsserver")
+            .arg(format!("127.0.0.1:{}", self.resolver))
+            .arg("-strict=false");
         cmd.env("PEBBLE_VA_NOSLEEP", "1").envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut guard = ChildGuard::spawn(cmd, &log);
         guard.wait_for_port(local(self.acme), &log);
         self.server = Some(guard);
+    }
+
+    /// Validates names through another DNS server from now on.
+    fn use_resolver(&mut self, port: u16) {
+        self.resolver = port;
+        self.restart();
     }
 
     fn stop(&mut self) {
@@ -192,13 +204,25 @@ impl Pebble {
 
 /// `ca serve` with `[acme]` and `public` (TOML `[[public]]` tables).
 fn ca_with_public(pki: &Pki, pebble: &Pebble, http_port: u16, tls_alpn: u16, public: &str) -> CaServer {
+    ca_with_acme(pki, pebble, http_port, tls_alpn, "", public)
+}
+
+/// The same, with more `[acme]` tables (`acme_tables`).
+fn ca_with_acme(
+    pki: &Pki,
+    pebble: &Pebble,
+    http_port: u16,
+    tls_alpn: u16,
+    acme_tables: &str,
+    public: &str,
+) -> CaServer {
     let https_port = free_port();
     let config = pki.path(&format!("acme-{https_port}.toml"));
     std::fs::write(
         &config,
         format!(
             "state = {:?}\nhttps_listen = \"127.0.0.1:{https_port}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n\
-             [acme]\ndirectory_roots = {:?}\ntls_alpn_listen = \"127.0.0.1:{tls_alpn}\"\nblocklist = [\"blocked.test\"]\n{public}",
+             [acme]\ndirectory_roots = {:?}\ntls_alpn_listen = \"127.0.0.1:{tls_alpn}\"\nblocklist = [\"blocked.test\"]\n{acme_tables}\n{public}",
             pki.state(),
             pebble.tls_ca(),
         ),
@@ -558,4 +582,76 @@ fn rest_api_manages_public_certificates() {
     assert_eq!(admin_api(&pki, &server, "GET", "/certificates/cfg", None).0, 404);
     assert!(!pki.state().join("public/cfg").exists());
     assert_eq!(admin_api(&pki, &server, "GET", "/certificates/legacy", None).0, 200, "uploads are not config entries");
+}
+
+/// BIND9 as the authoritative server of `example.test` (every name ->
+/// 127.0.0.1), taking TSIG-signed dynamic updates; killed on drop.
+struct Bind {
+    _guard: ChildGuard,
+    port: u16,
+    secret: String,
+}
+
+impl Bind {
+    fn start(work: &Path) -> Self {
+        let dir = work.join("bind");
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let secret = "bGFueWFyZC10ZXN0LXRzaWcta2V5LTMyLWJ5dGVzISE=".to_owned();
+        std::fs::write(
+            dir.join("named.conf"),
+            format!(
+                "options {{ directory \"{d}\"; pid-file \"{d}/named.pid\"; session-keyfile \"{d}/session.key\";\n\
+                 managed-keys-directory \"{d}\"; listen-on port {port} {{ 127.0.0.1; }}; listen-on-v6 {{ none; }};\n\
+                 recursion no; dnssec-validation no; notify no; }};\n\
+                 key \"acme-key\" {{ algorithm hmac-sha256; secret \"{secret}\"; }};\ncontrols {{ }};\n\
+                 zone \"example.test\" {{ type primary; file \"{d}/example.test.zone\";\n\
+                 update-policy {{ grant acme-key zonesub ANY; }}; }};\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("example.test.zone"),
+            "$TTL 60\n@ IN SOA ns.example.test. admin.example.test. 1 3600 600 86400 60\n@ IN NS ns.example.test.\n\
+             ns IN A 127.0.0.1\n@ IN A 127.0.0.1\n* IN A 127.0.0.1\n",
+        )
+        .unwrap();
+        let log = dir.join("named.log");
+        let mut cmd = Command::new(peer("named"));
+        cmd.arg("-g").arg("-c").arg(dir.join("named.conf"));
+        let mut guard = ChildGuard::spawn(cmd, &log);
+        guard.wait_for_port(local(port), &log);
+        Self { _guard: guard, port, secret }
+    }
+
+    fn txt(&self, name: &str) -> String {
+        let out =
+            run_ok(Command::new(peer("dig")).args(["+short", "@127.0.0.1", "-p", &self.port.to_string(), name, "TXT"]));
+        text(&out.stdout)
+    }
+}
+
+#[test]
+fn dns01_wildcard_through_rfc2136_updates_to_bind() {
+    let pki = Pki::new(&[]);
+    let (ca_http, tls_alpn) = (free_port(), free_port());
+    let bind = Bind::start(pki.tmp.path());
+    let mut pebble = Pebble::start(pki.tmp.path(), ca_http, tls_alpn, 3600, &[("PEBBLE_AUTHZREUSE", "0")]);
+    pebble.use_resolver(bind.port);
+    let dns = format!(
+        "[acme.dns]\nserver = \"127.0.0.1:{}\"\ntsig_key_name = \"acme-key\"\ntsig_secret = \"{}\"\n",
+        bind.port, bind.secret
+    );
+    let public = public_entry("wild", &["*.example.test", "example.test"], "dns-01", &pebble);
+    let server = ca_with_acme(&pki, &pebble, ca_http, tls_alpn, &dns, &public);
+    let dir = pki.state().join("public/wild");
+    poll_until_ok(Duration::from_secs(30), Duration::from_millis(100), "the wildcard certificate", || {
+        serial_of(&dir).map(drop).ok_or_else(|| server.log_text())
+    });
+    let set = CertDir::new(&dir).load(time::OffsetDateTime::now_utc()).unwrap();
+    let mut names = set.leaf.dns.clone();
+    names.sort();
+    assert_eq!(names, ["*.example.test", "example.test"]);
+    assert_eq!(bind.txt("_acme-challenge.example.test"), "", "the challenge records are removed afterwards");
 }
