@@ -140,12 +140,30 @@ impl CertStore {
     pub async fn watch(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         let mut watcher: Option<notify::RecommendedWatcher> = None;
+        // Until the directory exists, its nearest existing ancestor is watched,
+        // so that a first certificate is picked up at once, not at the next poll.
+        let mut on_ancestor = false;
+        let mut watched = std::path::PathBuf::new();
+        let nearest = |p: &std::path::Path| p.ancestors().find(|a| a.is_dir()).map(std::path::Path::to_path_buf);
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
-            if watcher.is_none() {
-                watcher = start_watcher(self.dir.path(), tx.clone());
+            if watcher.is_none() || (on_ancestor && nearest(self.dir.path()).is_some_and(|n| n != watched)) {
+                let was_on_ancestor = on_ancestor;
+                (watcher, on_ancestor) = match start_watcher(self.dir.path(), RecursiveMode::Recursive, tx.clone()) {
+                    Some(w) => (Some(w), false),
+                    None => {
+                        watched = nearest(self.dir.path()).unwrap_or_default();
+                        (start_watcher(&watched, RecursiveMode::NonRecursive, tx.clone()), true)
+                    }
+                };
+                if was_on_ancestor && !on_ancestor {
+                    // Files may have landed while the watch moved: look now.
+                    let store = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || store.reload()).await;
+                    continue;
+                }
             }
             tokio::select! {
                 _ = &mut shutdown => return,
@@ -166,14 +184,18 @@ impl CertStore {
     }
 }
 
-fn start_watcher(dir: &std::path::Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+fn start_watcher(
+    dir: &std::path::Path,
+    mode: RecursiveMode,
+    tx: mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if res.is_ok_and(|e| !e.kind.is_access()) {
             let _ = tx.send(());
         }
     })
     .ok()?;
-    watcher.watch(dir, RecursiveMode::Recursive).ok()?;
+    watcher.watch(dir, mode).ok()?;
     Some(watcher)
 }
 
