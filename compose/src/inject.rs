@@ -33,6 +33,12 @@ pub const CA_SERVICE: &str = "lanyard-ca";
 pub const PREFIX: &str = "lanyard-";
 /// Where the sidecar reads its cert dir.
 const SIDECAR_CERTS: &str = "/certs";
+/// Where an edge sidecar reads its public certificate.
+const SIDECAR_PUBLIC: &str = "/public";
+/// Where the CA finds `x-lanyard.acme_roots`.
+const ACME_ROOTS: &str = "/etc/lanyard/acme-roots.pem";
+/// The CA's plain-HTTP port, which answers ACME HTTP-01.
+const CA_HTTP_PORT: u16 = 8080;
 /// The CA's HTTPS API port inside its container.
 const CA_API_PORT: u16 = 8443;
 
@@ -117,6 +123,32 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
         report.push(format!("{}: opted out (x-lanyard.disable)", s.name));
     }
     check_generated_names(&plans)?;
+    let public: Vec<&Service> = compose
+        .services
+        .iter()
+        .filter(|s| plans.contains_key(s.name.as_str()) && !s.options.public.is_empty())
+        .collect();
+    if public.len() > 1 {
+        return Err(ComposeError::service(
+            &public[1].name,
+            "x-lanyard.public",
+            format!("{} already takes the host's edge ports; put every public name on one service", public[0].name),
+        ));
+    }
+    if let Some(s) = public.first() {
+        if defaults.acme_email.is_none() {
+            return Err(ComposeError::top("x-lanyard.acme_email", "public names need an ACME account email"));
+        }
+        let plan = &plans[s.name.as_str()];
+        let port = s.options.public_port.or_else(|| plan.inbound.first().map(|(p, _)| *p));
+        if port.is_none_or(|p| !plan.inbound.iter().any(|(q, _)| *q == p)) {
+            return Err(ComposeError::service(
+                &s.name,
+                "x-lanyard.public_port",
+                "the edge needs the app's HTTP port: set public_port to one of the service's ports",
+            ));
+        }
+    }
     if plans.is_empty() {
         return Err(ComposeError::top("services", "no service to protect: every service is opted out or has no ports"));
     }
@@ -152,6 +184,11 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
             networks.insert(private_network(&s.name, k).into(), Value::Mapping(settings));
         }
         volumes.insert(certs_volume(&s.name).into(), Value::Null);
+        if !s.options.public.is_empty() {
+            volumes.insert(public_volume(&s.name).into(), Value::Null);
+            // The CA reaches the ACME server, and the edge reaches the CA, through it.
+            networks.insert(format!("{PREFIX}control").into(), Value::Mapping(Mapping::new()));
+        }
         services.insert(s.name.clone().into(), app_service(s, plan));
         services.insert(format!("{PREFIX}{}", s.name).into(), sidecar_service(s, plan, &defaults)?);
     }
@@ -325,12 +362,6 @@ fn check_injectable(s: &Service) -> Result<(), ComposeError> {
             "links are legacy and bypass the sidecar: remove them (service names resolve without them)",
         );
     }
-    if !s.options.public.is_empty() {
-        return refuse(
-            "x-lanyard.public",
-            "public names need the edge sidecar with ACME, which this version does not have yet: remove `public`",
-        );
-    }
     for (i, p) in s.ports.iter().enumerate() {
         if p.protocol != "tcp" {
             return refuse(&format!("ports[{i}]"), &format!("{}/{}: Lanyard protects TCP only", p.target, p.protocol));
@@ -418,6 +449,10 @@ fn private_network(service: &str, k: usize) -> String {
 
 fn plain_network(service: &str) -> String {
     format!("{PREFIX}plain-{service}")
+}
+
+fn public_volume(service: &str) -> String {
+    format!("{PREFIX}public-{service}")
 }
 
 fn certs_volume(service: &str) -> String {
@@ -570,11 +605,27 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults) -> Result<Valu
     config.insert("cert_dir".into(), SIDECAR_CERTS.into());
     config.insert("admin".into(), format!("127.0.0.1:{}", defaults.admin_port).into());
     config.insert("listener".into(), listeners.into());
+    let public = !s.options.public.is_empty();
+    if public {
+        let port = s.options.public_port.or_else(|| plan.inbound.first().map(|(p, _)| *p)).unwrap_or(80);
+        let mut edge = toml::Table::new();
+        edge.insert("name".into(), "public".into());
+        edge.insert("https_listen".into(), "0.0.0.0:443".into());
+        edge.insert("http_listen".into(), "0.0.0.0:80".into());
+        edge.insert("upstream".into(), format!("{}:{port}", app_alias(&s.name)).into());
+        edge.insert("cert_dirs".into(), vec![toml::Value::from(SIDECAR_PUBLIC)].into());
+        edge.insert("acme_forward".into(), format!("{CA_SERVICE}:{CA_HTTP_PORT}").into());
+        config.insert("edge".into(), vec![toml::Value::Table(edge)].into());
+    }
     let config = toml::to_string(&config).expect("a TOML table serializes");
 
     let mut shared = attachments_or_default(s);
     for a in &mut shared {
         a.aliases.insert(0, s.name.clone());
+    }
+    if public {
+        // To forward ACME HTTP-01 requests to the CA.
+        shared.push(Attachment { network: format!("{PREFIX}control"), aliases: vec![], extra: Mapping::new() });
     }
     for k in 0..plan.networks {
         let mut aliases = vec![out_alias(&s.name, k)];
@@ -587,10 +638,22 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults) -> Result<Valu
     side.insert("image".into(), defaults.image.clone().into());
     side.insert("command".into(), strings(["/sidecar", "run"]));
     side.insert("environment".into(), mapping([("LANYARD_SIDECAR_CONFIG", config.into())]));
-    side.insert("volumes".into(), strings([format!("{}:{SIDECAR_CERTS}:ro", certs_volume(&s.name))]));
+    let mut volumes = vec![format!("{}:{SIDECAR_CERTS}:ro", certs_volume(&s.name))];
+    if public {
+        volumes.push(format!("{}:{SIDECAR_PUBLIC}:ro", public_volume(&s.name)));
+    }
+    side.insert("volumes".into(), strings(volumes));
     side.insert("networks".into(), networks_value(&shared));
-    if let Some(ports) = s.get("ports") {
-        side.insert("ports".into(), ports.clone());
+    let mut ports = match s.get("ports") {
+        Some(Value::Sequence(p)) => p.clone(),
+        _ => Vec::new(),
+    };
+    if public {
+        ports.push(format!("{}:80", defaults.edge_http).into());
+        ports.push(format!("{}:443", defaults.edge_https).into());
+    }
+    if !ports.is_empty() {
+        side.insert("ports".into(), Value::Sequence(ports));
     }
     side.insert("depends_on".into(), mapping([(CA_SERVICE, mapping([("condition", "service_healthy".into())]))]));
     // Verified against ca.pem, so this passes only once the sidecar serves a
@@ -622,14 +685,47 @@ fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compo
     config.insert("state".into(), "/state".into());
     config.insert("https_listen".into(), format!("0.0.0.0:{CA_API_PORT}").into());
     config.insert("identity".into(), identities.into());
+    let public: Vec<&Service> =
+        plans.keys().filter_map(|n| compose.service(n)).filter(|s| !s.options.public.is_empty()).collect();
+    let mut publics = Vec::new();
+    for s in &public {
+        let mut p = toml::Table::new();
+        p.insert("name".into(), s.name.clone().into());
+        p.insert(
+            "domains".into(),
+            s.options.public.iter().map(|d| toml::Value::from(d.as_str())).collect::<Vec<_>>().into(),
+        );
+        p.insert("email".into(), defaults.acme_email.clone().unwrap_or_default().into());
+        if let Some(dir) = &defaults.acme_directory {
+            p.insert("directory_url".into(), dir.clone().into());
+        }
+        p.insert("out_dir".into(), format!("/public/{}", s.name).into());
+        publics.push(toml::Value::Table(p));
+        volumes.push(format!("{}:/public/{}", public_volume(&s.name), s.name));
+    }
+    if !publics.is_empty() {
+        config.insert("public".into(), publics.into());
+        if defaults.acme_roots.is_some() {
+            let mut acme = toml::Table::new();
+            acme.insert("directory_roots".into(), ACME_ROOTS.into());
+            config.insert("acme".into(), acme.into());
+        }
+    }
     let config = toml::to_string(&config).expect("a TOML table serializes");
 
     let mut ca = Mapping::new();
     ca.insert("image".into(), defaults.image.clone().into());
     ca.insert("command".into(), strings(["/ca", "serve"]));
     ca.insert("environment".into(), mapping([("LANYARD_CONFIG", config.into())]));
+    if let Some(roots) = defaults.acme_roots.as_ref().filter(|_| !public.is_empty()) {
+        volumes.push(format!("{roots}:{ACME_ROOTS}:ro"));
+    }
     ca.insert("volumes".into(), strings(volumes));
     ca.insert("networks".into(), strings([format!("{PREFIX}control")]));
+    if !public.is_empty() {
+        // The ACME server is outside: `host.docker.internal` is the host.
+        ca.insert("extra_hosts".into(), strings(["host.docker.internal:host-gateway"]));
+    }
     let url = format!("https://127.0.0.1:{CA_API_PORT}/health");
     ca.insert("healthcheck".into(), https_healthcheck("/state/api", url));
     hardening(&mut ca);

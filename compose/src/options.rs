@@ -107,6 +107,9 @@ pub struct ServiceOptions {
     /// Public names served over HTTPS with ACME certificates (edge mode).
     #[serde(default)]
     pub public: Vec<String>,
+    /// The app's HTTP port behind the edge; default: its first protected port.
+    #[serde(default)]
+    pub public_port: Option<u16>,
 }
 
 /// Top-level `x-lanyard`.
@@ -125,8 +128,15 @@ pub struct Defaults {
     pub admin_port: u16,
     /// ACME account email, for public names.
     pub acme_email: Option<String>,
-    /// ACME directory URL, for public names.
+    /// ACME directory URL, for public names; default Let's Encrypt.
     pub acme_directory: Option<String>,
+    /// A host file of PEM roots for the ACME server's HTTPS (a test CA such
+    /// as Pebble's), mounted into the CA; default: the image's roots.
+    pub acme_roots: Option<String>,
+    /// Host side of the edge's port 80 mapping (`80`, `127.0.0.1:8080`, ...).
+    pub edge_http: String,
+    /// Host side of the edge's port 443 mapping.
+    pub edge_https: String,
 }
 
 impl Default for Defaults {
@@ -138,6 +148,9 @@ impl Default for Defaults {
             admin_port: 9901,
             acme_email: None,
             acme_directory: None,
+            acme_roots: None,
+            edge_http: "80".into(),
+            edge_https: "443".into(),
         }
     }
 }

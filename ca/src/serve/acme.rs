@@ -574,7 +574,7 @@ impl Acme {
                 eab.as_ref(),
             )
             .await
-            .map_err(|e| format!("cannot register an account at {}: {e}", cert.acme_directory_url))?;
+            .map_err(|e| format!("cannot register an account at {}: {}", cert.acme_directory_url, causes(&e)))?;
         let json = serde_json::to_string(&creds).map_err(|e| e.to_string())?;
         self.store.put_doc(KIND_ACCOUNT, &key, &json).map_err(|e| e.to_string())?;
         tracing::info!(directory = %cert.acme_directory_url, email = %cert.email, "ACME account registered");
@@ -602,7 +602,7 @@ impl Acme {
                 let account = self.account(cert).await?;
                 account.new_order(&NewOrder::new(&ids)).await.map_err(|e| format!("new order: {e}"))?
             }
-            Err(e) => return Err(format!("new order: {e}")),
+            Err(e) => return Err(format!("new order: {}", causes(&e))),
         };
         let mut tokens = Vec::new();
         let mut names = Vec::new();
@@ -767,6 +767,21 @@ fn write_public(out_dir: &Path, chain_pem: &str, key_pem: &str) -> Result<CertIn
     raw.validate(OffsetDateTime::now_utc()).map_err(|e| format!("refused: {e}"))?;
     CertDir::new(out_dir).write(&set).map_err(|e| format!("cannot write {}: {e}", out_dir.display()))?;
     CertInfo::from_der(leaf).map_err(|e| e.to_string())
+}
+
+/// An error with its causes: `client error (Connect): tcp connect error: ...`.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn backoff(failures: u32) -> Duration {

@@ -163,9 +163,27 @@ fn injected_fleet_is_mtls_on_every_hop() {
         "20s",
     ]));
 
-    let port = free_port();
-    let project =
-        Project { name: format!("lanyarde2e{port}"), file, env: vec![("FRONTEND_PORT".into(), port.to_string())] };
+    // Pebble runs beside the fleet on the host, on the Docker bridge's
+    // gateway address (host.docker.internal inside the CA), and validates
+    // HTTP-01 on the edge's published port 80 stand-in.
+    let (port, edge_http, edge_https) = (free_port(), free_port(), free_port());
+    // `host-gateway` is the address of docker0.
+    let addrs = text(&run_ok(Command::new(peer("ip")).args(["-4", "-o", "addr", "show", "docker0"])).stdout);
+    let gateway = addrs.split_whitespace().skip_while(|w| *w != "inet").nth(1).and_then(|a| a.split('/').next());
+    let gateway = gateway.unwrap_or_else(|| panic!("no IPv4 address on docker0: {addrs}")).to_owned();
+    let pebble =
+        Pebble::start_at(tmp.path(), &gateway, edge_http, free_port(), 60 * 24 * 3600, &[("PEBBLE_AUTHZREUSE", "0")]);
+    let project = Project {
+        name: format!("lanyarde2e{port}"),
+        file,
+        env: vec![
+            ("FRONTEND_PORT".into(), port.to_string()),
+            ("EDGE_HTTP".into(), format!("127.0.0.1:{edge_http}")),
+            ("EDGE_HTTPS".into(), format!("127.0.0.1:{edge_https}")),
+            ("LANYARD_ACME_DIRECTORY".into(), pebble.directory_for_containers()),
+            ("LANYARD_ACME_ROOTS".into(), pebble.tls_ca().display().to_string()),
+        ],
+    };
     project.up();
     let with_health = project.wait_healthy();
     assert!(with_health >= 7, "ca + 4 sidecars + 2 apps have healthchecks, saw {with_health}");
@@ -192,6 +210,39 @@ fn injected_fleet_is_mtls_on_every_hop() {
     run_ok(docker().arg("cp").arg(format!("{}:/state/admin", project.id("lanyard-ca"))).arg(&admin));
     let chain = curl_frontend(&admin, port, "/call/BACKEND_URL").unwrap();
     assert!(chain.contains(&format!("URI={backend_id}")), "{chain}");
+
+    // The edge serves the public name with a certificate from Pebble, with
+    // the security headers, and redirects plain HTTP.
+    let root = pebble.root();
+    let public_get = |extra: &[&str]| {
+        run(Command::new(peer("curl"))
+            .args(["-sS", "-D", "-", "-o", "/dev/null", "--max-time", "5", "--resolve"])
+            .arg(format!("www.example.com:{edge_https}:127.0.0.1"))
+            .arg("--cacert")
+            .arg(&root)
+            .args(extra)
+            .arg(format!("https://www.example.com:{edge_https}/")))
+    };
+    poll_until_ok(Duration::from_secs(90), Duration::from_millis(500), "the public certificate on the edge", || {
+        let out = public_get(&[]);
+        let head = text(&out.stdout);
+        if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/2 200") {
+            Ok(())
+        } else {
+            Err(format!("{head}{}\n{}", text(&out.stderr), project.logs("lanyard-ca")))
+        }
+    });
+    let head = text(&public_get(&[]).stdout).to_lowercase();
+    assert!(head.contains("strict-transport-security: max-age=63072000"), "{head}");
+    let redirect = text(
+        &run_ok(
+            Command::new("curl")
+                .args(["-sS", "-D", "-", "-o", "/dev/null", "-H", "Host: www.example.com"])
+                .arg(format!("http://127.0.0.1:{edge_http}/x")),
+        )
+        .stdout,
+    );
+    assert!(redirect.starts_with("HTTP/1.1 308"), "{redirect}");
 
     // A rogue container on the shared network gets nothing from any app port,
     // is refused by every sidecar without a certificate, and cannot reach
