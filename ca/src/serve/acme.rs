@@ -444,14 +444,24 @@ impl Acme {
             _ => return,
         };
         match result {
-            Ok((info, chain)) => {
+            Ok(Issued { info, chain, window }) => {
                 tracing::info!(cert = %latest.cert_name, serial = %info.serial, not_after = %rfc3339(info.not_after), took = ?started.elapsed(), "public certificate issued");
                 latest.status = "valid".into();
                 latest.record_served(&info, &chain);
                 latest.failures = 0;
                 latest.last_error = None;
-                let life = (info.not_after - info.not_before).whole_seconds();
-                latest.next_attempt = info.not_before.unix_timestamp() + life * 2 / 3;
+                latest.next_attempt = match window {
+                    // Inside the window the server suggests, at a random point.
+                    Some((start, end)) if end > start => {
+                        let span = (end - start).whole_seconds().max(1);
+                        start.unix_timestamp() + (random_fraction() * span as f64) as i64
+                    }
+                    // Renew when a third of the life remains.
+                    _ => {
+                        let life = (info.not_after - info.not_before).whole_seconds();
+                        info.not_before.unix_timestamp() + life * 2 / 3
+                    }
+                };
             }
             Err(e) => {
                 latest.failures += 1;
@@ -582,13 +592,24 @@ impl Acme {
     }
 
     /// Orders, validates, finalizes and writes the cert dir.
-    async fn order(&self, cert: &PublicCert) -> Result<(CertInfo, String), String> {
+    async fn order(&self, cert: &PublicCert) -> Result<Issued, String> {
         let account = self.account(cert).await?;
         for d in &cert.domains {
             self.record_event("order", d);
         }
         let ids: Vec<Identifier> = cert.domains.iter().map(|d| Identifier::Dns(d.clone())).collect();
-        let mut order = match account.new_order(&NewOrder::new(&ids)).await {
+        // ARI (RFC 9773): a renewal names the certificate it replaces, when the server knows ARI.
+        let mut replaces = None;
+        if let Some(id) = cert.chain.as_deref().and_then(leaf_identifier) {
+            if account.renewal_info(&id).await.is_ok() {
+                replaces = Some(id);
+            }
+        }
+        let new_order = || match &replaces {
+            Some(id) => NewOrder::new(&ids).replaces(id.clone()),
+            None => NewOrder::new(&ids),
+        };
+        let mut order = match account.new_order(&new_order()).await {
             Ok(order) => order,
             // The server forgot the account (a reset staging or test server): register again, once.
             Err(instant_acme::Error::Api(p))
@@ -600,7 +621,7 @@ impl Acme {
                 let key = format!("{}|{}", cert.acme_directory_url, cert.email);
                 self.store.delete_doc(KIND_ACCOUNT, &key).map_err(|e| e.to_string())?;
                 let account = self.account(cert).await?;
-                account.new_order(&NewOrder::new(&ids)).await.map_err(|e| format!("new order: {e}"))?
+                account.new_order(&new_order()).await.map_err(|e| format!("new order: {e}"))?
             }
             Err(e) => return Err(format!("new order: {}", causes(&e))),
         };
@@ -694,7 +715,13 @@ impl Acme {
             .await
             .map_err(|e| format!("certificate download: {e}"))?;
         let info = write_public(&cert.out_dir, &chain, &key.serialize_pem())?;
-        Ok((info, chain))
+        let window = match leaf_identifier(&chain) {
+            Some(id) => {
+                account.renewal_info(&id).await.ok().map(|(r, _)| (r.suggested_window.start, r.suggested_window.end))
+            }
+            None => None,
+        };
+        Ok(Issued { info, chain, window })
     }
 
     async fn serve_tls_alpn(self: Arc<Self>, socket: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
@@ -784,12 +811,30 @@ fn causes(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_secs(1u64 << failures.min(12)).min(MAX_BACKOFF);
+/// A certificate order's result.
+struct Issued {
+    info: CertInfo,
+    chain: String,
+    /// The server's suggested renewal window (ARI), when it has one.
+    window: Option<(OffsetDateTime, OffsetDateTime)>,
+}
+
+/// The ARI identifier (AKI + serial) of the leaf of a PEM chain.
+fn leaf_identifier(chain_pem: &str) -> Option<instant_acme::CertificateIdentifier<'static>> {
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).next()?.ok()?;
+    instant_acme::CertificateIdentifier::try_from(&leaf).ok().map(|id| id.into_owned())
+}
+
+/// Uniform in [0, 1].
+fn random_fraction() -> f64 {
     let mut r = [0u8; 2];
     let _ = aws_lc_rs::rand::fill(&mut r);
-    let jitter = 0.9 + f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX) * 0.2;
-    base.mul_f64(jitter)
+    f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX)
+}
+
+fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_secs(1u64 << failures.min(12)).min(MAX_BACKOFF);
+    base.mul_f64(0.9 + random_fraction() * 0.2)
 }
 
 impl PublicCert {
