@@ -181,10 +181,7 @@ impl Admin {
     /// Serves until `stop` turns true.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         loop {
-            let (tcp, _) = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
-                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
+            let Some((tcp, _)) = crate::next_connection(&listener, &mut stop).await else { return };
             let this = self.clone();
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(10), this.handle(tcp)).await;

@@ -264,10 +264,7 @@ impl Edge {
     pub async fn serve_https(self: Arc<Self>, socket: TcpListener, mut stop: watch::Receiver<bool>) {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         loop {
-            let (tcp, peer) = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
-                a = socket.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
+            let Some((tcp, peer)) = crate::next_connection(&socket, &mut stop).await else { return };
             let (this, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move {
                 let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
@@ -343,10 +340,7 @@ impl Edge {
     /// Serves the plain-HTTP listener until `stop` turns true.
     pub async fn serve_http(self: Arc<Self>, socket: TcpListener, https_port: u16, mut stop: watch::Receiver<bool>) {
         loop {
-            let (tcp, _) = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
-                a = socket.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
+            let Some((tcp, _)) = crate::next_connection(&socket, &mut stop).await else { return };
             let this = self.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {

@@ -149,6 +149,29 @@ async fn bind_listeners(listeners: &[Arc<proxy::Listener>]) -> Result<Vec<(TcpLi
     Ok(bound)
 }
 
+/// The next accepted connection, or `None` once `stop` turns true. Accept
+/// errors (such as running out of file descriptors) are logged and retried
+/// after a pause.
+pub async fn next_connection(
+    socket: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => None,
+            a = socket.accept() => Some(a),
+        };
+        match accepted {
+            None => return None,
+            Some(Ok(a)) => return Some(a),
+            Some(Err(e)) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, SidecarError> {
     TcpListener::bind(addr).await.map_err(|source| SidecarError::Bind { addr, what: what.to_owned(), source })
 }

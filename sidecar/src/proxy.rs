@@ -51,20 +51,10 @@ impl Routes {
 /// Accepts on `socket` until `stop` turns true, then drains every listener
 /// it served.
 pub async fn serve(socket: TcpListener, routes: Routes, mut stop: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            a = socket.accept() => a,
-        };
-        match accepted {
-            Ok((tcp, peer)) => match routes.pick(tcp.local_addr().ok().map(|a| a.ip().to_canonical())) {
-                Some(listener) => listener.accept(tcp, peer),
-                None => tracing::debug!(%peer, "no listener for this local address; closed"),
-            },
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+    while let Some((tcp, peer)) = crate::next_connection(&socket, &mut stop).await {
+        match routes.pick(tcp.local_addr().ok().map(|a| a.ip().to_canonical())) {
+            Some(listener) => listener.accept(tcp, peer),
+            None => tracing::debug!(%peer, "no listener for this local address; closed"),
         }
     }
     drop(socket);

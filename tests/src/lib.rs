@@ -501,64 +501,21 @@ impl Pebble {
         let work = work.join(format!("pebble-{}", free_port()));
         std::fs::create_dir_all(&work).expect("pebble dir");
         // Debian's package ships no test certificates: make a CA and a localhost cert.
-        let openssl = |args: &[&str]| run_ok(Command::new(peer("openssl")).current_dir(&work).args(args));
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=pebble-test-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "srv.csr",
-            "-subj",
-            "/CN=localhost",
-        ]);
+        let openssl = |args: &str| run_ok(Command::new(peer("openssl")).current_dir(&work).args(args.split(' ')));
+        let new_key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+        openssl(&format!(
+            "req -x509 {new_key} -keyout ca.key -out ca.pem -days 30 -subj /CN=pebble-test-ca \
+             -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"
+        ));
+        openssl(&format!("req {new_key} -keyout key.pem -out srv.csr -subj /CN=localhost"));
         std::fs::write(
             work.join("ext.cnf"),
             format!("subjectAltName=DNS:localhost,DNS:host.docker.internal,IP:127.0.0.1,IP:{listen}\nextendedKeyUsage=serverAuth\n"),
         )
         .expect("write ext.cnf");
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-out",
-            "cert.pem",
-            "-extfile",
-            "ext.cnf",
-        ]);
+        openssl(
+            "x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 -out cert.pem -extfile ext.cnf",
+        );
         let (dns, dns_mgmt) = (free_port(), free_port());
         let dns_log = work.join("challtestsrv.log");
         let mut cts = Command::new(peer("pebble-challtestsrv"));

@@ -261,10 +261,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
 async fn serve_https(svc: Arc<Service>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let mut cached: Option<(u64, Arc<rustls::ServerConfig>)> = None;
     loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-        };
+        let Some((tcp, _)) = lanyard_sidecar::next_connection(&listener, &mut stop).await else { return };
         let Some(snapshot) = svc.api_certs.current() else { continue };
         let config = match &cached {
             Some((generation, c)) if *generation == snapshot.generation => c.clone(),
@@ -304,15 +301,11 @@ async fn serve_https(svc: Arc<Service>, listener: TcpListener, mut stop: watch::
     }
 }
 
-/// Plain HTTP: everything is redirected to HTTPS.
 /// The plain-HTTP listener: ACME HTTP-01 answers, and a redirect to HTTPS
 /// for everything else.
 async fn serve_http(svc: Arc<Service>, listener: TcpListener, https_port: u16, mut stop: watch::Receiver<bool>) {
     loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-        };
+        let Some((tcp, _)) = lanyard_sidecar::next_connection(&listener, &mut stop).await else { return };
         let svc = svc.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
