@@ -175,6 +175,8 @@ pub struct Acme {
     alpn: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
     eab: Mutex<HashMap<String, (String, String)>>,
     wake: Notify,
+    /// Orders that ended with a certificate, and orders that failed.
+    orders: [std::sync::atomic::AtomicU64; 2],
 }
 
 fn now() -> i64 {
@@ -206,6 +208,7 @@ impl Acme {
             alpn: Mutex::default(),
             eab: Mutex::default(),
             wake: Notify::new(),
+            orders: Default::default(),
         })
     }
 
@@ -381,6 +384,44 @@ impl Acme {
         Ok(cert)
     }
 
+    /// Prometheus text: orders by result, and per certificate its expiry,
+    /// next attempt, consecutive failures and whether the CA holds back.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let p = "lanyard_ca_acme";
+        lanyard_sidecar::metrics::header(&mut out, &format!("{p}_orders_total"), "counter", "ACME orders, by result.");
+        for (i, result) in ["success", "failure"].iter().enumerate() {
+            let n = self.orders[i].load(std::sync::atomic::Ordering::Relaxed);
+            let _ = writeln!(out, "{p}_orders_total{{result=\"{result}\"}} {n}");
+        }
+        let certs = self.list().unwrap_or_default();
+        let gauges: [Gauge; 4] = [
+            ("cert_expiration_timestamp_seconds", "notAfter of each public certificate.", |c| {
+                let t = c.expires_at.as_deref()?;
+                OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .ok()
+                    .map(|t| t.unix_timestamp())
+            }),
+            ("next_attempt_timestamp_seconds", "Next order of each public certificate.", |c| {
+                (c.next_attempt != i64::MAX).then_some(c.next_attempt)
+            }),
+            ("failures", "Consecutive failed orders of each public certificate.", |c| Some(i64::from(c.failures))),
+            ("held_back", "1 while the CA holds back to stay under the ACME server's limits.", |c| {
+                Some(i64::from(c.held_back.is_some()))
+            }),
+        ];
+        for (name, help, value) in gauges {
+            lanyard_sidecar::metrics::header(&mut out, &format!("{p}_{name}"), "gauge", help);
+            for c in &certs {
+                if let Some(v) = value(c) {
+                    let _ = writeln!(out, "{p}_{name}{{cert=\"{}\"}} {v}", c.cert_name);
+                }
+            }
+        }
+        out
+    }
+
     /// The key authorization for an HTTP-01 token, if one is pending.
     pub fn http01(&self, token: &str) -> Option<String> {
         self.http01.lock().unwrap_or_else(|e| e.into_inner()).get(token).cloned()
@@ -445,6 +486,7 @@ impl Acme {
         };
         match result {
             Ok(Issued { info, chain, window }) => {
+                self.orders[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(cert = %latest.cert_name, serial = %info.serial, not_after = %rfc3339(info.not_after), took = ?started.elapsed(), "public certificate issued");
                 latest.status = "valid".into();
                 latest.record_served(&info, &chain);
@@ -464,6 +506,7 @@ impl Acme {
                 };
             }
             Err(e) => {
+                self.orders[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 latest.failures += 1;
                 let wait = backoff(latest.failures);
                 tracing::warn!(cert = %latest.cert_name, failures = latest.failures, retry_in = ?wait, "order failed: {e}");
@@ -807,6 +850,9 @@ fn causes(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// A per-certificate gauge: name, help, value.
+type Gauge = (&'static str, &'static str, fn(&PublicCert) -> Option<i64>);
 
 /// A certificate order's result.
 struct Issued {

@@ -147,7 +147,7 @@ impl Service {
 
     /// Prometheus text.
     pub fn metrics_text(&self) -> String {
-        self.metrics.render(&self.authority.store().schedules().unwrap_or_default())
+        self.metrics.render(&self.authority.store().schedules().unwrap_or_default()) + &self.acme.metrics()
     }
 }
 

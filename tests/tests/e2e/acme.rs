@@ -288,6 +288,10 @@ fn failures_back_off_keep_serving_and_survive_restarts() {
     let s = status(&server);
     assert_eq!(s["status"], "valid", "{s}");
     assert_eq!(s["failures"], 0, "{s}");
+    let (_, metrics) = curl_api(&pki, "GET", &server.url("/metrics"), None, None);
+    assert!(metrics.contains("lanyard_ca_acme_orders_total{result=\"success\"} 1"), "{metrics}");
+    assert!(metrics.contains("lanyard_ca_acme_failures{cert=\"www\"} 0"), "{metrics}");
+    assert!(metrics.contains("lanyard_ca_acme_cert_expiration_timestamp_seconds{cert=\"www\"} "), "{metrics}");
     assert!(s["last_error"].is_null(), "{s}");
     assert!(server.log_text().contains("registering again"), "a lost account is registered again");
 }
