@@ -27,10 +27,12 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::certdir::CertDir;
@@ -42,6 +44,10 @@ use crate::tls::{self, TlsConfigError};
 
 /// The path prefix of ACME HTTP-01 challenges.
 pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+/// Where the CA's plain-HTTP listener hands out TLS-ALPN-01 validation
+/// certificates (`PREFIX<name>`), which the edge serves to `acme-tls/1` clients.
+pub const TLS_ALPN_PREFIX: &str = "/.well-known/acme-tls-alpn/";
+const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// A TLS profile from Mozilla's server-side TLS guidelines.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -219,6 +225,7 @@ pub struct Edge {
     tls: Arc<rustls::ServerConfig>,
     headers: Vec<(HeaderName, HeaderValue)>,
     client: Client<HttpConnector, Incoming>,
+    fetch: Client<HttpConnector, http_body_util::Empty<Bytes>>,
 }
 
 /// Headers that describe one hop and are not forwarded.
@@ -245,7 +252,8 @@ impl Edge {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         tls.ignore_client_order = true;
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Ok(Arc::new(Self { config, stores, tls: Arc::new(tls), headers, client }))
+        let fetch = Client::builder(TokioExecutor::new()).build_http();
+        Ok(Arc::new(Self { config, stores, tls: Arc::new(tls), headers, client, fetch }))
     }
 
     /// Why the edge is not ready, if it is not: a cert dir with no valid set.
@@ -262,12 +270,10 @@ impl Edge {
 
     /// Serves HTTPS until `stop` turns true.
     pub async fn serve_https(self: Arc<Self>, socket: TcpListener, mut stop: watch::Receiver<bool>) {
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
-        loop {
-            let Some((tcp, peer)) = crate::next_connection(&socket, &mut stop).await else { return };
-            let (this, acceptor) = (self.clone(), acceptor.clone());
+        while let Some((tcp, peer)) = crate::next_connection(&socket, &mut stop).await {
+            let this = self.clone();
             tokio::spawn(async move {
-                let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
+                let Ok(Some(tls)) = tokio::time::timeout(Duration::from_secs(10), this.handshake(tcp)).await else {
                     return;
                 };
                 let service = hyper::service::service_fn(move |req| {
@@ -279,6 +285,74 @@ impl Edge {
                     .await;
             });
         }
+    }
+
+    /// The TLS handshake; `None` when it fails, or when it was an ACME
+    /// TLS-ALPN-01 validation, answered with the CA's certificate and closed.
+    async fn handshake(&self, tcp: TcpStream) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+        let start = match tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await {
+            Ok(start) => start,
+            Err(e) => {
+                tracing::debug!(edge = %self.config.name, "no TLS client hello: {e}");
+                return None;
+            }
+        };
+        let hello = start.client_hello();
+        if hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN)) {
+            let name = hello.server_name()?.to_owned();
+            let Some(config) = self.tls_alpn_config(&name).await else {
+                tracing::warn!(edge = %self.config.name, %name, "cannot answer a TLS-ALPN-01 validation: no certificate from the CA");
+                return None;
+            };
+            match start.into_stream(config).await {
+                Ok(mut tls) => {
+                    tracing::info!(edge = %self.config.name, %name, "answered a TLS-ALPN-01 validation");
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+                }
+                Err(e) => tracing::warn!(edge = %self.config.name, %name, "TLS-ALPN-01 handshake failed: {e}"),
+            }
+            return None;
+        }
+        start.into_stream(self.tls.clone()).await.ok()
+    }
+
+    /// A config that presents the CA's TLS-ALPN-01 certificate for `name`.
+    async fn tls_alpn_config(&self, name: &str) -> Option<Arc<rustls::ServerConfig>> {
+        let ca = self.config.acme_forward.as_ref()?;
+        let uri: Uri = format!("http://{ca}{TLS_ALPN_PREFIX}{name}").parse().ok()?;
+        let response = match self.fetch.get(uri).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(edge = %self.config.name, %name, "cannot reach the CA at {ca} for TLS-ALPN-01: {e}");
+                return None;
+            }
+        };
+        if response.status() != StatusCode::OK {
+            tracing::warn!(edge = %self.config.name, %name, "no TLS-ALPN-01 certificate at the CA ({})", response.status());
+            return None;
+        }
+        let pem = response.into_body().collect().await.ok()?.to_bytes();
+        let built = (|| {
+            let chain =
+                CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| e.to_string())?;
+            // A resolver, not with_single_cert: rustls would refuse the
+            // critical acmeIdentifier extension of its own certificate.
+            let key = tls::certified_key(chain, &key).map_err(|e| e.to_string())?;
+            rustls::ServerConfig::builder_with_provider(tls::provider())
+                .with_safe_default_protocol_versions()
+                .map(|b| b.with_no_client_auth().with_cert_resolver(Arc::new(tls::FixedCert(key))))
+                .map_err(|e| e.to_string())
+        })();
+        let mut config = match built {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(edge = %self.config.name, %name, "unusable TLS-ALPN-01 certificate from the CA: {e}");
+                return None;
+            }
+        };
+        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        Some(Arc::new(config))
     }
 
     /// Proxies one request to the app.

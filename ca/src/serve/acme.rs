@@ -35,6 +35,9 @@ pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt
 
 /// Where HTTP-01 validations ask.
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+/// Where edge sidecars fetch TLS-ALPN-01 validation certificates, on the
+/// CA's plain-HTTP listener (`lanyard_sidecar::edge::TLS_ALPN_PREFIX`).
+pub const TLS_ALPN_PREFIX: &str = lanyard_sidecar::edge::TLS_ALPN_PREFIX;
 
 const KIND_CERT: &str = "public_cert";
 const KIND_ACCOUNT: &str = "acme_account";
@@ -172,7 +175,7 @@ pub struct Acme {
     /// HTTP-01 token -> key authorization.
     http01: Mutex<HashMap<String, String>>,
     /// TLS-ALPN-01 name -> validation certificate.
-    alpn: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
+    alpn: Mutex<HashMap<String, AlpnCert>>,
     eab: Mutex<HashMap<String, (String, String)>>,
     wake: Notify,
     /// Orders that ended with a certificate, and orders that failed.
@@ -420,6 +423,12 @@ impl Acme {
             }
         }
         out
+    }
+
+    /// The TLS-ALPN-01 validation certificate and key (PEM) for `name`, if
+    /// one is pending: edge sidecars fetch it to answer on port 443.
+    pub fn tls_alpn01(&self, name: &str) -> Option<String> {
+        self.alpn.lock().unwrap_or_else(|e| e.into_inner()).get(name).map(|c| c.pem.clone())
     }
 
     /// The key authorization for an HTTP-01 token, if one is pending.
@@ -801,22 +810,31 @@ impl std::fmt::Debug for Acme {
 impl rustls::server::ResolvesServerCert for AlpnResolver {
     fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
         let name = hello.server_name()?.to_owned();
-        self.0.alpn.lock().unwrap_or_else(|e| e.into_inner()).get(&name).cloned()
+        self.0.alpn.lock().unwrap_or_else(|e| e.into_inner()).get(&name).map(|c| c.key.clone())
     }
+}
+
+/// A TLS-ALPN-01 validation certificate, ready to serve and as PEM for
+/// edge sidecars (its key proves nothing beyond this one challenge).
+#[derive(Clone)]
+struct AlpnCert {
+    key: Arc<rustls::sign::CertifiedKey>,
+    pem: String,
 }
 
 /// The self-signed certificate RFC 8737 asks for: the name, and the key
 /// authorization digest in a critical acmeIdentifier extension.
-fn alpn_certificate(name: &str, digest: &[u8]) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+fn alpn_certificate(name: &str, digest: &[u8]) -> Result<AlpnCert, String> {
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).map_err(|e| e.to_string())?;
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    lanyard_sidecar::tls::certified_key(
+    let certified = lanyard_sidecar::tls::certified_key(
         vec![cert.der().clone()],
         &rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    Ok(AlpnCert { key: certified, pem: cert.pem() + &key.serialize_pem() })
 }
 
 /// Validates a chain and key and writes them as a cert dir, with the top of

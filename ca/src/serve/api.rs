@@ -111,6 +111,16 @@ pub fn acme_challenge(svc: &Service, path: &str) -> Option<Reply> {
     })
 }
 
+/// A TLS-ALPN-01 validation certificate for an edge sidecar, when `path` asks
+/// for one (plain-HTTP listener only).
+pub fn tls_alpn_challenge(svc: &Service, path: &str) -> Option<Reply> {
+    let name = path.strip_prefix(crate::serve::acme::TLS_ALPN_PREFIX)?;
+    Some(match svc.acme.tls_alpn01(name) {
+        Some(pem) => reply(StatusCode::OK, "application/x-pem-file", pem),
+        None => error(StatusCode::NOT_FOUND, "no pending TLS-ALPN-01 challenge for this name"),
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreatePublic {

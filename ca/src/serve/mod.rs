@@ -311,7 +311,8 @@ async fn serve_http(svc: Arc<Service>, listener: TcpListener, https_port: u16, m
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let svc = svc.clone();
                 async move {
-                    if let Some(r) = api::acme_challenge(&svc, req.uri().path()) {
+                    let path = req.uri().path();
+                    if let Some(r) = api::acme_challenge(&svc, path).or_else(|| api::tls_alpn_challenge(&svc, path)) {
                         return Ok::<_, std::convert::Infallible>(r);
                     }
                     let host = req

@@ -79,9 +79,10 @@ fn admin_api(pki: &Pki, server: &CaServer, method: &str, path: &str, body: Optio
 fn edge_serves_acme_certificates_from_http01_and_tls_alpn01() {
     let pki = Pki::new(&[]);
     let (ca_http, edge_http, edge_https, tls_alpn) = (free_port(), free_port(), free_port(), free_port());
-    // Pebble validates HTTP-01 on the edge's port 80 stand-in; the edge
-    // forwards the challenge path to the CA.
-    let pebble = Pebble::start(pki.tmp.path(), edge_http, tls_alpn, 60 * 24 * 3600, &[]);
+    // Pebble validates on the edge's stand-ins for ports 80 and 443: the edge
+    // forwards HTTP-01 requests to the CA, and answers TLS-ALPN-01 itself
+    // with the validation certificate it fetches from the CA.
+    let pebble = Pebble::start(pki.tmp.path(), edge_http, edge_https, 60 * 24 * 3600, &[]);
     let (www, alpn) = (pki.state().join("public/www"), pki.state().join("public/alpn"));
     let app = http_upstream();
     let edge = Sidecar::start(
@@ -112,8 +113,11 @@ fn edge_serves_acme_certificates_from_http01_and_tls_alpn01() {
     let public = public_entry("www", &["example.test", "www.example.test"], "http-01", &pebble)
         + &public_entry("alpn", &["alpn.example.test"], "tls-alpn-01", &pebble);
     let server = ca_with_public(&pki, &pebble, ca_http, tls_alpn, &public);
-    wait_until(Duration::from_secs(30), "both public certificates", || {
-        serial_of(&www).is_some() && serial_of(&alpn).is_some()
+    poll_until_ok(Duration::from_secs(30), Duration::from_millis(50), "both public certificates", || {
+        if serial_of(&www).is_some() && serial_of(&alpn).is_some() {
+            return Ok(());
+        }
+        Err(format!("CA:\n{}\nedge:\n{}", server.log_text(), edge.log_text()))
     });
     // Served through the normal reload, without a restart.
     let root = pebble.root();
@@ -148,6 +152,7 @@ fn edge_serves_acme_certificates_from_http01_and_tls_alpn01() {
         .arg(format!("http://127.0.0.1:{edge_http}/.well-known/acme-challenge/unknown-token")));
     assert!(text(&out.stdout).contains("no pending challenge"), "forwarded to the CA: {out:?}");
     assert!(server.log_text().contains("public certificate issued cert=www"), "{}", server.log_text());
+    assert!(edge.log_text().contains("answered a TLS-ALPN-01 validation"), "{}", edge.log_text());
 
     // The scanners, against the ACME certificate.
     let sslyze_json = pki.path("sslyze.json");
@@ -182,12 +187,13 @@ fn renewals_are_unattended_and_the_edge_never_fails() {
     let (ca_http, edge_https, tls_alpn) = (free_port(), free_port(), free_port());
     let pebble = Pebble::start(pki.tmp.path(), ca_http, tls_alpn, 12, &[]);
     let www = pki.state().join("public/www");
+    // TLS-ALPN-01 here, answered by the CA's own listener.
     let _server = ca_with_public(
         &pki,
         &pebble,
         ca_http,
         tls_alpn,
-        &public_entry("www", &["www.example.test"], "http-01", &pebble),
+        &public_entry("www", &["www.example.test"], "tls-alpn-01", &pebble),
     );
     wait_until(Duration::from_secs(30), "the first certificate", || serial_of(&www).is_some());
     let app = http_upstream();
