@@ -939,6 +939,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn holds_back_under_the_published_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        let acme = Acme::new(store, AcmeSettings::default(), dir.path());
+        let cert = acme.create("shop", vec!["shop.example.com".into()], "a@example.com".into(), None).unwrap();
+        assert!(acme.rate_limited(&cert).is_none());
+        for _ in 0..MAX_FAILED_VALIDATIONS_PER_NAME_PER_HOUR {
+            acme.record_event("failed", "shop.example.com");
+        }
+        let (why, until) = acme.rate_limited(&cert).unwrap();
+        assert!(why.contains("5 failed validations in the last hour"), "{why}");
+        assert!(until > now() + 3500 && until <= now() + 3600, "{until}");
+        // Orders count per registered domain, across names.
+        let other = acme.create("api", vec!["api.example.com".into()], "a@example.com".into(), None).unwrap();
+        assert!(acme.rate_limited(&other).is_none());
+        for i in 0..MAX_ORDERS_PER_DOMAIN_PER_WEEK {
+            acme.record_event("order", &format!("n{i}.example.com"));
+        }
+        let (why, _) = acme.rate_limited(&other).unwrap();
+        assert!(why.starts_with("example.com: 50 orders in 7 days"), "{why}");
+    }
+
+    #[test]
     fn registered_domains_and_backoff() {
         assert_eq!(registered_domain("a.b.example.com"), "example.com");
         assert_eq!(registered_domain("*.example.com"), "example.com");
