@@ -272,7 +272,7 @@ impl Acme {
             }
         }
         for cert in self.list()? {
-            if cert.source == "config" && !configured.iter().any(|c| c.cert_name_is(&cert.cert_name)) {
+            if cert.source == "config" && !configured.iter().any(|c| c.name == cert.cert_name) {
                 self.remove(&cert.cert_name)?;
             }
         }
@@ -372,9 +372,7 @@ impl Acme {
             return Err(PublicError::Invalid(format!("certificate name {name:?}: use letters, digits and '-'")));
         }
         let mut cert = self.get(name)?.unwrap_or_else(|| PublicCert::new(name, "upload"));
-        if cert.source != "upload" {
-            cert.source = "upload".into();
-        }
+        cert.source = "upload".into();
         if cert.out_dir.as_os_str().is_empty() {
             cert.out_dir = self.state_dir.join("public").join(name);
         }
@@ -487,10 +485,7 @@ impl Acme {
         // The document may have changed meanwhile (API); keep its edits.
         let mut latest = match self.get(&cert.cert_name) {
             Ok(Some(c)) if c.domains == cert.domains => c,
-            Ok(Some(c)) => {
-                let _ = self.put(&c);
-                return;
-            }
+            // Domains changed meanwhile: that change already asked for a new order.
             _ => return,
         };
         match result {
@@ -925,12 +920,6 @@ impl PublicCert {
         self.expires_at = Some(rfc3339(info.not_after));
         self.fingerprint = Some(info.sha256.clone());
         self.chain = Some(chain.to_owned());
-    }
-}
-
-impl PublicConfig {
-    fn cert_name_is(&self, name: &str) -> bool {
-        self.name == name
     }
 }
 
