@@ -478,6 +478,8 @@ pub struct Pebble {
     validity: u64,
     env: Vec<(String, String)>,
     resolver: u16,
+    /// External account binding: (key ID, base64url HMAC key), when required.
+    eab: Option<(String, String)>,
 }
 
 impl Pebble {
@@ -539,6 +541,7 @@ impl Pebble {
             validity,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             resolver: dns,
+            eab: None,
         };
         p.restart();
         p
@@ -549,7 +552,7 @@ impl Pebble {
     pub fn restart(&mut self) {
         self.server = None;
         let config = format!(
-            r#"{{"pebble": {{"listenAddress": "{}:{}", "managementListenAddress": "127.0.0.1:{}", "certificate": {:?}, "privateKey": {:?}, "httpPort": {}, "tlsPort": {}, "ocspResponderURL": "http://127.0.0.1:4002", "externalAccountBindingRequired": false, "certificateValidityPeriod": {}}}}}"#,
+            r#"{{"pebble": {{"listenAddress": "{}:{}", "managementListenAddress": "127.0.0.1:{}", "certificate": {:?}, "privateKey": {:?}, "httpPort": {}, "tlsPort": {}, "ocspResponderURL": "http://127.0.0.1:4002", "certificateValidityPeriod": {}, {}}}}}"#,
             self.listen,
             self.acme,
             self.mgmt,
@@ -557,7 +560,12 @@ impl Pebble {
             self.work.join("key.pem"),
             self.http_port,
             self.tls_port,
-            self.validity
+            self.validity,
+            match &self.eab {
+                Some((kid, key)) =>
+                    format!(r#""externalAccountBindingRequired": true, "externalAccountMACKeys": {{"{kid}": "{key}"}}"#),
+                None => r#""externalAccountBindingRequired": false"#.to_owned(),
+            }
         );
         let path = self.work.join("pebble.json");
         std::fs::write(&path, config).expect("write pebble.json");
@@ -573,6 +581,12 @@ impl Pebble {
         let addr = format!("{}:{}", self.listen, self.acme).parse().expect("listen address");
         guard.wait_for_port(addr, &log);
         self.server = Some(guard);
+    }
+
+    /// Requires external account binding with this key from now on.
+    pub fn require_eab(&mut self, kid: &str, hmac_key_b64url: &str) {
+        self.eab = Some((kid.to_owned(), hmac_key_b64url.to_owned()));
+        self.restart();
     }
 
     /// Validates names through another DNS server from now on.

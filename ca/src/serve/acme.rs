@@ -488,6 +488,8 @@ impl Acme {
             // Domains changed meanwhile: that change already asked for a new order.
             _ => return,
         };
+        // A renewal asked for during the order (API) must not be lost.
+        let requested = (latest.next_attempt != cert.next_attempt).then_some(latest.next_attempt);
         match result {
             Ok(Issued { info, chain, window }) => {
                 self.orders[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -520,6 +522,9 @@ impl Acme {
                 latest.last_error = Some(e);
                 latest.next_attempt = now() + wait.as_secs() as i64;
             }
+        }
+        if let Some(at) = requested {
+            latest.next_attempt = latest.next_attempt.min(at);
         }
         let _ = self.put(&latest);
     }

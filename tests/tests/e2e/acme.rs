@@ -248,15 +248,19 @@ fn failures_back_off_keep_serving_and_survive_restarts() {
     let www = pki.state().join("public/www");
     let public = public_entry("www", &["www.example.test"], "http-01", &pebble);
     let server = ca_with_public(&pki, &pebble, ca_http, tls_alpn, &public);
-    wait_until(Duration::from_secs(30), "the first certificate", || serial_of(&www).is_some());
-    let first = serial_of(&www).unwrap();
     let status = |server: &CaServer| admin_api(&pki, server, "GET", "/certificates/www", None).1;
+    wait_until(Duration::from_secs(30), "the first certificate", || status(&server)["status"] == "valid");
+    let first = serial_of(&www).unwrap();
 
     // A challenge that cannot validate: retried with backoff, old cert kept.
     pebble.set_a("www.example.test", "127.0.0.2");
     assert_eq!(admin_api(&pki, &server, "POST", "/certificates/www/renew", None).0, 202);
-    poll_until(Duration::from_secs(30), Duration::from_millis(200), "two failed attempts", || {
-        status(&server)["failures"].as_u64().unwrap_or(0) >= 2
+    poll_until_ok(Duration::from_secs(60), Duration::from_millis(200), "two failed attempts", || {
+        let s = status(&server);
+        if s["failures"].as_u64().unwrap_or(0) >= 2 {
+            return Ok(());
+        }
+        Err(format!("{s}\n{}", server.log_text()))
     });
     let s = status(&server);
     assert!(s["last_error"].as_str().unwrap_or("").contains("validation"), "{s}");
@@ -478,4 +482,32 @@ fn dns01_wildcard_through_rfc2136_updates_to_bind() {
     names.sort();
     assert_eq!(names, ["*.example.test", "example.test"]);
     assert_eq!(bind.txt("_acme-challenge.example.test"), "", "the challenge records are removed afterwards");
+}
+
+#[test]
+fn external_account_binding_is_used_when_configured() {
+    let pki = Pki::new(&[]);
+    let (ca_http, tls_alpn) = (free_port(), free_port());
+    let mut pebble = Pebble::start(pki.tmp.path(), ca_http, tls_alpn, 3600, &[]);
+    let hmac = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    pebble.require_eab("kid-1", hmac);
+    let eab = public_entry("bound", &["bound.example.test"], "http-01", &pebble)
+        + &format!("eab_kid = \"kid-1\"\neab_hmac_key = \"{hmac}\"\n");
+    // Another account (accounts are per directory and email), without a binding.
+    let unbound = public_entry("unbound", &["unbound.example.test"], "http-01", &pebble)
+        .replace("ops@example.test", "other@example.test");
+    let server = ca_with_public(&pki, &pebble, ca_http, tls_alpn, &(eab + &unbound));
+    let bound = pki.state().join("public/bound");
+    poll_until_ok(Duration::from_secs(30), Duration::from_millis(100), "the EAB-bound certificate", || {
+        serial_of(&bound).map(drop).ok_or_else(|| server.log_text())
+    });
+    // Without the binding the account is refused, with a clear error.
+    poll_until_ok(Duration::from_secs(30), Duration::from_millis(100), "the unbound account refused", || {
+        let (_, c) = admin_api(&pki, &server, "GET", "/certificates/unbound", None);
+        match c["last_error"].as_str() {
+            Some(e) if e.contains("cannot register an account") => Ok(()),
+            _ => Err(c.to_string()),
+        }
+    });
+    assert!(serial_of(&pki.state().join("public/unbound")).is_none());
 }
