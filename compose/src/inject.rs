@@ -77,6 +77,8 @@ struct Plan {
     /// Opted-out services the app still reaches directly.
     plain: BTreeSet<String>,
     networks: usize,
+    /// The app's HTTP port behind the edge, for a service with public names.
+    public_port: Option<u16>,
 }
 
 /// Rewrites `compose` so that every service is behind a Lanyard sidecar.
@@ -126,7 +128,7 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
     let public: Vec<&Service> = compose
         .services
         .iter()
-        .filter(|s| plans.contains_key(s.name.as_str()) && !s.options.public.is_empty())
+        .filter(|s| plans.get(s.name.as_str()).is_some_and(|p| p.public_port.is_some()))
         .collect();
     if public.len() > 1 {
         return Err(ComposeError::service(
@@ -135,19 +137,8 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
             format!("{} already takes the host's edge ports; put every public name on one service", public[0].name),
         ));
     }
-    if let Some(s) = public.first() {
-        if defaults.acme_email.is_none() {
-            return Err(ComposeError::top("x-lanyard.acme_email", "public names need an ACME account email"));
-        }
-        let plan = &plans[s.name.as_str()];
-        let port = s.options.public_port.or_else(|| plan.inbound.first().map(|(p, _)| *p));
-        if port.is_none_or(|p| !plan.inbound.iter().any(|(q, _)| *q == p)) {
-            return Err(ComposeError::service(
-                &s.name,
-                "x-lanyard.public_port",
-                "the edge needs the app's HTTP port: set public_port to one of the service's ports",
-            ));
-        }
+    if !public.is_empty() && defaults.acme_email.is_none() {
+        return Err(ComposeError::top("x-lanyard.acme_email", "public names need an ACME account email"));
     }
     if plans.is_empty() {
         return Err(ComposeError::top("services", "no service to protect: every service is opted out or has no ports"));
@@ -184,7 +175,7 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
             networks.insert(private_network(&s.name, k).into(), Value::Mapping(settings));
         }
         volumes.insert(certs_volume(&s.name).into(), Value::Null);
-        if !s.options.public.is_empty() {
+        if plan.public_port.is_some() {
             volumes.insert(public_volume(&s.name).into(), Value::Null);
             // The CA reaches the ACME server, and the edge reaches the CA, through it.
             networks.insert(format!("{PREFIX}control").into(), Value::Mapping(Mapping::new()));
@@ -298,8 +289,22 @@ fn plan(
     if ports.is_empty() && outbound.is_empty() {
         return Ok(None);
     }
-    let inbound = ports.iter().map(|(p, proto)| (*p, *proto)).collect();
-    Ok(Some(Plan { inbound, outbound, plain, networks }))
+    let inbound: Vec<(u16, Protocol)> = ports.iter().map(|(p, proto)| (*p, *proto)).collect();
+    let public_port = if s.options.public.is_empty() {
+        None
+    } else {
+        match s.options.public_port.or_else(|| inbound.first().map(|(p, _)| *p)) {
+            Some(p) if inbound.iter().any(|(q, _)| *q == p) => Some(p),
+            _ => {
+                return Err(ComposeError::service(
+                    &s.name,
+                    "x-lanyard.public_port",
+                    "the edge needs the app's HTTP port: set public_port to one of the service's ports",
+                ))
+            }
+        }
+    };
+    Ok(Some(Plan { inbound, outbound, plain, networks, public_port }))
 }
 
 impl Plan {
@@ -605,9 +610,8 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults) -> Result<Valu
     config.insert("cert_dir".into(), SIDECAR_CERTS.into());
     config.insert("admin".into(), format!("127.0.0.1:{}", defaults.admin_port).into());
     config.insert("listener".into(), listeners.into());
-    let public = !s.options.public.is_empty();
-    if public {
-        let port = s.options.public_port.or_else(|| plan.inbound.first().map(|(p, _)| *p)).unwrap_or(80);
+    let public = plan.public_port.is_some();
+    if let Some(port) = plan.public_port {
         let mut edge = toml::Table::new();
         edge.insert("name".into(), "public".into());
         edge.insert("https_listen".into(), "0.0.0.0:443".into());
@@ -686,7 +690,7 @@ fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compo
     config.insert("https_listen".into(), format!("0.0.0.0:{CA_API_PORT}").into());
     config.insert("identity".into(), identities.into());
     let public: Vec<&Service> =
-        plans.keys().filter_map(|n| compose.service(n)).filter(|s| !s.options.public.is_empty()).collect();
+        plans.iter().filter(|(_, p)| p.public_port.is_some()).filter_map(|(n, _)| compose.service(n)).collect();
     let mut publics = Vec::new();
     for s in &public {
         let mut p = toml::Table::new();

@@ -211,10 +211,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tracing::warn!("{why}");
         }
         for s in &edge.stores {
-            let mut watch_stop = stop_rx.clone();
-            tokio::spawn(s.clone().watch(async move {
-                let _ = watch_stop.wait_for(|s| *s).await;
-            }));
+            s.spawn_watch(stop_rx.clone());
         }
         let https_addrs = resolve(&ec.https_listen, &ec.name).await?;
         let https_port = ec.https_listen.port();
@@ -238,10 +235,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let admin = Arc::new(admin::Admin::new(store.clone(), listeners.clone(), edges.clone())?);
         tokio::spawn(admin.serve(socket, stop_rx.clone()));
     }
-    let mut watch_stop = stop_rx.clone();
-    let watcher = tokio::spawn(store.clone().watch(async move {
-        let _ = watch_stop.wait_for(|s| *s).await;
-    }));
+    let watcher = store.spawn_watch(stop_rx.clone());
 
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining open ones");

@@ -135,6 +135,13 @@ impl CertStore {
         ReloadOutcome::Rejected
     }
 
+    /// Spawns [`CertStore::watch`] until `stop` turns true.
+    pub fn spawn_watch(self: &Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.clone().watch(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }))
+    }
+
     /// Watches the directory until `shutdown` resolves: file events
     /// (debounced) and a slow poll both trigger [`CertStore::reload`].
     pub async fn watch(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {

@@ -153,11 +153,7 @@ pub fn wait_until(timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
 
 /// Polls `cond` every `every` until it holds or `timeout` passes.
 pub fn poll_until(timeout: Duration, every: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(every);
-    }
+    poll_until_ok(timeout, every, what, || if cond() { Ok(()) } else { Err("not yet".into()) });
 }
 
 /// Polls `check` every `every` until it returns `Ok`, or panics after

@@ -188,8 +188,8 @@ fn now() -> i64 {
 
 /// The registered domain of a name, for rate limits: its last two labels
 /// (an approximation of the public suffix list).
-fn registered_domain(name: &str) -> String {
-    let labels: Vec<&str> = name.trim_start_matches("*.").rsplitn(3, '.').collect();
+pub(crate) fn registered_domain(name: &str) -> String {
+    let labels: Vec<&str> = name.trim_start_matches("*.").trim_end_matches('.').rsplitn(3, '.').collect();
     labels.iter().take(2).rev().copied().collect::<Vec<_>>().join(".")
 }
 
@@ -532,9 +532,14 @@ impl Acme {
     /// Whether an order now would break a published limit: the reason and
     /// when to look again.
     fn rate_limited(&self, cert: &PublicCert) -> Option<(String, i64)> {
-        let events: Vec<Event> =
-            self.store.docs(KIND_EVENT).ok()?.iter().filter_map(|(_, j)| serde_json::from_str(j).ok()).collect();
         let t = now();
+        let all = self.store.docs(KIND_EVENT).ok()?;
+        // Forget events older than the longest window (keys start with the time).
+        let cutoff = format!("{:012}", t - 8 * 24 * 3600);
+        for (k, _) in all.iter().filter(|(k, _)| *k < cutoff) {
+            let _ = self.store.delete_doc(KIND_EVENT, k);
+        }
+        let events: Vec<Event> = all.iter().filter_map(|(_, j)| serde_json::from_str(j).ok()).collect();
         for d in &cert.domains {
             let failed: Vec<i64> =
                 events.iter().filter(|e| e.kind == "failed" && &e.name == d && e.at > t - 3600).map(|e| e.at).collect();
@@ -567,13 +572,6 @@ impl Acme {
         let key = format!("{at:012}-{}", lanyard_sidecar::certinfo::hex(&id));
         let json = serde_json::json!({"at": at, "name": name, "kind": kind}).to_string();
         let _ = self.store.put_doc(KIND_EVENT, &key, &json);
-        // Forget events older than the longest window.
-        if let Ok(all) = self.store.docs(KIND_EVENT) {
-            let cutoff = format!("{:012}", at - 8 * 24 * 3600);
-            for (k, _) in all.iter().filter(|(k, _)| *k < cutoff) {
-                let _ = self.store.delete_doc(KIND_EVENT, k);
-            }
-        }
     }
 
     fn http_client(&self) -> Result<Option<Box<dyn instant_acme::HttpClient>>, String> {
@@ -766,7 +764,11 @@ impl Acme {
             )
             .await
             .map_err(|e| format!("certificate download: {e}"))?;
-        let info = write_public(&cert.out_dir, &chain, &key.serialize_pem())?;
+        // Validation and the fsyncs of the cert-dir swap are blocking work.
+        let (out_dir, chain_copy, key_pem) = (cert.out_dir.clone(), chain.clone(), key.serialize_pem());
+        let info = tokio::task::spawn_blocking(move || write_public(&out_dir, &chain_copy, &key_pem))
+            .await
+            .map_err(|e| format!("cert dir writer: {e}"))??;
         let window = match leaf_identifier(&chain) {
             Some(id) => {
                 account.renewal_info(&id).await.ok().map(|(r, _)| (r.suggested_window.start, r.suggested_window.end))

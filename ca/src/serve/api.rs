@@ -182,7 +182,12 @@ async fn public_certificates(svc: &Service, method: &Method, rest: &str, req: Re
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            public_reply(svc.acme.upload(name, &body.certificate, &body.key).map(to_json), StatusCode::OK)
+            let (acme, name) = (svc.acme.clone(), name.to_string());
+            let uploaded = tokio::task::spawn_blocking(move || acme.upload(&name, &body.certificate, &body.key)).await;
+            match uploaded {
+                Ok(result) => public_reply(result.map(to_json), StatusCode::OK),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
         }
         (&Method::POST, [name, "renew"]) => public_reply(svc.acme.renew_now(name).map(to_json), StatusCode::ACCEPTED),
         (&Method::DELETE, [name, "domains", domain]) => public_reply(

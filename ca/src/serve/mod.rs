@@ -235,10 +235,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
             Err(e) => return Err(CaError::Config { origin: "docker".into(), what: e }),
         }
     }
-    let mut watch_stop = stop_rx.clone();
-    tokio::spawn(api_certs.clone().watch(async move {
-        let _ = watch_stop.wait_for(|s| *s).await;
-    }));
+    api_certs.spawn_watch(stop_rx.clone());
 
     let https = bind(config.https_listen, "https_listen").await?;
     let http = bind(config.http_listen, "http_listen").await?;
