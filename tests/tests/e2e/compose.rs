@@ -100,6 +100,21 @@ impl Drop for Project {
     }
 }
 
+/// A free loopback port below the kernel's ephemeral range. The fleet's
+/// published ports are released during `down` and bound again by `up`;
+/// another test's port-0 listener or outgoing connection could take an
+/// ephemeral port in between, but never one of these.
+fn stable_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 8_000) as u16;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 4_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Runs the test app image as a rogue container on `network`.
 fn rogue(network: &str, args: &[&str]) -> std::process::Output {
     run(docker()
@@ -166,7 +181,7 @@ fn injected_fleet_is_mtls_on_every_hop() {
     // Pebble runs beside the fleet on the host, on the Docker bridge's
     // gateway address (host.docker.internal inside the CA), and validates
     // HTTP-01 on the edge's published port 80 stand-in.
-    let (port, edge_http, edge_https) = (free_port(), free_port(), free_port());
+    let (port, edge_http, edge_https) = (stable_port(), stable_port(), stable_port());
     // `host-gateway` is the address of docker0.
     let addrs = text(&run_ok(Command::new(peer("ip")).args(["-4", "-o", "addr", "show", "docker0"])).stdout);
     let gateway = addrs.split_whitespace().skip_while(|w| *w != "inet").nth(1).and_then(|a| a.split('/').next());
