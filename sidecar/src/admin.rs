@@ -95,7 +95,7 @@ impl Admin {
         }
         if reason.is_none() {
             for l in self.listeners.iter().filter(|l| l.config.mode == Mode::Inbound) {
-                let up = &l.config.upstream;
+                let Some(up) = &l.config.upstream else { continue };
                 let ok = matches!(
                     tokio::time::timeout(Duration::from_secs(1), TcpStream::connect((up.host(), up.port()))).await,
                     Ok(Ok(_))

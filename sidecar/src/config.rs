@@ -118,9 +118,9 @@ pub struct ListenerConfig {
     /// arrived on, else to the wildcard one.
     #[serde(deserialize_with = "serde_str::one")]
     pub listen: HostPort,
-    /// Where to forward.
-    #[serde(deserialize_with = "serde_str::one")]
-    pub upstream: HostPort,
+    /// Where to forward; outbound listeners with `route`s pick per request instead.
+    #[serde(default, deserialize_with = "serde_str::opt")]
+    pub upstream: Option<HostPort>,
     /// Inbound: identities (SPIFFE IDs or DNS names) allowed to connect; empty allows any client of the CA.
     #[serde(default, deserialize_with = "serde_str::vec")]
     pub allow: Vec<PeerId>,
@@ -140,6 +140,46 @@ pub struct ListenerConfig {
     /// they speak without ALPN.
     #[serde(default)]
     pub alpn: Vec<String>,
+    /// Inbound: what TLS the listener asks of clients.
+    #[serde(default)]
+    pub tls: InboundTls,
+    /// Inbound: services (names resolved at connect time) whose connections
+    /// are forwarded without TLS: callers that were left out of the mesh.
+    #[serde(default)]
+    pub plain_from: Vec<String>,
+    /// Outbound HTTP: the upstream is chosen by the request's `Host`, so one
+    /// address and port serves several services.
+    #[serde(rename = "route", default)]
+    pub routes: Vec<Route>,
+}
+
+/// What an inbound listener asks of its clients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundTls {
+    /// TLS with a client certificate from the CA (the mesh).
+    #[default]
+    Mtls,
+    /// TLS; a client certificate is requested and verified when sent, not
+    /// required (published ports that people use). With `http`, a
+    /// plain-HTTP request is redirected to `https://`.
+    Tls,
+    /// No TLS: bytes pass through unchanged (published non-HTTP ports).
+    None,
+}
+
+/// One upstream of a Host-routed outbound listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// `Host` header values (without port) that go to this upstream.
+    pub host: Vec<String>,
+    /// Where to forward.
+    #[serde(deserialize_with = "serde_str::one")]
+    pub upstream: HostPort,
+    /// The identity the upstream must present.
+    #[serde(deserialize_with = "serde_str::one")]
+    pub server_name: PeerId,
 }
 
 /// Timeouts and caps.
@@ -263,14 +303,36 @@ impl Config {
                 }
                 _ => {}
             }
+            let routed = !l.routes.is_empty();
+            if routed && (l.mode != Mode::Outbound || l.upstream.is_some() || l.server_name.is_some()) {
+                return Err(invalid(format!(
+                    "listener {}: route applies to outbound listeners without upstream and server_name",
+                    l.name
+                )));
+            }
+            if l.mode == Mode::Outbound && (l.tls != InboundTls::Mtls || !l.plain_from.is_empty()) {
+                return Err(invalid(format!("listener {}: tls and plain_from apply to inbound listeners", l.name)));
+            }
+            if l.tls == InboundTls::None && (l.http || l.proxy_protocol || !l.allow.is_empty()) {
+                return Err(invalid(format!(
+                    "listener {}: tls = \"none\" passes bytes through; http, proxy_protocol and allow need TLS",
+                    l.name
+                )));
+            }
+            let Some(upstream) = &l.upstream else {
+                if routed {
+                    continue;
+                }
+                return Err(invalid(format!("listener {}: upstream is missing; give HOST:PORT", l.name)));
+            };
             if l.mode == Mode::Outbound && l.server_name.is_none() {
-                let host: Result<PeerId, NameError> = l.upstream.host().parse();
+                let host: Result<PeerId, NameError> = upstream.host().parse();
                 match host {
                     Ok(id) => l.server_name = Some(id),
                     Err(_) => {
                         return Err(invalid(format!(
                             "listener {}: upstream {} is an address; give server_name (a DNS name or SPIFFE ID) to verify it",
-                            l.name, l.upstream
+                            l.name, upstream
                         )))
                     }
                 }
@@ -330,12 +392,15 @@ mod tests {
                 name: String::new(),
                 mode: Mode::Outbound,
                 listen: "127.0.0.1:1".parse().unwrap(),
-                upstream: "10.0.0.1:443".parse().unwrap(),
+                upstream: Some("10.0.0.1:443".parse().unwrap()),
                 allow: vec![],
                 server_name: None,
                 proxy_protocol: false,
                 http: false,
                 alpn: vec![],
+                tls: InboundTls::Mtls,
+                plain_from: vec![],
+                routes: vec![],
             }],
         };
         let e = outbound_ip.checked("cli").unwrap_err().to_string();

@@ -34,8 +34,9 @@ pub fn xfcc_value(by: Option<&str>, peer: &CertInfo) -> Option<HeaderValue> {
 }
 
 /// Serves HTTP/1.1 on `downstream`, forwarding each request over one
-/// upstream connection with the XFCC header set to `identity`.
-pub async fn proxy<S>(downstream: S, upstream: TcpStream, identity: HeaderValue) -> Result<(), hyper::Error>
+/// upstream connection with the XFCC header set to `identity` (removed
+/// when the client sent no certificate).
+pub async fn proxy<S>(downstream: S, upstream: TcpStream, identity: Option<HeaderValue>) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -46,7 +47,9 @@ where
         async move {
             let headers = req.headers_mut();
             while headers.remove(XFCC).is_some() {}
-            headers.insert(XFCC, identity);
+            if let Some(identity) = identity {
+                headers.insert(XFCC, identity);
+            }
             // Upgrades (WebSocket) would bypass the per-request header; refuse them.
             if headers.contains_key(UPGRADE) {
                 headers.remove(UPGRADE);

@@ -17,7 +17,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::{timeout, Instant};
 
 use crate::certinfo::CertInfo;
-use crate::config::{Limits, ListenerConfig, Mode};
+use crate::config::{HostPort, InboundTls, Limits, ListenerConfig, Mode};
+use crate::identity::PeerId;
 use crate::metrics::{ListenerMetrics, Rejection};
 use crate::proxy_protocol;
 use crate::reload::{CertStore, Snapshot};
@@ -66,11 +67,26 @@ pub async fn serve(socket: TcpListener, routes: Routes, mut stop: watch::Receive
 /// Copy buffer per direction.
 const BUFFER: usize = 64 * 1024;
 
+/// Longest HTTP request head read to route or redirect a request.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// How long the addresses of `plain_from` services are trusted before they
+/// are looked up again.
+const PLAIN_FROM_TTL: Duration = Duration::from_secs(5);
+
 /// TLS configs built for one snapshot generation.
 struct Built {
     generation: u64,
     server: Option<Arc<rustls::ServerConfig>>,
-    client: Option<Arc<rustls::ClientConfig>>,
+    /// Outbound: one client config per route, or one for the listener's upstream.
+    clients: Vec<Arc<rustls::ClientConfig>>,
+}
+
+/// Where an outbound connection goes.
+struct Target<'a> {
+    upstream: &'a HostPort,
+    server_name: Option<&'a PeerId>,
+    client: Arc<rustls::ClientConfig>,
 }
 
 /// One running listener: its settings, metrics and cached TLS config.
@@ -86,6 +102,8 @@ pub struct Listener {
     /// new CRL starts a new cache so that a revoked client cannot resume.
     resumption: std::sync::Mutex<(Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, Resumption)>,
     slots: Arc<Semaphore>,
+    /// Addresses of the `plain_from` services, and when they were looked up.
+    plain_peers: tokio::sync::Mutex<(Option<Instant>, Vec<IpAddr>)>,
 }
 
 impl Listener {
@@ -103,6 +121,7 @@ impl Listener {
             store,
             built: ArcSwapOption::empty(),
             resumption: std::sync::Mutex::new((Vec::new(), Resumption::new()?)),
+            plain_peers: tokio::sync::Mutex::new((None, Vec::new())),
         }))
     }
 
@@ -118,9 +137,12 @@ impl Listener {
     }
 
     fn build(&self, snapshot: &Snapshot) -> Built {
-        let (server, client) = match self.config.mode {
+        let (server, clients) = match self.config.mode {
             Mode::Inbound => {
-                let auth = ClientAuth::Required(self.config.allow.clone().into());
+                let auth = match self.config.tls {
+                    InboundTls::Tls => ClientAuth::Optional,
+                    _ => ClientAuth::Required(self.config.allow.clone().into()),
+                };
                 let resumption = {
                     let mut guard = self.resumption.lock().unwrap_or_else(|e| e.into_inner());
                     if guard.0 != snapshot.set.crls {
@@ -134,21 +156,28 @@ impl Listener {
                     c.alpn_protocols = self.alpn();
                     c
                 });
-                (server.map_err(|e| tracing::error!(listener = %self.config.name, "{e}")).ok().map(Arc::new), None)
+                (server.map_err(|e| tracing::error!(listener = %self.config.name, "{e}")).ok().map(Arc::new), Vec::new())
             }
             Mode::Outbound => {
-                let check = match &self.config.server_name {
-                    Some(id) => ServerCheck::Identity(id.clone()),
-                    None => ServerCheck::Hostname,
+                let names: Vec<Option<&PeerId>> = if self.config.routes.is_empty() {
+                    vec![self.config.server_name.as_ref()]
+                } else {
+                    self.config.routes.iter().map(|r| Some(&r.server_name)).collect()
                 };
-                let client = tls::client_config(&snapshot.set, &check).map(|mut c| {
-                    c.alpn_protocols = self.alpn();
-                    c
-                });
-                (None, client.map_err(|e| tracing::error!(listener = %self.config.name, "{e}")).ok().map(Arc::new))
+                let clients = names
+                    .into_iter()
+                    .map(|name| {
+                        let check = name.map_or(ServerCheck::Hostname, |id| ServerCheck::Identity(id.clone()));
+                        tls::client_config(&snapshot.set, &check).map(|mut c| {
+                            c.alpn_protocols = self.alpn();
+                            Arc::new(c)
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>();
+                (None, clients.map_err(|e| tracing::error!(listener = %self.config.name, "{e}")).unwrap_or_default())
             }
         };
-        Built { generation: snapshot.generation, server, client }
+        Built { generation: snapshot.generation, server, clients }
     }
 
     fn alpn(&self) -> Vec<Vec<u8>> {
@@ -186,6 +215,18 @@ impl Listener {
     }
 
     async fn inbound(&self, tcp: TcpStream, peer: std::net::SocketAddr) {
+        if self.config.tls == InboundTls::None || self.is_plain_peer(peer.ip()).await {
+            let Some(upstream) = self.connect_upstream(self.upstream()).await else { return };
+            return self.pipe(tcp, upstream).await;
+        }
+        if self.config.tls == InboundTls::Tls && self.config.http {
+            let mut first = [0u8; 1];
+            match timeout(self.limits.handshake_timeout.get(), tcp.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] != TLS_HANDSHAKE => return self.redirect_to_https(tcp).await,
+                Ok(Ok(1)) => {}
+                _ => return,
+            }
+        }
         let Some(snapshot) = self.store.current() else {
             tracing::warn!(listener = %self.config.name, %peer, "refused: no valid certificate loaded yet");
             return;
@@ -208,10 +249,13 @@ impl Listener {
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "TLSv1.3",
         };
-        let Some(mut upstream) = self.connect_upstream().await else { return };
+        let Some(mut upstream) = self.connect_upstream(self.upstream()).await else { return };
         if self.config.http {
             let own = snapshot.set.leaf.uris.first().map(String::as_str);
-            let Some(identity) = info.as_ref().and_then(|i| crate::http::xfcc_value(own, i)) else { return };
+            let identity = info.as_ref().and_then(|i| crate::http::xfcc_value(own, i));
+            if identity.is_none() && self.config.tls != InboundTls::Tls {
+                return;
+            }
             let start = Instant::now();
             let last = Arc::new(AtomicU64::new(0));
             let client = Metered { inner: tls, bytes: &self.metrics.bytes_in, last: last.clone(), start };
@@ -238,28 +282,107 @@ impl Listener {
         self.pipe(tls, upstream).await;
     }
 
-    async fn outbound(&self, app: TcpStream) {
-        let Some(client) = self.configs().and_then(|b| b.client.clone()) else {
+    async fn outbound(&self, mut app: TcpStream) {
+        let Some(built) = self.configs().filter(|b| !b.clients.is_empty()) else {
             tracing::warn!(listener = %self.config.name, "refused: no valid certificate loaded yet");
             return;
         };
-        let Some(upstream) = self.connect_upstream().await else { return };
-        let host = self.config.upstream.host();
-        let sni = match &self.config.server_name {
-            Some(crate::identity::PeerId::Dns(d)) => ServerName::try_from(d.to_string()),
-            _ => ServerName::try_from(host.to_owned()),
+        // A routed listener reads the first request head to find its Host.
+        let mut head = Vec::new();
+        let target = if self.config.routes.is_empty() {
+            Target { upstream: self.upstream(), server_name: self.config.server_name.as_ref(), client: built.clients[0].clone() }
+        } else {
+            let Some(host) = self.read_head(&mut app, &mut head).await.and_then(|_| request_target(&head).map(|(h, _)| h))
+            else {
+                return respond(&mut app, "400 Bad Request", "lanyard sidecar: a request with a Host header was expected\n").await;
+            };
+            let host = host_without_port(&host).to_ascii_lowercase();
+            let Some(i) = self.config.routes.iter().position(|r| r.host.iter().any(|h| h.eq_ignore_ascii_case(&host))) else {
+                tracing::warn!(listener = %self.config.name, host, "no route for this Host");
+                let body = format!("lanyard sidecar: no upstream for Host {host:?} on this port\n");
+                return respond(&mut app, "502 Bad Gateway", &body).await;
+            };
+            let route = &self.config.routes[i];
+            Target { upstream: &route.upstream, server_name: Some(&route.server_name), client: built.clients[i].clone() }
+        };
+        let Some(upstream) = self.connect_upstream(target.upstream).await else { return };
+        let sni = match target.server_name {
+            Some(PeerId::Dns(d)) => ServerName::try_from(d.to_string()),
+            _ => ServerName::try_from(target.upstream.host().to_owned()),
         };
         let Ok(sni) = sni else { return };
-        let connect = tokio_rustls::TlsConnector::from(client).connect(sni, upstream);
-        let tls = match timeout(self.limits.handshake_timeout.get(), connect).await {
-            Err(_) => {
-                return self.rejected(Rejection::Timeout, &self.config.upstream.to_string(), "handshake timed out")
-            }
-            Ok(Err(e)) => return self.handshake_failed(&e, &self.config.upstream.to_string()),
+        let connect = tokio_rustls::TlsConnector::from(target.client).connect(sni, upstream);
+        let mut tls = match timeout(self.limits.handshake_timeout.get(), connect).await {
+            Err(_) => return self.rejected(Rejection::Timeout, &target.upstream.to_string(), "handshake timed out"),
+            Ok(Err(e)) => return self.handshake_failed(&e, &target.upstream.to_string()),
             Ok(Ok(tls)) => tls,
         };
         self.count_handshake(tls.get_ref().1.handshake_kind());
+        if !head.is_empty() && tls.write_all(&head).await.is_err() {
+            return;
+        }
         self.pipe(app, tls).await;
+    }
+
+    /// The upstream of a listener that has one (every listener but a routed outbound one).
+    fn upstream(&self) -> &HostPort {
+        self.config.upstream.as_ref().expect("checked: only routed outbound listeners have no upstream")
+    }
+
+    /// Whether `ip` belongs to one of the `plain_from` services, looking
+    /// their names up again when the last look-up is stale or misses.
+    async fn is_plain_peer(&self, ip: IpAddr) -> bool {
+        if self.config.plain_from.is_empty() {
+            return false;
+        }
+        let ip = ip.to_canonical();
+        let mut cache = self.plain_peers.lock().await;
+        let fresh = cache.0.is_some_and(|at| at.elapsed() < PLAIN_FROM_TTL);
+        let recent = cache.0.is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+        if cache.1.contains(&ip) && fresh {
+            return true;
+        }
+        if !recent {
+            let mut found = Vec::new();
+            for name in &self.config.plain_from {
+                if let Ok(Ok(addrs)) = timeout(Duration::from_secs(2), tokio::net::lookup_host((name.as_str(), 0))).await {
+                    found.extend(addrs.map(|a| a.ip().to_canonical()));
+                }
+            }
+            *cache = (Some(Instant::now()), found);
+        }
+        cache.1.contains(&ip)
+    }
+
+    /// Reads from `stream` into `head` until the end of the request head.
+    async fn read_head(&self, stream: &mut TcpStream, head: &mut Vec<u8>) -> Option<()> {
+        use tokio::io::AsyncReadExt;
+        let read = async {
+            let mut chunk = [0u8; 2048];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                if head.len() >= MAX_HEAD {
+                    return None;
+                }
+                let n = stream.read(&mut chunk).await.ok().filter(|n| *n > 0)?;
+                head.extend_from_slice(&chunk[..n]);
+            }
+            Some(())
+        };
+        timeout(self.limits.handshake_timeout.get(), read).await.ok().flatten()
+    }
+
+    /// Answers a plain-HTTP request on a TLS port with a redirect to the same URL over HTTPS.
+    async fn redirect_to_https(&self, mut tcp: TcpStream) {
+        let mut head = Vec::new();
+        let Some((host, path)) = self.read_head(&mut tcp, &mut head).await.and_then(|_| request_target(&head)) else {
+            return respond(&mut tcp, "400 Bad Request", "this port speaks HTTPS\n").await;
+        };
+        let location = format!("https://{host}{path}");
+        let reply = format!(
+            "HTTP/1.1 308 Permanent Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let _ = tcp.write_all(reply.as_bytes()).await;
+        let _ = tcp.shutdown().await;
     }
 
     fn count_handshake(&self, kind: Option<rustls::HandshakeKind>) {
@@ -280,8 +403,8 @@ impl Listener {
         tracing::warn!(listener = %self.config.name, peer, reason = why.label(), "handshake rejected: {detail}");
     }
 
-    async fn connect_upstream(&self) -> Option<TcpStream> {
-        let target = (self.config.upstream.host(), self.config.upstream.port());
+    async fn connect_upstream(&self, upstream: &HostPort) -> Option<TcpStream> {
+        let target = (upstream.host(), upstream.port());
         match timeout(self.limits.connect_timeout.get(), TcpStream::connect(target)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
@@ -289,12 +412,12 @@ impl Listener {
             }
             Ok(Err(e)) => {
                 self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(listener = %self.config.name, upstream = %self.config.upstream, "upstream connect failed: {e}");
+                tracing::warn!(listener = %self.config.name, %upstream, "upstream connect failed: {e}");
                 None
             }
             Err(_) => {
                 self.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(listener = %self.config.name, upstream = %self.config.upstream, "upstream connect timed out");
+                tracing::warn!(listener = %self.config.name, %upstream, "upstream connect timed out");
                 None
             }
         }
@@ -332,6 +455,43 @@ impl Listener {
             }
         }
     }
+}
+
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The `Host` (with its port, as sent) and path of an HTTP/1.x request head.
+fn request_target(head: &[u8]) -> Option<(String, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    let path = req.path.filter(|p| p.starts_with('/')).unwrap_or("/").to_owned();
+    let host = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host"))?;
+    let host = std::str::from_utf8(host.value).ok()?.trim();
+    let valid = !host.is_empty() && host.parse::<http::uri::Authority>().is_ok();
+    valid.then(|| (host.to_owned(), path))
+}
+
+/// `users` of `users:8080`, `::1` of `[::1]:8080`.
+fn host_without_port(host: &str) -> &str {
+    match host.parse::<http::uri::Authority>() {
+        Ok(a) => {
+            let h = a.host();
+            let h = &host[host.find(h).unwrap_or(0)..][..h.len()];
+            h.trim_start_matches('[').trim_end_matches(']')
+        }
+        Err(_) => host,
+    }
+}
+
+/// A short plain-text HTTP answer, then close.
+async fn respond(stream: &mut TcpStream, status: &str, body: &str) {
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(reply.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Counts bytes read and notes the time of the last read.
