@@ -2,6 +2,7 @@
 //! short-lived service certificates into cert dirs.
 
 pub mod authority;
+pub mod compose;
 pub mod error;
 pub mod inspect;
 pub mod issue;

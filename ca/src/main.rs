@@ -1,7 +1,7 @@
 //! `ca`: the Lanyard control plane command. Thin over `lanyard_ca`.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -52,6 +52,8 @@ enum Command {
     Restore(RestoreArgs),
     /// Rewrite a docker-compose file so every service sits behind a sidecar.
     Inject(InjectArgs),
+    /// Trust the fleet's root on this machine (system bundle and browsers' NSS databases).
+    Trust(TrustArgs),
     /// Serve a public certificate from another provider (validated, then watched).
     Upload(UploadArgs),
 }
@@ -83,6 +85,28 @@ struct InjectArgs {
     /// The Lanyard image; overrides x-lanyard.image.
     #[arg(long)]
     image: Option<String>,
+    /// Print what every call between services and every published port becomes.
+    #[arg(long)]
+    explain: bool,
+    /// Fail (exit 3) when a call between services stays in plaintext.
+    #[arg(long)]
+    strict: bool,
+    /// The Docker engine asked for the ports of images the file does not describe.
+    #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
+    docker_socket: String,
+}
+
+#[derive(Args)]
+struct TrustArgs {
+    /// The root certificate (PEM); default: the root of --state.
+    #[arg(long, value_name = "FILE", conflicts_with = "state")]
+    root: Option<PathBuf>,
+    /// The CA state directory whose root to trust.
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// Take the root out again.
+    #[arg(long)]
+    remove: bool,
 }
 
 #[derive(Args)]
@@ -330,18 +354,61 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", a.input.display()))?;
                 (text, a.input.display().to_string())
             };
-            let compose = lanyard_compose::Compose::parse(&text, &origin)?;
+            let project = if a.input.as_os_str() == "-" {
+                lanyard_compose::Project::of_file(Path::new("./-"), std::env::vars())
+            } else {
+                lanyard_compose::Project::of_file(&a.input, std::env::vars())
+            };
+            let compose = lanyard_compose::Compose::parse_in(&text, &origin, &project)?;
+            let images = lanyard_ca::compose::engine::EngineImages::inspect(
+                &a.docker_socket,
+                compose.services.iter().filter_map(|s| s.image.as_deref()),
+            );
             let overrides = lanyard_compose::inject::Overrides { ttl: a.ttl, image: a.image };
-            let injected = lanyard_compose::inject(&compose, &overrides)?;
+            let injected = lanyard_compose::inject_with(&compose, &overrides, &images)?;
             let yaml = injected.compose.to_yaml();
+            let mut report = injected.report.join("\n") + "\n\n" + &injected.explain();
+            if !injected.warnings.is_empty() {
+                report += &format!("\n{}\n", injected.warnings.iter().map(|w| format!("warning: {w}")).collect::<Vec<_>>().join("\n"));
+            }
             match &a.output {
                 Some(path) => {
-                    std::fs::write(path, &yaml).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?
+                    std::fs::write(path, &yaml).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                    let report_path = path.with_extension("report");
+                    std::fs::write(&report_path, &report)
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", report_path.display()))?;
                 }
                 None => stdout(&yaml),
             }
             for line in &injected.report {
                 eprintln!("{line}");
+            }
+            if a.explain {
+                eprint!("\n{}", injected.explain());
+            }
+            for w in &injected.warnings {
+                eprintln!("warning: {w}");
+            }
+            if a.strict && injected.has_plain_calls() {
+                eprintln!("error: --strict: some calls between services stay in plaintext (see the warnings above)");
+                return Ok(ExitCode::from(3));
+            }
+        }
+        Command::Trust(a) => {
+            use lanyard_ca::compose::trust;
+            let path = match (a.root, a.state) {
+                (Some(root), _) => root,
+                (None, state) => {
+                    let dir = state.or_else(|| std::env::var_os("LANYARD_STATE").map(PathBuf::from)).ok_or_else(|| {
+                        anyhow::anyhow!("give --root FILE (the fleet's root.pem) or --state DIR (a CA state directory)")
+                    })?;
+                    dir.join("root.pem")
+                }
+            };
+            let root = trust::Root::read(&path)?;
+            let home = std::env::var_os("HOME").map(PathBuf::from);
+            for line in trust::apply(&root, a.remove, home.as_deref())? {
+                println!("{line}");
             }
         }
         Command::Token(a) => {

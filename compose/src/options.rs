@@ -110,6 +110,49 @@ pub struct ServiceOptions {
     /// The app's HTTP port behind the edge; default: its first protected port.
     #[serde(default)]
     pub public_port: Option<u16>,
+    /// TLS on published ports, by container port: `tls` (a server
+    /// certificate; client certificates optional), `mtls` (required) or
+    /// `none`. Default: `tls` for HTTP ports, `none` for the rest, so that
+    /// `psql -h localhost` keeps working.
+    #[serde(default)]
+    pub published: std::collections::BTreeMap<u16, PublishedTls>,
+}
+
+/// TLS on a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishedTls {
+    /// Server certificate only; client certificates requested, not required.
+    Tls,
+    /// A client certificate of the fleet is required.
+    Mtls,
+    /// Bytes pass through as the app speaks them.
+    None,
+}
+
+/// An IPv4 block that the private networks' subnets are cut from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubnetPool {
+    /// First address.
+    pub base: u32,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl FromStr for SubnetPool {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not an IPv4 block such as 10.213.0.0/16 (prefix 8 to 24)");
+        let (ip, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if !(8..=24).contains(&prefix) {
+            return Err(bad());
+        }
+        let mask = u32::MAX << (32 - prefix);
+        Ok(Self { base: u32::from(ip) & mask, prefix })
+    }
 }
 
 /// Top-level `x-lanyard`.
@@ -137,6 +180,13 @@ pub struct Defaults {
     pub edge_http: String,
     /// Host side of the edge's port 443 mapping.
     pub edge_https: String,
+    /// Extra names (besides `localhost` and `127.0.0.1`) in the
+    /// certificates of published HTTPS ports, such as the host's name.
+    pub host_names: Vec<String>,
+    /// Where the private networks' small subnets come from, so that a
+    /// large project does not exhaust dockerd's default address pools.
+    #[serde(deserialize_with = "one")]
+    pub subnet_pool: SubnetPool,
 }
 
 impl Default for Defaults {
@@ -151,6 +201,8 @@ impl Default for Defaults {
             acme_roots: None,
             edge_http: "80".into(),
             edge_https: "443".into(),
+            host_names: Vec::new(),
+            subnet_pool: SubnetPool { base: u32::from(std::net::Ipv4Addr::new(10, 213, 0, 0)), prefix: 16 },
         }
     }
 }

@@ -140,7 +140,8 @@ pub struct ListenerConfig {
     /// they speak without ALPN.
     #[serde(default)]
     pub alpn: Vec<String>,
-    /// Inbound: what TLS the listener asks of clients.
+    /// Inbound: what TLS the listener asks of clients. Outbound: `mtls`
+    /// (the default) or `none`, plaintext to a service outside the mesh.
     #[serde(default)]
     pub tls: InboundTls,
     /// Inbound: services (names resolved at connect time) whose connections
@@ -177,9 +178,10 @@ pub struct Route {
     /// Where to forward.
     #[serde(deserialize_with = "serde_str::one")]
     pub upstream: HostPort,
-    /// The identity the upstream must present.
-    #[serde(deserialize_with = "serde_str::one")]
-    pub server_name: PeerId,
+    /// The identity the upstream must present; absent: plaintext to a
+    /// service outside the mesh.
+    #[serde(default, deserialize_with = "serde_str::opt")]
+    pub server_name: Option<PeerId>,
 }
 
 /// Timeouts and caps.
@@ -310,8 +312,17 @@ impl Config {
                     l.name
                 )));
             }
-            if l.mode == Mode::Outbound && (l.tls != InboundTls::Mtls || !l.plain_from.is_empty()) {
-                return Err(invalid(format!("listener {}: tls and plain_from apply to inbound listeners", l.name)));
+            if l.mode == Mode::Outbound && (l.tls == InboundTls::Tls || !l.plain_from.is_empty()) {
+                return Err(invalid(format!(
+                    "listener {}: outbound listeners take tls = \"mtls\" (the default) or \"none\" (plaintext to a service outside the mesh); plain_from is for inbound ones",
+                    l.name
+                )));
+            }
+            if l.mode == Mode::Outbound && l.tls == InboundTls::None {
+                if l.server_name.is_some() {
+                    return Err(invalid(format!("listener {}: a plaintext upstream has no server_name to check", l.name)));
+                }
+                continue;
             }
             if l.tls == InboundTls::None && (l.http || l.proxy_protocol || !l.allow.is_empty()) {
                 return Err(invalid(format!(

@@ -87,6 +87,8 @@ struct Target<'a> {
     upstream: &'a HostPort,
     server_name: Option<&'a PeerId>,
     client: Arc<rustls::ClientConfig>,
+    /// mTLS; else plaintext to a service outside the mesh.
+    tls: bool,
 }
 
 /// One running listener: its settings, metrics and cached TLS config.
@@ -162,7 +164,7 @@ impl Listener {
                 let names: Vec<Option<&PeerId>> = if self.config.routes.is_empty() {
                     vec![self.config.server_name.as_ref()]
                 } else {
-                    self.config.routes.iter().map(|r| Some(&r.server_name)).collect()
+                    self.config.routes.iter().map(|r| r.server_name.as_ref()).collect()
                 };
                 let clients = names
                     .into_iter()
@@ -290,7 +292,8 @@ impl Listener {
         // A routed listener reads the first request head to find its Host.
         let mut head = Vec::new();
         let target = if self.config.routes.is_empty() {
-            Target { upstream: self.upstream(), server_name: self.config.server_name.as_ref(), client: built.clients[0].clone() }
+            let tls = self.config.tls != InboundTls::None;
+            Target { upstream: self.upstream(), server_name: self.config.server_name.as_ref(), client: built.clients[0].clone(), tls }
         } else {
             let Some(host) = self.read_head(&mut app, &mut head).await.and_then(|_| request_target(&head).map(|(h, _)| h))
             else {
@@ -303,9 +306,17 @@ impl Listener {
                 return respond(&mut app, "502 Bad Gateway", &body).await;
             };
             let route = &self.config.routes[i];
-            Target { upstream: &route.upstream, server_name: Some(&route.server_name), client: built.clients[i].clone() }
+            let tls = route.server_name.is_some();
+            Target { upstream: &route.upstream, server_name: route.server_name.as_ref(), client: built.clients[i].clone(), tls }
         };
-        let Some(upstream) = self.connect_upstream(target.upstream).await else { return };
+        let Some(mut upstream) = self.connect_upstream(target.upstream).await else { return };
+        if !target.tls {
+            // A service outside the mesh: plaintext, as the app sent it.
+            if !head.is_empty() && upstream.write_all(&head).await.is_err() {
+                return;
+            }
+            return self.pipe(app, upstream).await;
+        }
         let sni = match target.server_name {
             Some(PeerId::Dns(d)) => ServerName::try_from(d.to_string()),
             _ => ServerName::try_from(target.upstream.host().to_owned()),
