@@ -731,3 +731,123 @@ fn listeners_sharing_a_port_are_routed_by_local_address() {
     assert_ne!(plain("127.0.0.1"), "routed\n");
     rt().block_on(echo_once(addr(port), client_config(&f.web))).unwrap();
 }
+
+/// One plaintext line to `port` on 127.0.0.1 and the echoed answer ("" when refused).
+fn plain_echo(port: u16) -> String {
+    use std::io::{BufRead, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    conn.write_all(b"plain\n").unwrap();
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(conn).read_line(&mut line);
+    line
+}
+
+/// What the compose topology needs of the sidecar besides plain mTLS:
+/// outbound HTTP routed by Host (several services on one address and
+/// port, and plaintext to a service outside the mesh), published ports for
+/// people (TLS with optional client certificates and a redirect for plain
+/// HTTP, or bytes passed through), and left-out callers let in without TLS
+/// by their address only.
+#[test]
+fn routes_by_host_serves_people_and_admits_left_out_callers_by_address() {
+    let f = fixture();
+    let (alpha, beta, echo) = (xfcc_echo_upstream(), http_upstream(), echo_upstream());
+    let [p_alpha, p_beta, p_out, p_people, p_none, p_from, p_other] = std::array::from_fn(|_| free_port());
+    let cfg = f.pki.path("topology.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"cert_dir = {dir:?}
+[[listener]]
+name = "in-alpha"
+listen = "127.0.0.1:{p_alpha}"
+upstream = "{alpha}"
+http = true
+[[listener]]
+name = "in-beta"
+listen = "127.0.0.1:{p_beta}"
+upstream = "{beta}"
+http = true
+[[listener]]
+name = "out"
+mode = "outbound"
+listen = "127.0.0.1:{p_out}"
+[[listener.route]]
+host = ["alpha", "alpha-alias"]
+upstream = "127.0.0.1:{p_alpha}"
+server_name = "api"
+[[listener.route]]
+host = ["beta"]
+upstream = "127.0.0.1:{p_beta}"
+server_name = "api"
+[[listener.route]]
+host = ["legacy"]
+upstream = "{beta}"
+[[listener]]
+name = "people"
+listen = "127.0.0.1:{p_people}"
+upstream = "{alpha}"
+tls = "tls"
+http = true
+[[listener]]
+name = "passthrough"
+listen = "127.0.0.1:{p_none}"
+upstream = "{echo}"
+tls = "none"
+[[listener]]
+name = "from-localhost"
+listen = "127.0.0.1:{p_from}"
+upstream = "{echo}"
+plain_from = ["localhost"]
+[[listener]]
+name = "from-nobody"
+listen = "127.0.0.1:{p_other}"
+upstream = "{echo}"
+plain_from = ["nobody.invalid"]
+"#,
+            dir = f.api
+        ),
+    )
+    .unwrap();
+    let log = f.pki.path("topology.log");
+    let _sc = Sidecar::start(&["--config", cfg.to_str().unwrap()], log.clone());
+    wait_for_log(&log, "listener=from-nobody");
+
+    let curl = |args: &[&str], url: String| {
+        let out = run(Command::new(peer("curl")).args(["-sS", "--max-time", "5", "-D", "-"]).args(args).arg(url));
+        text(&out.stdout) + &text(&out.stderr)
+    };
+    // Outbound: the Host header picks the upstream; mTLS to the two mesh
+    // services (alpha sees the sidecar's identity), plaintext to the legacy one.
+    let via = |host: &str| curl(&["-H", &format!("Host: {host}")], format!("http://127.0.0.1:{p_out}/"));
+    let alpha_answer = via("alpha");
+    assert!(alpha_answer.contains("URI=spiffe://lanyard.internal/api"), "{alpha_answer}");
+    assert!(via("alpha-alias:8080").contains("URI=spiffe://lanyard.internal/api"));
+    assert!(via("beta").contains("hello"), "{}", via("beta"));
+    assert!(via("legacy").contains("hello"), "{}", via("legacy"));
+    let unknown = via("elsewhere");
+    assert!(unknown.starts_with("HTTP/1.1 502") && unknown.contains("elsewhere"), "{unknown}");
+
+    // People: HTTPS without a client certificate (no identity header), with one (its identity), redirect for HTTP.
+    let ca = f.api.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let anonymous = curl(&["--cacert", ca], format!("https://localhost:{p_people}/"));
+    assert!(anonymous.starts_with("HTTP/1.1 200") && !anonymous.contains("URI="), "{anonymous}");
+    let (cert, key) = (f.web.join("cert.pem"), f.web.join("key.pem"));
+    let with_cert = curl(
+        &["--cacert", ca, "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()],
+        format!("https://localhost:{p_people}/"),
+    );
+    assert!(with_cert.contains("URI=spiffe://lanyard.internal/web"), "{with_cert}");
+    let redirect = curl(&[], format!("http://localhost:{p_people}/a/b?c=d"));
+    assert!(redirect.starts_with("HTTP/1.1 308"), "{redirect}");
+    assert!(redirect.contains(&format!("Location: https://localhost:{p_people}/a/b?c=d")), "{redirect}");
+
+    // Bytes through unchanged; plaintext admitted only from a listed name's address.
+    assert_eq!(plain_echo(p_none), "plain\n");
+    assert_eq!(plain_echo(p_from), "plain\n");
+    assert_ne!(plain_echo(p_other), "plain\n");
+    // The listed name still needs mTLS from anywhere else: a TLS client is served too.
+    rt().block_on(echo_once(addr(p_other), client_config(&f.web))).unwrap();
+}
