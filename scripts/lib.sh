@@ -18,16 +18,15 @@ apt_need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# venv_need PKG... : make sure $ROOT/.venv has these PyPI packages.
-venv_need() {
+# venv_requirements FILE : make $ROOT/.venv hold exactly the pinned versions in FILE.
+venv_requirements() {
     if [ ! -x "$ROOT/.venv/bin/python" ]; then
         python3 -m venv "$ROOT/.venv"
     fi
-    local missing=()
-    for p in "$@"; do
-        "$ROOT/.venv/bin/pip" show -q "$p" >/dev/null 2>&1 || missing+=("$p")
-    done
-    [ ${#missing[@]} -eq 0 ] && return 0
-    echo "==> pip installing ${missing[*]}"
-    "$ROOT/.venv/bin/pip" install -q "${missing[@]}"
+    local stamp="$ROOT/.venv/.requirements.sha256"
+    local want; want=$(sha256sum "$1" | cut -d' ' -f1)
+    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
+    echo "==> pip installing the pinned versions of $1"
+    "$ROOT/.venv/bin/pip" install -q -r "$1"
+    echo "$want" >"$stamp"
 }

@@ -147,6 +147,35 @@ fn rotations(project: &Project, identity: &str) -> usize {
     project.logs("lanyard-ca").matches(&format!("rotated identity={identity} ")).count()
 }
 
+/// The corpus of compose files modelled on public projects
+/// (`compose/tests/corpus`, see its README): each is injected by the real
+/// `ca inject`, and an independent checker (`compose/tests/check_inject.py`,
+/// written from the compose model, not from the transform) asserts that
+/// `docker-compose config` and the compose-spec schema accept the output,
+/// that PyYAML and a YAML 1.2 reader read it alike and read the input's
+/// values unchanged, and that every call the input allowed still resolves
+/// and reaches a listener (mTLS between sidecars, or plaintext it names).
+#[test]
+fn corpus_of_public_project_patterns_keeps_every_call() {
+    peer("docker-compose");
+    peer("npm");
+    let python = venv_tool("python");
+    let checker = workspace_root().join("compose/tests/check_inject.py");
+    let selftest = run(Command::new(&python).arg(&checker).arg("--selftest"));
+    assert!(selftest.status.success(), "the checker's self-test: {}{}", text(&selftest.stdout), text(&selftest.stderr));
+    let corpus = workspace_root().join("compose/tests/corpus");
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(&corpus).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    assert!(dirs.len() >= 40, "the corpus has only {} projects", dirs.len());
+    let out = run(Command::new(&python).arg(&checker).arg("--ca").arg(bin("ca")).args(&dirs));
+    let report = text(&out.stdout) + &text(&out.stderr);
+    eprintln!("{report}");
+    assert!(out.status.success(), "the checker failed:\n{report}");
+    let summary = report.lines().rev().find(|l| l.ends_with(" failed")).unwrap_or_default();
+    assert_eq!(summary, format!("{} passed, 0 failed", dirs.len()), "{report}");
+}
+
 #[test]
 fn golden_outputs_pass_docker_compose_config() {
     let dir = workspace_root().join("compose/tests/golden");
