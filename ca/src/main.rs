@@ -369,7 +369,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let yaml = injected.compose.to_yaml();
             let mut report = injected.report.join("\n") + "\n\n" + &injected.explain();
             if !injected.warnings.is_empty() {
-                report += &format!("\n{}\n", injected.warnings.iter().map(|w| format!("warning: {w}")).collect::<Vec<_>>().join("\n"));
+                report += &format!(
+                    "\n{}\n",
+                    injected.warnings.iter().map(|w| format!("warning: {w}")).collect::<Vec<_>>().join("\n")
+                );
             }
             match &a.output {
                 Some(path) => {
@@ -399,9 +402,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = match (a.root, a.state) {
                 (Some(root), _) => root,
                 (None, state) => {
-                    let dir = state.or_else(|| std::env::var_os("LANYARD_STATE").map(PathBuf::from)).ok_or_else(|| {
-                        anyhow::anyhow!("give --root FILE (the fleet's root.pem) or --state DIR (a CA state directory)")
-                    })?;
+                    let dir =
+                        state.or_else(|| std::env::var_os("LANYARD_STATE").map(PathBuf::from)).ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "give --root FILE (the fleet's root.pem) or --state DIR (a CA state directory)"
+                            )
+                        })?;
                     dir.join("root.pem")
                 }
             };

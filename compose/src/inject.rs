@@ -146,7 +146,11 @@ pub fn inject(compose: &Compose, overrides: &Overrides) -> Result<Injected, Comp
 }
 
 /// Rewrites `compose`, asking `images` for the ports of images the file does not describe.
-pub fn inject_with(compose: &Compose, overrides: &Overrides, images: &dyn ImagePorts) -> Result<Injected, ComposeError> {
+pub fn inject_with(
+    compose: &Compose,
+    overrides: &Overrides,
+    images: &dyn ImagePorts,
+) -> Result<Injected, ComposeError> {
     let mut defaults = compose.defaults.clone();
     if let Some(ttl) = overrides.ttl {
         defaults.ttl = ttl;
@@ -282,7 +286,9 @@ impl<'a> Fleet<'a> {
                 let from_image: Vec<(u16, Option<Protocol>)> = match s.image.as_deref() {
                     Some(image) => match images.exposed(image) {
                         Some(exposed) => exposed.into_iter().map(|p| (p, None)).collect(),
-                        None => well_known(image).unwrap_or_default().iter().map(|(p, proto)| (*p, Some(*proto))).collect(),
+                        None => {
+                            well_known(image).unwrap_or_default().iter().map(|(p, proto)| (*p, Some(*proto))).collect()
+                        }
                     },
                     None => Vec::new(),
                 };
@@ -291,7 +297,9 @@ impl<'a> Fleet<'a> {
                 for p in declared.copied().chain(from_image.iter().map(|(p, _)| *p)) {
                     known.entry(p).or_default();
                 }
-                for (p, proto) in from_image.iter().filter_map(|(p, proto)| Some((*p, (*proto)?))).chain(table.iter().copied()) {
+                for (p, proto) in
+                    from_image.iter().filter_map(|(p, proto)| Some((*p, (*proto)?))).chain(table.iter().copied())
+                {
                     if let Some(slot) = known.get_mut(&p) {
                         slot.get_or_insert(proto);
                     }
@@ -307,9 +315,12 @@ impl<'a> Fleet<'a> {
                 .map(|(port, declared)| {
                     let http_call = called.clone().any(|c| c.port == port && c.protocol == Some(Protocol::Http));
                     let http_check = s.get("healthcheck").map(|h| format!("{h:?}")).is_some_and(|h| {
-                        h.contains(&format!("http://localhost:{port}")) || h.contains(&format!("http://127.0.0.1:{port}"))
+                        h.contains(&format!("http://localhost:{port}"))
+                            || h.contains(&format!("http://127.0.0.1:{port}"))
                     });
-                    let protocol = declared.unwrap_or(if http_call || http_check { Protocol::Http } else { Protocol::Tcp });
+                    // 80 and 8080 are HTTP by convention when nothing says otherwise.
+                    let http = http_call || http_check || matches!(port, 80 | 8080);
+                    let protocol = declared.unwrap_or(if http { Protocol::Http } else { Protocol::Tcp });
                     (port, protocol)
                 })
                 .collect();
@@ -380,7 +391,10 @@ impl<'a> Fleet<'a> {
                 s.name
             ));
         }
-        for n in neighbours.iter().filter(|n| !self.injected.contains(n.name.as_str()) && self.ports[n.name.as_str()].is_empty()) {
+        for n in neighbours
+            .iter()
+            .filter(|n| !self.injected.contains(n.name.as_str()) && self.ports[n.name.as_str()].is_empty())
+        {
             warnings.push(format!(
                 "{} -> {}: {} is left out of the mesh and has no known port, so {}'s sidecar cannot forward to it; declare its x-lanyard.ports",
                 s.name, n.name, n.name, s.name
@@ -428,13 +442,17 @@ impl<'a> Fleet<'a> {
             }
         }
         let networks = slots.keys().map(|(k, _)| k + 1).max().unwrap_or(1);
-        let outbound = slots.into_iter().map(|((k, port), (_, targets))| Outbound { network: k, port, targets }).collect();
+        let outbound =
+            slots.into_iter().map(|((k, port), (_, targets))| Outbound { network: k, port, targets }).collect();
 
         let mut used: BTreeSet<u16> = inbound.iter().map(|(p, _)| *p).collect();
         let mut published = Vec::new();
         let public_port = self.public_port(s, &inbound)?;
         let edge_ports: Vec<u16> = if public_port.is_some() {
-            [&defaults.edge_http, &defaults.edge_https].iter().filter_map(|h| h.rsplit(':').next()?.parse().ok()).collect()
+            [&defaults.edge_http, &defaults.edge_https]
+                .iter()
+                .filter_map(|h| h.rsplit(':').next()?.parse().ok())
+                .collect()
         } else {
             Vec::new()
         };
@@ -529,7 +547,11 @@ impl<'a> Fleet<'a> {
             if let Some(port) = plan.public_port {
                 let what = "public HTTPS through the edge with an ACME certificate".to_owned();
                 let names = self.compose.service(name).map(|s| s.options.public.join(", ")).unwrap_or_default();
-                paths.push(PathLine { from: format!("public {names}"), to: format!("{name}:{port}"), how: How::Published(what) });
+                paths.push(PathLine {
+                    from: format!("public {names}"),
+                    to: format!("{name}:{port}"),
+                    how: How::Published(what),
+                });
             }
         }
         paths
@@ -754,7 +776,8 @@ fn scheme_port(scheme: &str) -> Option<u16> {
 /// `svc:port`, also inside comma-separated lists and config files.
 fn references(value: &str, names: &Names) -> Vec<Call> {
     let mut found = Vec::new();
-    for token in value.split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '"' | '\'' | '=' | '(' | ')' | '<' | '>'))
+    for token in
+        value.split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '"' | '\'' | '=' | '(' | ')' | '<' | '>'))
     {
         let (scheme, rest) = match token.split_once("://") {
             Some((scheme, rest)) => {
@@ -812,7 +835,10 @@ impl Subnets {
         if self.handed == self.count {
             return Err(ComposeError::top(
                 "x-lanyard.subnet_pool",
-                format!("the pool holds {} /{SUBNET_PREFIX} subnets, and this project needs more: give a larger pool", self.count),
+                format!(
+                    "the pool holds {} /{SUBNET_PREFIX} subnets, and this project needs more: give a larger pool",
+                    self.count
+                ),
             ));
         }
         let ip = std::net::Ipv4Addr::from(self.base + (self.next % self.count) * (1 << (32 - SUBNET_PREFIX)));
@@ -828,7 +854,10 @@ fn network(subnets: &mut Subnets, internal: bool) -> Result<Value, ComposeError>
     if internal {
         settings.insert("internal".into(), Value::Bool(true));
     }
-    settings.insert("ipam".into(), mapping([("config", Value::Sequence(vec![mapping([("subnet", subnets.take()?.into())])]))]));
+    settings.insert(
+        "ipam".into(),
+        mapping([("config", Value::Sequence(vec![mapping([("subnet", subnets.take()?.into())])]))]),
+    );
     Ok(Value::Mapping(settings))
 }
 
@@ -1018,7 +1047,9 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults) -> Result<Valu
         .map(|(i, a)| {
             let key = || format!("x-lanyard.allow[{i}]");
             if a.starts_with("spiffe://") {
-                a.parse::<SpiffeId>().map(|id| id.to_string()).map_err(|e| ComposeError::service(&s.name, key(), e.to_string()))
+                a.parse::<SpiffeId>()
+                    .map(|id| id.to_string())
+                    .map_err(|e| ComposeError::service(&s.name, key(), e.to_string()))
             } else {
                 defaults.trust_domain.id(a).map(|id| id.to_string()).map_err(|_| {
                     ComposeError::service(&s.name, key(), format!("{a:?} is neither a service name nor a SPIFFE ID"))
@@ -1061,7 +1092,8 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults) -> Result<Valu
     }
     for o in &plan.outbound {
         let listen = format!("{}:{}", out_alias(&s.name, o.network), o.port);
-        let name = format!("out-{}-{}", o.targets.iter().map(|t| t.service.as_str()).collect::<Vec<_>>().join("-"), o.port);
+        let name =
+            format!("out-{}-{}", o.targets.iter().map(|t| t.service.as_str()).collect::<Vec<_>>().join("-"), o.port);
         let name = if name.len() > 60 { format!("out-{}-{}", o.port, o.network + 1) } else { name };
         let server_name = |t: &Target| -> Result<Option<String>, ComposeError> {
             Ok(if t.mtls { Some(spiffe(defaults, &t.service)?.to_string()) } else { None })
@@ -1083,7 +1115,11 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults) -> Result<Valu
                 routes: many
                     .iter()
                     .map(|t| {
-                        Ok(RouteToml { host: t.names.clone(), upstream: t.upstream(o.port), server_name: server_name(t)? })
+                        Ok(RouteToml {
+                            host: t.names.clone(),
+                            upstream: t.upstream(o.port),
+                            server_name: server_name(t)?,
+                        })
                     })
                     .collect::<Result<_, ComposeError>>()?,
                 ..Default::default()
@@ -1104,14 +1140,15 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults) -> Result<Valu
         })
         .into_iter()
         .collect();
-    let config = SidecarToml { cert_dir: SIDECAR_CERTS, admin: format!("127.0.0.1:{}", defaults.admin_port), listeners, edges };
+    let config =
+        SidecarToml { cert_dir: SIDECAR_CERTS, admin: format!("127.0.0.1:{}", defaults.admin_port), listeners, edges };
     let config = toml::to_string(&config).expect("the sidecar config serializes");
 
     let mut shared = attachments_or_default(s);
     if !plan.inbound.is_empty() {
         for a in &mut shared {
             let mut names = vec![s.name.clone()];
-            names.extend(a.aliases.drain(..));
+            names.append(&mut a.aliases);
             names.extend(s.container_name.iter().cloned());
             let mut seen = BTreeSet::new();
             a.aliases = names.into_iter().filter(|n| seen.insert(n.clone())).collect();
@@ -1212,8 +1249,10 @@ fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compo
     for (name, plan) in plans {
         let s = compose.service(name).expect("planned services exist");
         let ttl = s.options.ttl.unwrap_or(defaults.ttl);
-        let mut dns: Vec<String> =
-            [name.to_string(), format!("{PREFIX}{name}")].into_iter().filter(|n| n.parse::<DnsName>().is_ok()).collect();
+        let mut dns: Vec<String> = [name.to_string(), format!("{PREFIX}{name}")]
+            .into_iter()
+            .filter(|n| n.parse::<DnsName>().is_ok())
+            .collect();
         let mut ip = Vec::new();
         if plan.published.iter().any(|p| p.tls != PublishedTls::None) {
             dns.push("localhost".into());

@@ -363,7 +363,8 @@ impl Service {
             seq(name, &raw, "links")?
                 .iter()
                 .map(|v| {
-                    let text = scalar(v).ok_or_else(|| ComposeError::service(name, "links", "expected SERVICE[:ALIAS]"))?;
+                    let text =
+                        scalar(v).ok_or_else(|| ComposeError::service(name, "links", "expected SERVICE[:ALIAS]"))?;
                     let (service, alias) = text.split_once(':').unwrap_or((&text, &text));
                     Ok((service.to_owned(), alias.to_owned()))
                 })
@@ -505,7 +506,10 @@ fn published_ports(name: &str, raw: &Mapping, env: &Env) -> Result<Vec<PortMappi
             let host_port = host_ports.as_ref().map(|h| h[k].to_string());
             let host = host_port.as_ref().map_or(String::new(), |p| format!("{ip}{p}"));
             let host_raw = host_port.map(|_| host.clone());
-            let raw = Value::String(format!("{}{target}/{protocol}", host_raw.as_ref().map_or(String::new(), |h| format!("{h}:"))));
+            let raw = Value::String(format!(
+                "{}{target}/{protocol}",
+                host_raw.as_ref().map_or(String::new(), |h| format!("{h}:"))
+            ));
             out.push(PortMapping { target: *target, protocol: protocol.clone(), host_raw, host, long: None, raw });
         }
     }

@@ -126,7 +126,10 @@ fn inline(v: &Value) -> String {
         Value::String(s) => string(s),
         Value::Sequence(s) => format!("[{}]", s.iter().map(inline).collect::<Vec<_>>().join(", ")),
         Value::Mapping(m) => {
-            format!("{{{}}}", m.iter().map(|(k, v)| format!("{}: {}", inline(k), inline(v))).collect::<Vec<_>>().join(", "))
+            format!(
+                "{{{}}}",
+                m.iter().map(|(k, v)| format!("{}: {}", inline(k), inline(v))).collect::<Vec<_>>().join(", ")
+            )
         }
         Value::Tagged(t) => format!("{} {}", t.tag, inline(&t.value)),
     }

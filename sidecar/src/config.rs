@@ -320,7 +320,10 @@ impl Config {
             }
             if l.mode == Mode::Outbound && l.tls == InboundTls::None {
                 if l.server_name.is_some() {
-                    return Err(invalid(format!("listener {}: a plaintext upstream has no server_name to check", l.name)));
+                    return Err(invalid(format!(
+                        "listener {}: a plaintext upstream has no server_name to check",
+                        l.name
+                    )));
                 }
                 continue;
             }

@@ -1,13 +1,14 @@
 //! HTTP mode for inbound listeners: HTTP/1.1 is proxied request by request
 //! so that each request carries the verified client identity in a sanitized
 //! `X-Forwarded-Client-Cert` header (Envoy's format). Any such header the
-//! client sent is removed first.
+//! client sent is removed first. Upgrades (WebSocket) pass: the upgrade
+//! request carries the header, and the upgraded stream is that request's.
 
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
-use hyper::{Request, Response};
+use hyper::header::{HeaderValue, UPGRADE};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -38,7 +39,7 @@ pub fn xfcc_value(by: Option<&str>, peer: &CertInfo) -> Option<HeaderValue> {
 /// when the client sent no certificate).
 pub async fn proxy<S>(downstream: S, upstream: TcpStream, identity: Option<HeaderValue>) -> Result<(), hyper::Error>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, upstream_conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await?;
     let sender = Arc::new(Mutex::new(sender));
@@ -50,18 +51,23 @@ where
             if let Some(identity) = identity {
                 headers.insert(XFCC, identity);
             }
-            // Upgrades (WebSocket) would bypass the per-request header; refuse them.
-            if headers.contains_key(UPGRADE) {
-                headers.remove(UPGRADE);
-                headers.insert(CONNECTION, HeaderValue::from_static("close"));
-            }
+            let client_upgrade = headers.contains_key(UPGRADE).then(|| hyper::upgrade::on(&mut req));
             let mut sender = sender.lock().await;
             sender.ready().await?;
-            let response: Response<Incoming> = sender.send_request(req).await?;
+            let mut response: Response<Incoming> = sender.send_request(req).await?;
+            if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) = (response.status(), client_upgrade) {
+                let app_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(async move {
+                    if let (Ok(client), Ok(app)) = tokio::join!(client_upgrade, app_upgrade) {
+                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(app)).await;
+                    }
+                });
+            }
             Ok::<_, hyper::Error>(response)
         }
     });
-    let server = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(downstream), service);
-    let (served, _) = tokio::join!(server, upstream_conn);
+    let server =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(downstream), service).with_upgrades();
+    let (served, _) = tokio::join!(server, upstream_conn.with_upgrades());
     served
 }

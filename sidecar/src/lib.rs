@@ -196,7 +196,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         for l in routes.all() {
             let lc = &l.config;
             let on = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            let upstream = lc.upstream.as_ref().map_or_else(|| format!("{} routes by Host", lc.routes.len()), |u| u.to_string());
+            let upstream =
+                lc.upstream.as_ref().map_or_else(|| format!("{} routes by Host", lc.routes.len()), |u| u.to_string());
             tracing::info!(listener = %lc.name, mode = ?lc.mode, listen = %lc.listen, on, upstream, "listening");
         }
         tasks.push(tokio::spawn(proxy::serve(socket, routes, stop_rx.clone())));

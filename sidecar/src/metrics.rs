@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Why a handshake was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -58,9 +58,9 @@ pub struct ListenerMetrics {
     /// Upstream connections that failed.
     pub upstream_errors: AtomicU64,
     /// Bytes from the client side to the upstream.
-    pub bytes_in: AtomicU64,
+    pub bytes_in: Arc<AtomicU64>,
     /// Bytes from the upstream to the client side.
-    pub bytes_out: AtomicU64,
+    pub bytes_out: Arc<AtomicU64>,
 }
 
 impl ListenerMetrics {

@@ -158,7 +158,10 @@ impl Listener {
                     c.alpn_protocols = self.alpn();
                     c
                 });
-                (server.map_err(|e| tracing::error!(listener = %self.config.name, "{e}")).ok().map(Arc::new), Vec::new())
+                (
+                    server.map_err(|e| tracing::error!(listener = %self.config.name, "{e}")).ok().map(Arc::new),
+                    Vec::new(),
+                )
             }
             Mode::Outbound => {
                 let names: Vec<Option<&PeerId>> = if self.config.routes.is_empty() {
@@ -247,6 +250,8 @@ impl Listener {
         let (_, conn) = tls.get_ref();
         self.count_handshake(conn.handshake_kind());
         let info = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| CertInfo::from_der(c).ok());
+        let caller = info.as_ref().map(peer_identity);
+        tracing::info!(listener = %self.config.name, %peer, identity = %caller.as_deref().unwrap_or("none"), "accepted");
         let version = match conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "TLSv1.3",
@@ -260,7 +265,7 @@ impl Listener {
             }
             let start = Instant::now();
             let last = Arc::new(AtomicU64::new(0));
-            let client = Metered { inner: tls, bytes: &self.metrics.bytes_in, last: last.clone(), start };
+            let client = Metered { inner: tls, bytes: self.metrics.bytes_in.clone(), last: last.clone(), start };
             // Body bytes towards the client are not metered in HTTP mode; requests are.
             if let Some(Err(e)) = self.until_idle(crate::http::proxy(client, upstream, identity), start, &last).await {
                 tracing::debug!(listener = %self.config.name, "http proxy: {e}");
@@ -293,21 +298,38 @@ impl Listener {
         let mut head = Vec::new();
         let target = if self.config.routes.is_empty() {
             let tls = self.config.tls != InboundTls::None;
-            Target { upstream: self.upstream(), server_name: self.config.server_name.as_ref(), client: built.clients[0].clone(), tls }
+            Target {
+                upstream: self.upstream(),
+                server_name: self.config.server_name.as_ref(),
+                client: built.clients[0].clone(),
+                tls,
+            }
         } else {
-            let Some(host) = self.read_head(&mut app, &mut head).await.and_then(|_| request_target(&head).map(|(h, _)| h))
+            let Some(host) =
+                self.read_head(&mut app, &mut head).await.and_then(|_| request_target(&head).map(|(h, _)| h))
             else {
-                return respond(&mut app, "400 Bad Request", "lanyard sidecar: a request with a Host header was expected\n").await;
+                return respond(
+                    &mut app,
+                    "400 Bad Request",
+                    "lanyard sidecar: a request with a Host header was expected\n",
+                )
+                .await;
             };
             let host = host_without_port(&host).to_ascii_lowercase();
-            let Some(i) = self.config.routes.iter().position(|r| r.host.iter().any(|h| h.eq_ignore_ascii_case(&host))) else {
+            let Some(i) = self.config.routes.iter().position(|r| r.host.iter().any(|h| h.eq_ignore_ascii_case(&host)))
+            else {
                 tracing::warn!(listener = %self.config.name, host, "no route for this Host");
                 let body = format!("lanyard sidecar: no upstream for Host {host:?} on this port\n");
                 return respond(&mut app, "502 Bad Gateway", &body).await;
             };
             let route = &self.config.routes[i];
             let tls = route.server_name.is_some();
-            Target { upstream: &route.upstream, server_name: route.server_name.as_ref(), client: built.clients[i].clone(), tls }
+            Target {
+                upstream: &route.upstream,
+                server_name: route.server_name.as_ref(),
+                client: built.clients[i].clone(),
+                tls,
+            }
         };
         let Some(mut upstream) = self.connect_upstream(target.upstream).await else { return };
         if !target.tls {
@@ -356,7 +378,9 @@ impl Listener {
         if !recent {
             let mut found = Vec::new();
             for name in &self.config.plain_from {
-                if let Ok(Ok(addrs)) = timeout(Duration::from_secs(2), tokio::net::lookup_host((name.as_str(), 0))).await {
+                if let Ok(Ok(addrs)) =
+                    timeout(Duration::from_secs(2), tokio::net::lookup_host((name.as_str(), 0))).await
+                {
                     found.extend(addrs.map(|a| a.ip().to_canonical()));
                 }
             }
@@ -442,8 +466,8 @@ impl Listener {
     {
         let start = Instant::now();
         let last = Arc::new(AtomicU64::new(0));
-        let mut a = Metered { inner: a, bytes: &self.metrics.bytes_in, last: last.clone(), start };
-        let mut b = Metered { inner: b, bytes: &self.metrics.bytes_out, last: last.clone(), start };
+        let mut a = Metered { inner: a, bytes: self.metrics.bytes_in.clone(), last: last.clone(), start };
+        let mut b = Metered { inner: b, bytes: self.metrics.bytes_out.clone(), last: last.clone(), start };
         let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER, BUFFER);
         self.until_idle(copy, start, &last).await;
     }
@@ -506,14 +530,14 @@ async fn respond(stream: &mut TcpStream, status: &str, body: &str) {
 }
 
 /// Counts bytes read and notes the time of the last read.
-struct Metered<'a, S> {
+struct Metered<S> {
     inner: S,
-    bytes: &'a AtomicU64,
+    bytes: Arc<AtomicU64>,
     last: Arc<AtomicU64>,
     start: Instant,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -526,7 +550,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }

@@ -29,8 +29,10 @@ pub enum TrustError {
 }
 
 /// Where the system bundle takes extra roots, and the command that rebuilds it.
-const SYSTEM_STORES: &[(&str, &str)] =
-    &[("/usr/local/share/ca-certificates", "update-ca-certificates"), ("/etc/pki/ca-trust/source/anchors", "update-ca-trust")];
+const SYSTEM_STORES: &[(&str, &str)] = &[
+    ("/usr/local/share/ca-certificates", "update-ca-certificates"),
+    ("/etc/pki/ca-trust/source/anchors", "update-ca-trust"),
+];
 
 /// The root to trust, with the names it is installed under.
 pub struct Root {
@@ -70,11 +72,14 @@ pub fn apply(root: &Root, remove: bool, home: Option<&Path>) -> Result<Done, Tru
     if remove {
         match std::fs::remove_file(&file) {
             Ok(()) => done.push(format!("removed {}", file.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => done.push(format!("{} was not installed", file.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                done.push(format!("{} was not installed", file.display()))
+            }
             Err(e) => return Err(store_err(format!("cannot remove {}: {e} (run as root)", file.display()))),
         }
     } else {
-        std::fs::write(&file, &root.pem).map_err(|e| store_err(format!("cannot write {}: {e} (run as root)", file.display())))?;
+        std::fs::write(&file, &root.pem)
+            .map_err(|e| store_err(format!("cannot write {}: {e} (run as root)", file.display())))?;
         done.push(format!("installed {}", file.display()));
     }
     let mut rebuild = Command::new(update);
@@ -105,8 +110,10 @@ pub fn apply(root: &Root, remove: bool, home: Option<&Path>) -> Result<Done, Tru
         }
         let staged = std::env::temp_dir().join(format!("{}-{}.pem", root.nickname, std::process::id()));
         std::fs::write(&staged, &root.pem).map_err(|e| nss_err(format!("cannot stage the root: {e}")))?;
-        let add =
-            Command::new("certutil").args(["-A", "-d", &spec, "-t", "C,,", "-n", &root.nickname, "-i"]).arg(&staged).output();
+        let add = Command::new("certutil")
+            .args(["-A", "-d", &spec, "-t", "C,,", "-n", &root.nickname, "-i"])
+            .arg(&staged)
+            .output();
         let _ = std::fs::remove_file(&staged);
         match add {
             Ok(o) if o.status.success() => done.push(format!("installed in {}", db.display())),

@@ -6,6 +6,9 @@
 //!   the `X-Forwarded-Client-Cert` the sidecar set; `/call/VAR` calls the
 //!   URL in environment variable VAR (`http://` GET, or `tcp://` one line
 //!   to an echo server) and answers with what came back.
+//!   `/redis` sends PING to `$REDIS_HOST` (port `$REDIS_PORT`, default
+//!   6379), `/postgres` runs `select 41 + 1` on `$DB_HOST` (`$DB_PORT`,
+//!   default 5432; user and database `app`, trust auth), `/status` does both.
 //! - `testapp echo PORT`: line echo that reads a PROXY v2 header first and
 //!   prefixes each reply with the caller identity it carried.
 //! - `testapp get URL`: plain HTTP GET; prints the body, exit 0 on 200.
@@ -85,6 +88,19 @@ fn handle_http(stream: TcpStream) -> std::io::Result<()> {
         let (status, body) = match path.as_str() {
             "/health" => (200, "ok\n".to_owned()),
             "/whoami" => (200, format!("xfcc={xfcc}\n")),
+            "/redis" | "/postgres" | "/status" => {
+                let mut parts = Vec::new();
+                if path != "/postgres" {
+                    parts.push(redis_ping().map(|r| format!("redis says {r}")));
+                }
+                if path != "/redis" {
+                    parts.push(postgres_query().map(|r| format!("postgres says {r}")));
+                }
+                match parts.into_iter().collect::<Result<Vec<_>, _>>() {
+                    Ok(lines) => (200, lines.join("\n") + "\n"),
+                    Err(e) => (502, format!("{e}\n")),
+                }
+            }
             p if p.starts_with("/call/") => match call(&p["/call/".len()..]) {
                 Ok(body) => (200, body),
                 Err(e) => (502, format!("call failed: {e}\n")),
@@ -116,6 +132,70 @@ fn call(var: &str) -> Result<String, String> {
         return Err(format!("{url}: HTTP {status}: {body}"));
     }
     Ok(body)
+}
+
+/// `host:port` from `$HOST_VAR` and `$PORT_VAR` (or the default port).
+fn service_addr(host_var: &str, port_var: &str, default_port: u16) -> Result<String, String> {
+    let host = std::env::var(host_var).map_err(|_| format!("no environment variable {host_var}"))?;
+    let port = std::env::var(port_var).unwrap_or_else(|_| default_port.to_string());
+    Ok(format!("{host}:{port}"))
+}
+
+/// PING in RESP, as redis-cli sends it; the server's answer.
+fn redis_ping() -> Result<String, String> {
+    let addr = service_addr("REDIS_HOST", "REDIS_PORT", 6379)?;
+    let mut stream = connect(&addr)?;
+    stream.write_all(b"*1\r\n$4\r\nPING\r\n").map_err(|e| format!("write {addr}: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).map_err(|e| format!("read {addr}: {e}"))?;
+    match line.trim_end() {
+        "+PONG" => Ok("PONG".into()),
+        other => Err(format!("redis at {addr} answered {other:?}")),
+    }
+}
+
+/// One PostgreSQL v3 message: type byte and payload.
+fn pg_message(reader: &mut impl Read) -> Result<(u8, Vec<u8>), String> {
+    let mut head = [0u8; 5];
+    reader.read_exact(&mut head).map_err(|e| format!("postgres: {e}"))?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    reader.read_exact(&mut body).map_err(|e| format!("postgres: {e}"))?;
+    Ok((head[0], body))
+}
+
+/// `select 41 + 1` over the PostgreSQL wire protocol (v3, trust auth): the value.
+fn postgres_query() -> Result<String, String> {
+    let addr = service_addr("DB_HOST", "DB_PORT", 5432)?;
+    let mut stream = connect(&addr)?;
+    let params = b"user\0app\0database\0app\0\0";
+    let mut startup = ((8 + params.len()) as u32).to_be_bytes().to_vec();
+    startup.extend(196_608u32.to_be_bytes());
+    startup.extend(params);
+    stream.write_all(&startup).map_err(|e| format!("write {addr}: {e}"))?;
+    let query = b"select 41 + 1\0";
+    let mut sent_query = false;
+    let mut value = None;
+    loop {
+        let (kind, body) = pg_message(&mut stream)?;
+        match kind {
+            b'R' if body.get(..4) != Some(&[0, 0, 0, 0]) => return Err("postgres asks for a password".into()),
+            b'E' => return Err(format!("postgres error: {}", String::from_utf8_lossy(&body))),
+            b'D' if body.len() >= 6 => {
+                let len = u32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
+                value = body.get(6..6 + len).map(|v| String::from_utf8_lossy(v).into_owned());
+            }
+            b'Z' if !sent_query => {
+                let mut q = vec![b'Q'];
+                q.extend(((4 + query.len()) as u32).to_be_bytes());
+                q.extend(query);
+                stream.write_all(&q).map_err(|e| format!("write {addr}: {e}"))?;
+                sent_query = true;
+            }
+            b'Z' => return value.ok_or_else(|| "postgres returned no row".into()),
+            _ => {}
+        }
+    }
 }
 
 fn connect(addr: &str) -> Result<TcpStream, String> {

@@ -67,16 +67,18 @@ impl Project {
         text(&run_ok(docker().args(["inspect", "--format", format, id])).stdout).trim().to_owned()
     }
 
-    /// Waits until every container with a healthcheck is healthy; returns
-    /// how many have one.
-    fn wait_healthy(&self) -> usize {
+    /// Waits until at least `containers` exist and every one with a
+    /// healthcheck is healthy; returns how many have one.
+    fn wait_healthy_n(&self, containers: usize, within: Duration) -> usize {
         let mut checked = 0;
-        poll_until(Duration::from_secs(180), Duration::from_millis(500), "every container healthy", || {
-            let states: Vec<String> = self
-                .containers()
-                .iter()
-                .map(|id| self.inspect(id, "{{.Name}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}"))
-                .collect();
+        poll_until(within, Duration::from_secs(1), "every container healthy", || {
+            let ids = self.containers();
+            if ids.len() < containers {
+                return false;
+            }
+            let format = "{{.Name}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}";
+            let out = run(docker().args(["inspect", "--format", format]).args(&ids));
+            let states: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
             checked = states.iter().filter(|s| !s.ends_with(" none")).count();
             let bad: Vec<_> = states.iter().filter(|s| !s.ends_with(" healthy") && !s.ends_with(" none")).collect();
             if bad.iter().any(|s| s.ends_with(" unhealthy")) {
@@ -85,9 +87,14 @@ impl Project {
                     text(&run(self.cmd().args(["logs", "--no-color", "--tail", "30"])).stdout)
                 );
             }
-            bad.is_empty() && states.len() >= 9
+            bad.is_empty() && states.len() == ids.len()
         });
         checked
+    }
+
+    /// The example fleet's wait: its nine containers.
+    fn wait_healthy(&self) -> usize {
+        self.wait_healthy_n(9, Duration::from_secs(180))
     }
 }
 
@@ -367,4 +374,220 @@ fn injected_fleet_is_mtls_on_every_hop() {
     );
     let chain = curl_frontend(&admin, port, "/call/BACKEND_URL").unwrap();
     assert!(chain.contains(&format!("URI={backend_id}")), "{chain}");
+}
+
+/// Builds the peers' images (redis, PostgreSQL, nginx from Debian's binaries).
+fn build_peer_images() {
+    require_dockerd();
+    run_ok(Command::new(workspace_root().join("scripts/build-peer-images")).args(["--tag", TAG]));
+}
+
+/// `ca trust` done for the test: the fleet root is in the system bundle and
+/// in the NSS database under `home`; removed again on drop.
+struct Trusted {
+    root: PathBuf,
+    home: PathBuf,
+}
+
+impl Trusted {
+    fn install(root: PathBuf, home: PathBuf) -> Self {
+        let out = run_ok(ca().args(["trust", "--root"]).arg(&root).env("HOME", &home));
+        let said = text(&out.stdout);
+        assert!(said.contains("installed /usr/local/share/ca-certificates/"), "{said}");
+        assert!(said.contains(&format!("installed in {}", home.join(".pki/nssdb").display())), "{said}");
+        Self { root, home }
+    }
+}
+
+impl Drop for Trusted {
+    fn drop(&mut self) {
+        let out = run(ca().args(["trust", "--remove", "--root"]).arg(&self.root).env("HOME", &self.home));
+        assert!(out.status.success() || std::thread::panicking(), "ca trust --remove: {out:?}");
+    }
+}
+
+/// Real protocol peers behind sidecars: an nginx whose own nginx.conf calls
+/// the backend, a backend that names PostgreSQL and Redis by bare variables,
+/// and ports that only the images' EXPOSE declares. After `ca inject` every
+/// call is mTLS (the callees' sidecars log the caller's identity), the
+/// published web port answers curl and headless Chromium over HTTPS once
+/// `ca trust` ran, `psql` from the host reaches the published Postgres as
+/// before, and a rogue container gets nothing.
+#[test]
+fn real_peers_keep_working_behind_sidecars_and_people_get_https() {
+    build_images();
+    build_peer_images();
+    peer("chromium");
+    peer("psql");
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("stack");
+    std::fs::create_dir(&work).unwrap();
+    for f in ["docker-compose.yml", "nginx.conf"] {
+        std::fs::copy(workspace_root().join("tests/data/stack").join(f), work.join(f)).unwrap();
+    }
+    let file = work.join("lanyard.yml");
+    let out = run_ok(ca().arg("inject").arg(work.join("docker-compose.yml")).arg("-o").arg(&file).args([
+        "--image",
+        &format!("lanyard:{TAG}"),
+        "--explain",
+    ]));
+    let said = text(&out.stderr);
+    // The engine's EXPOSE gave the database's and the cache's ports; nginx.conf gave the backend's.
+    for line in [
+        "postgres: sidecar lanyard-postgres in [5432/tcp]",
+        "redis: sidecar lanyard-redis in [6379/tcp]",
+        "backend: sidecar lanyard-backend in [3000/http]",
+        "proxy -> backend:3000",
+        "backend -> postgres:5432",
+    ] {
+        assert!(said.contains(line), "{line:?} not in\n{said}");
+    }
+    assert!(!said.contains("plain:"), "a call stays plaintext:\n{said}");
+
+    let (web, pg) = (stable_port(), stable_port());
+    let project = Project {
+        name: format!("lanyardstack{web}"),
+        file,
+        env: vec![("WEB_PORT".into(), web.to_string()), ("PG_PORT".into(), pg.to_string())],
+    };
+    project.up();
+    // ca + 4 sidecars + postgres + redis have healthchecks; 9 containers in all.
+    let with_health = project.wait_healthy_n(9, Duration::from_secs(180));
+    assert!(with_health >= 7, "saw {with_health} healthchecks");
+
+    // People: HTTPS on the published port; untrusted until `ca trust`.
+    let url = format!("https://localhost:{web}/");
+    let curl = || run(Command::new(peer("curl")).args(["-sS", "--max-time", "10", "--fail-with-body"]).arg(&url));
+    let untrusted = curl();
+    assert!(!untrusted.status.success() && text(&untrusted.stderr).contains("certificate"), "{untrusted:?}");
+    let root = tmp.path().join("root.pem");
+    run_ok(docker().arg("cp").arg(format!("{}:/state/root.pem", project.id("lanyard-ca"))).arg(&root));
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let _trusted = Trusted::install(root, home.clone());
+    let page = poll_ok(|| {
+        let out = curl();
+        if out.status.success() {
+            Ok(text(&out.stdout))
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
+    assert!(page.contains("redis says PONG") && page.contains("postgres says 42"), "{page}");
+    let redirect = text(
+        &run_ok(
+            Command::new(peer("curl"))
+                .args(["-sS", "-D", "-", "-o", "/dev/null"])
+                .arg(format!("http://localhost:{web}/x")),
+        )
+        .stdout,
+    );
+    assert!(
+        redirect.starts_with("HTTP/1.1 308") && redirect.contains(&format!("https://localhost:{web}/x")),
+        "{redirect}"
+    );
+
+    // A person's browser: headless Chromium with the root in its NSS database.
+    let chromium = |extra: &[&str]| {
+        run(Command::new(peer("chromium"))
+            .env("HOME", &home)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            .args(["--disable-component-update", "--disable-sync", "--window-size=800,600"])
+            .arg(format!("--user-data-dir={}", tmp.path().join("chromium").display()))
+            .args(extra)
+            .arg(&url))
+    };
+    let dom = chromium(&["--dump-dom"]);
+    assert!(text(&dom.stdout).contains("postgres says 42"), "Chromium: {dom:?}");
+    let shot = tmp.path().join("page.png");
+    let shot_arg = format!("--screenshot={}", shot.display());
+    let out = chromium(&[&shot_arg]);
+    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 2_000, "no screenshot ({size} bytes): {out:?}");
+    let kept = workspace_root().join("target/e2e-stack-page.png");
+    let _ = std::fs::copy(&shot, &kept);
+    eprintln!("Chromium's screenshot of {url}: {}", kept.display());
+
+    // psql from the host on the published Postgres port, as before injection.
+    let psql = run_ok(
+        Command::new(peer("psql"))
+            .args(["-h", "127.0.0.1", "-p", &pg.to_string(), "-U", "app", "-d", "app", "-tAc", "select 6 * 7"])
+            .env("PGCONNECT_TIMEOUT", "5"),
+    );
+    assert_eq!(text(&psql.stdout).trim(), "42");
+
+    // Every call was mTLS: the callees' sidecars saw the callers' identities.
+    for (callee, caller) in [("backend", "proxy"), ("postgres", "backend"), ("redis", "backend")] {
+        let logs = project.logs(&format!("lanyard-{callee}"));
+        let id = format!("identity=spiffe://stack.internal/{caller}");
+        assert!(logs.contains(&id), "lanyard-{callee} never saw {id}:\n{logs}");
+    }
+
+    // A rogue container on the shared network: no app address answers, the
+    // service names answer only TLS, and without a certificate nothing.
+    let network = format!("{}_default", project.name);
+    for (service, port) in [("backend", 3000), ("postgres", 5432), ("redis", 6379), ("proxy", 80)] {
+        let app_ips =
+            project.inspect(&project.id(service), "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}");
+        for ip in app_ips.split_whitespace() {
+            let out = rogue(&network, &["tcp", &format!("{ip}:{port}")]);
+            assert!(!out.status.success(), "rogue reached the {service} app at {ip}:{port}: {out:?}");
+        }
+        let out = rogue(&network, &["tcp", &format!("{service}:{port}")]);
+        assert!(text(&out.stderr).contains("TLS"), "{service}:{port} answered plaintext: {out:?}");
+        let out = rogue(&network, &["tls", &format!("{service}:{port}")]);
+        assert!(text(&out.stderr).contains("CertificateRequired"), "{service}:{port} without a cert: {out:?}");
+    }
+}
+
+/// Polls `check` for up to 30 s; its value once it succeeds.
+fn poll_ok<T>(mut check: impl FnMut() -> Result<T, String>) -> T {
+    let mut value = None;
+    poll_until_ok(Duration::from_secs(30), Duration::from_millis(500), "the published port", || {
+        value = Some(check()?);
+        Ok(())
+    });
+    value.expect("poll_until_ok returned, so the check passed")
+}
+
+/// A generated project of 100 services, each calling two others, on a
+/// default dockerd: the private networks' small subnets come from the
+/// project's pool, every service becomes healthy (its healthcheck calls the
+/// first callee through the mesh) and reaches its second callee too.
+#[test]
+fn a_hundred_services_come_up_and_reach_their_callees() {
+    build_images();
+    const N: usize = 100;
+    let mut yaml = String::from(
+        "# Generated: 100 services, each calling the next two (testapp).\nx-lanyard:\n  subnet_pool: 10.215.0.0/16\nservices:\n",
+    );
+    for i in 0..N {
+        let call = |k: usize| format!("http://svc{:03}:8080/health", (i + k) % N);
+        yaml += &format!(
+            "  svc{i:03}:\n    image: lanyard-testapp:{TAG}\n    command: [/testapp, http, \"8080\"]\n    environment:\n      CALL1: {}\n      CALL2: {}\n    healthcheck:\n      test: [CMD, /testapp, get, \"http://127.0.0.1:8080/call/CALL1\"]\n      interval: 5s\n      retries: 60\n",
+            call(1),
+            call(2)
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("docker-compose.yml");
+    std::fs::write(&input, yaml).unwrap();
+    let file = tmp.path().join("lanyard.yml");
+    run_ok(ca().arg("inject").arg(&input).arg("-o").arg(&file).args(["--image", &format!("lanyard:{TAG}")]));
+    let injected = std::fs::read_to_string(&file).unwrap();
+    let subnets = injected.matches("subnet: \"10.215.").count();
+    assert_eq!(subnets, N + 1, "one small subnet per private network and the control network");
+
+    let project = Project { name: format!("lanyardscale{}", std::process::id()), file, env: vec![] };
+    project.up();
+    let with_health = project.wait_healthy_n(2 * N + 1, Duration::from_secs(600));
+    assert_eq!(with_health, 2 * N + 1, "every app, sidecar and the CA has a healthcheck");
+    let mut failed = Vec::new();
+    for i in 0..N {
+        let out = project.exec(&format!("svc{i:03}"), &["/testapp", "get", "http://127.0.0.1:8080/call/CALL2"]);
+        if !out.status.success() {
+            failed.push(format!("svc{i:03}: {}", text(&out.stdout)));
+        }
+    }
+    assert!(failed.is_empty(), "{} of {N} services could not reach their second callee: {failed:?}", failed.len());
 }
