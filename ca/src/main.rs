@@ -367,18 +367,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let overrides = lanyard_compose::inject::Overrides { ttl: a.ttl, image: a.image };
             let injected = lanyard_compose::inject_with(&compose, &overrides, &images)?;
             let yaml = injected.compose.to_yaml();
-            let mut report = injected.report.join("\n") + "\n\n" + &injected.explain();
-            if !injected.warnings.is_empty() {
-                report += &format!(
-                    "\n{}\n",
-                    injected.warnings.iter().map(|w| format!("warning: {w}")).collect::<Vec<_>>().join("\n")
-                );
-            }
             match &a.output {
                 Some(path) => {
                     std::fs::write(path, &yaml).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
                     let report_path = path.with_extension("report");
-                    std::fs::write(&report_path, &report)
+                    std::fs::write(&report_path, injected.report_text())
                         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", report_path.display()))?;
                 }
                 None => stdout(&yaml),

@@ -66,6 +66,9 @@ const CONTROL: &str = "lanyard-control";
 /// Prefix length of the networks Lanyard adds: room for the gateway, the
 /// app and its sidecar (or the two ends of a plaintext pair).
 const SUBNET_PREFIX: u8 = 28;
+/// docker-compose v1's default thread budget, which nested start-ups share:
+/// with more services ready at once than that, `up` deadlocks.
+const V1_PARALLEL_LIMIT: usize = 64;
 
 /// Settings given on the command line; they win over the top-level `x-lanyard`.
 #[derive(Clone, Debug, Default)]
@@ -93,6 +96,18 @@ impl Injected {
     /// Whether some call between services stays in plaintext.
     pub fn has_plain_calls(&self) -> bool {
         self.paths.iter().any(|p| matches!(p.how, How::Plain(_)))
+    }
+
+    /// The report file: the service lines, the `--explain` table and the warnings.
+    pub fn report_text(&self) -> String {
+        let mut text = self.report.join("\n") + "\n\n" + &self.explain();
+        if !self.warnings.is_empty() {
+            text.push('\n');
+            for w in &self.warnings {
+                text += &format!("warning: {w}\n");
+            }
+        }
+        text
     }
 
     /// The `--explain` table.
@@ -225,7 +240,14 @@ pub fn inject_with(
             volumes.insert(public_volume(&s.name).into(), Value::Null);
         }
         services.insert(s.name.clone().into(), app_service(s, plan));
-        services.insert(format!("{PREFIX}{}", s.name).into(), sidecar_service(s, plan, &defaults)?);
+        services.insert(format!("{PREFIX}{}", s.name).into(), sidecar_service(s, plan, &defaults, compose.services.len())?);
+    }
+    if services.len() > V1_PARALLEL_LIMIT / 2 {
+        warnings.push(format!(
+            "{} services: docker-compose v1 (1.29) hangs when more than COMPOSE_PARALLEL_LIMIT (default {V1_PARALLEL_LIMIT}) start at once; run it with COMPOSE_PARALLEL_LIMIT={} (in the environment or the project's .env); compose v2 is not affected",
+            services.len(),
+            2 * services.len()
+        ));
     }
     doc.insert("services".into(), Value::Mapping(services));
     doc.insert("networks".into(), Value::Mapping(networks));
@@ -929,13 +951,15 @@ fn networks_value(attachments: &[Attachment]) -> Value {
 }
 
 /// A compose healthcheck that runs `sidecar health`: an HTTPS GET of `url`
-/// verified against `cert_dir/ca.pem`.
-fn https_healthcheck(cert_dir: &str, url: String) -> Value {
+/// verified against `cert_dir/ca.pem`. Every check is a `docker exec`,
+/// which costs the engine a process: a large project checks less often.
+fn https_healthcheck(cert_dir: &str, url: String, services: usize) -> Value {
     let test = ["CMD", "/sidecar", "health", "--cert-dir", cert_dir, "--url", &url];
+    let interval = (services / 10).clamp(5, 30);
     mapping([
         ("test", strings(test)),
-        ("interval", "5s".into()),
-        ("timeout", "3s".into()),
+        ("interval", format!("{interval}s").into()),
+        ("timeout", "10s".into()),
         ("retries", Value::from(30)),
         ("start_period", "5s".into()),
     ])
@@ -1038,7 +1062,7 @@ struct EdgeToml {
     acme_forward: String,
 }
 
-fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults) -> Result<Value, ComposeError> {
+fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults, project_size: usize) -> Result<Value, ComposeError> {
     let allow = s
         .options
         .allow
@@ -1196,7 +1220,7 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults) -> Result<Valu
     // valid certificate (its fallback does not verify); /readyz would also
     // wait for the app, which waits for the sidecar.
     let url = format!("https://127.0.0.1:{}/healthz", defaults.admin_port);
-    side.insert("healthcheck".into(), https_healthcheck(SIDECAR_CERTS, url));
+    side.insert("healthcheck".into(), https_healthcheck(SIDECAR_CERTS, url, project_size));
     hardening(&mut side);
     side.insert("read_only".into(), Value::Bool(true));
     Ok(Value::Mapping(side))
@@ -1308,7 +1332,7 @@ fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compo
         ca.insert("extra_hosts".into(), strings(["host.docker.internal:host-gateway"]));
     }
     let url = format!("https://127.0.0.1:{CA_API_PORT}/health");
-    ca.insert("healthcheck".into(), https_healthcheck("/state/api", url));
+    ca.insert("healthcheck".into(), https_healthcheck("/state/api", url, compose.services.len()));
     hardening(&mut ca);
     Ok(Value::Mapping(ca))
 }

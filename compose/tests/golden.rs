@@ -76,7 +76,7 @@ fn golden_files() {
         check_sidecar_configs(&name, &injected.compose);
         let yaml = injected.compose.to_yaml();
         check(&dir().join(format!("{name}.out.yml")), &yaml);
-        check(&dir().join(format!("{name}.report")), &(injected.report.join("\n") + "\n"));
+        check(&dir().join(format!("{name}.report")), &injected.report_text());
         // Injecting the output again is refused, not doubled.
         let again = Compose::parse(&yaml, "out").and_then(|c| inject(&c, &Overrides::default()));
         assert!(again.unwrap_err().to_string().contains("injected already"), "{name}");
