@@ -240,7 +240,8 @@ pub fn inject_with(
             volumes.insert(public_volume(&s.name).into(), Value::Null);
         }
         services.insert(s.name.clone().into(), app_service(s, plan));
-        services.insert(format!("{PREFIX}{}", s.name).into(), sidecar_service(s, plan, &defaults, compose.services.len())?);
+        services
+            .insert(format!("{PREFIX}{}", s.name).into(), sidecar_service(s, plan, &defaults, compose.services.len())?);
     }
     if services.len() > V1_PARALLEL_LIMIT / 2 {
         warnings.push(format!(

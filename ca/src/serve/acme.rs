@@ -65,12 +65,41 @@ pub enum Challenge {
     Dns01,
 }
 
+/// A public certificate's name: a DNS label (letters, digits, `-`), so it
+/// is safe as a directory name under `STATE/public`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertName(String);
+
+impl CertName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for CertName {
+    type Err = PublicError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        if name.parse::<DnsName>().is_err() || name.contains('.') {
+            return Err(PublicError::Invalid(format!("cert_name {name:?}: use letters, digits and '-'")));
+        }
+        Ok(Self(name.to_owned()))
+    }
+}
+
+impl<'de> Deserialize<'de> for CertName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// `[[public]]` in `lanyard.toml`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublicConfig {
     /// The certificate's name (its cert dir is `STATE/public/<name>` unless `out_dir` is set).
-    pub name: String,
+    pub name: CertName,
     /// The names on the certificate; `*.example.com` needs `dns-01`.
     pub domains: Vec<String>,
     /// Account contact.
@@ -246,18 +275,18 @@ impl Acme {
         eab.clear();
         for c in configured {
             self.check_domains(&c.domains, c.challenge)
-                .map_err(|e| PublicError::Invalid(format!("[[public]] {}: {e}", c.name)))?;
+                .map_err(|e| PublicError::Invalid(format!("[[public]] {}: {e}", c.name.as_str())))?;
             let directory = match (&c.directory_url, c.staging) {
                 (Some(url), _) => url.clone(),
                 (None, true) => LETS_ENCRYPT_STAGING.into(),
                 (None, false) => LETS_ENCRYPT.into(),
             };
             if let (Some(kid), Some(key)) = (&c.eab_kid, &c.eab_hmac_key) {
-                eab.insert(c.name.clone(), (kid.clone(), key.clone()));
+                eab.insert(c.name.as_str().to_owned(), (kid.clone(), key.clone()));
             }
-            let out_dir = c.out_dir.clone().unwrap_or_else(|| self.state_dir.join("public").join(&c.name));
-            let existing = self.get(&c.name)?;
-            let mut cert = existing.clone().unwrap_or_else(|| PublicCert::new(&c.name, "config"));
+            let out_dir = c.out_dir.clone().unwrap_or_else(|| self.state_dir.join("public").join(c.name.as_str()));
+            let existing = self.get(c.name.as_str())?;
+            let mut cert = existing.clone().unwrap_or_else(|| PublicCert::new(c.name.as_str(), "config"));
             let changed = cert.domains != c.domains || cert.acme_directory_url != directory;
             cert.domains = c.domains.clone();
             cert.email = c.email.clone();
@@ -272,7 +301,7 @@ impl Acme {
             }
         }
         for cert in self.list()? {
-            if cert.source == "config" && !configured.iter().any(|c| c.name == cert.cert_name) {
+            if cert.source == "config" && !configured.iter().any(|c| c.name.as_str() == cert.cert_name) {
                 self.remove(&cert.cert_name)?;
             }
         }
@@ -299,7 +328,10 @@ impl Acme {
     pub fn remove(&self, name: &str) -> Result<(), PublicError> {
         let cert = self.get(name)?.ok_or_else(|| PublicError::Unknown(name.to_owned()))?;
         self.store.delete_doc(KIND_CERT, name)?;
-        if cert.out_dir.starts_with(self.state_dir.join("public")) {
+        // Only the cert dir Lanyard made for this name, never a path that
+        // merely starts like one (`public/..`).
+        let own = name.parse::<CertName>().is_ok() && cert.out_dir == self.state_dir.join("public").join(name);
+        if own {
             let _ = std::fs::remove_dir_all(&cert.out_dir);
         }
         tracing::info!(cert = name, "public certificate removed");
@@ -314,9 +346,7 @@ impl Acme {
         email: String,
         directory: Option<String>,
     ) -> Result<PublicCert, PublicError> {
-        if name.parse::<DnsName>().is_err() || name.contains('.') {
-            return Err(PublicError::Invalid(format!("cert_name {name:?}: use letters, digits and '-'")));
-        }
+        name.parse::<CertName>()?;
         if self.get(name)?.is_some() {
             return Err(PublicError::Exists(name.to_owned()));
         }
@@ -933,6 +963,27 @@ impl PublicCert {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_like_certificate_names_are_refused_and_never_delete_outside_their_dir() {
+        for bad in ["..", ".", "a/b", "../state", "www.example.com", ""] {
+            assert!(bad.parse::<CertName>().is_err(), "{bad:?} accepted");
+            let toml = format!("name = {bad:?}\ndomains = [\"example.com\"]\nemail = \"a@example.com\"\n");
+            let e = toml::from_str::<PublicConfig>(&toml).unwrap_err().to_string();
+            assert!(e.contains("use letters, digits and '-'"), "{e}");
+        }
+        // A stored document whose name points elsewhere (written by an older
+        // version) is forgotten without deleting that directory.
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        let acme = Acme::new(store, AcmeSettings::default(), dir.path());
+        let mut cert = PublicCert::new("..", "config");
+        cert.out_dir = dir.path().join("public").join("..");
+        acme.put(&cert).unwrap();
+        acme.reconcile(&[]).unwrap();
+        assert!(dir.path().join("lanyard.db").exists(), "the state directory was deleted");
+        assert!(acme.get("..").unwrap().is_none());
+    }
 
     #[test]
     fn holds_back_under_the_published_limits() {

@@ -44,15 +44,19 @@ impl Project {
         run_ok(self.cmd().args(["up", "-d"]));
     }
 
-    /// The container of `service`.
+    /// The container of `service` (from the engine's labels: cheaper than
+    /// `docker-compose ps`, which parses the whole file each time).
     fn id(&self, service: &str) -> String {
-        let id = text(&run_ok(self.cmd().args(["ps", "-q", service])).stdout).trim().to_owned();
-        assert!(!id.is_empty(), "no container for {service}");
+        let project = format!("label=com.docker.compose.project={}", self.name);
+        let service_label = format!("label=com.docker.compose.service={service}");
+        let out = run_ok(docker().args(["ps", "-q", "--filter", &project, "--filter", &service_label]));
+        let id = text(&out.stdout).trim().to_owned();
+        assert!(!id.is_empty() && !id.contains('\n'), "no single container for {service}: {id:?}");
         id
     }
 
     fn exec(&self, service: &str, args: &[&str]) -> std::process::Output {
-        run(self.cmd().args(["exec", "-T", service]).args(args))
+        run(docker().arg("exec").arg(self.id(service)).args(args))
     }
 
     fn logs(&self, service: &str) -> String {
@@ -134,6 +138,23 @@ fn rogue(network: &str, args: &[&str]) -> std::process::Output {
         .args(args))
 }
 
+/// A rogue container on `network` reaches no app's address on its port,
+/// gets only TLS from each service name, and is refused without a certificate.
+fn rogue_gets_nothing(project: &Project, network: &str, services: &[(&str, u16)]) {
+    for (service, port) in services {
+        let app_ips =
+            project.inspect(&project.id(service), "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}");
+        for ip in app_ips.split_whitespace() {
+            let out = rogue(network, &["tcp", &format!("{ip}:{port}")]);
+            assert!(!out.status.success(), "rogue reached the {service} app at {ip}:{port}: {out:?}");
+        }
+        let out = rogue(network, &["tcp", &format!("{service}:{port}")]);
+        assert!(text(&out.stderr).contains("TLS"), "{service}:{port} answered plaintext: {out:?}");
+        let out = rogue(network, &["tls", &format!("{service}:{port}")]);
+        assert!(text(&out.stderr).contains("CertificateRequired"), "{service}:{port} without a cert: {out:?}");
+    }
+}
+
 /// curl from the host through the frontend's published port, with mTLS.
 fn curl_frontend(admin: &Path, port: u16, path: &str) -> Result<String, String> {
     let out = run(Command::new(peer("curl"))
@@ -184,6 +205,15 @@ fn corpus_of_public_project_patterns_keeps_every_call() {
     assert!(out.status.success(), "the checker failed:\n{report}");
     let summary = report.lines().rev().find(|l| l.ends_with(" failed")).unwrap_or_default();
     assert_eq!(summary, format!("{} passed, 0 failed", dirs.len()), "{report}");
+
+    // --strict refuses a file where a call stays in plaintext, and names it.
+    let opt_out = workspace_root().join("compose/tests/golden/opt-out.in.yml");
+    let strict = run(ca().arg("inject").arg(&opt_out).arg("--strict"));
+    assert_eq!(strict.status.code(), Some(3), "{strict:?}");
+    let said = text(&strict.stderr);
+    assert!(said.contains("warning: plaintext: app -> legacy-db:1521"), "{said}");
+    let lenient = run(ca().arg("inject").arg(&opt_out));
+    assert!(lenient.status.success(), "{lenient:?}");
 }
 
 #[test]
@@ -302,18 +332,7 @@ fn injected_fleet_is_mtls_on_every_hop() {
     // is refused by every sidecar without a certificate, and cannot reach
     // any sidecar's outbound listener.
     let network = format!("{}_default", project.name);
-    for (service, port) in [("frontend", 8080), ("backend", 3000), ("users", 4000), ("echo", 7000)] {
-        let app_ips =
-            project.inspect(&project.id(service), "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}");
-        for ip in app_ips.split_whitespace() {
-            let out = rogue(&network, &["tcp", &format!("{ip}:{port}")]);
-            assert!(!out.status.success(), "rogue reached the {service} app at {ip}:{port}: {out:?}");
-        }
-        let out = rogue(&network, &["tcp", &format!("{service}:{port}")]);
-        assert!(text(&out.stderr).contains("TLS"), "{service}:{port} answered plaintext: {out:?}");
-        let out = rogue(&network, &["tls", &format!("{service}:{port}")]);
-        assert!(text(&out.stderr).contains("CertificateRequired"), "{service}:{port} without a cert: {out:?}");
-    }
+    rogue_gets_nothing(&project, &network, &[("frontend", 8080), ("backend", 3000), ("users", 4000), ("echo", 7000)]);
     for (service, outbound_ports) in [("frontend", &[3000][..]), ("backend", &[4000, 7000][..])] {
         let sidecar = project.id(&format!("lanyard-{service}"));
         let shared_ip =
@@ -529,18 +548,7 @@ fn real_peers_keep_working_behind_sidecars_and_people_get_https() {
     // A rogue container on the shared network: no app address answers, the
     // service names answer only TLS, and without a certificate nothing.
     let network = format!("{}_default", project.name);
-    for (service, port) in [("backend", 3000), ("postgres", 5432), ("redis", 6379), ("proxy", 80)] {
-        let app_ips =
-            project.inspect(&project.id(service), "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}");
-        for ip in app_ips.split_whitespace() {
-            let out = rogue(&network, &["tcp", &format!("{ip}:{port}")]);
-            assert!(!out.status.success(), "rogue reached the {service} app at {ip}:{port}: {out:?}");
-        }
-        let out = rogue(&network, &["tcp", &format!("{service}:{port}")]);
-        assert!(text(&out.stderr).contains("TLS"), "{service}:{port} answered plaintext: {out:?}");
-        let out = rogue(&network, &["tls", &format!("{service}:{port}")]);
-        assert!(text(&out.stderr).contains("CertificateRequired"), "{service}:{port} without a cert: {out:?}");
-    }
+    rogue_gets_nothing(&project, &network, &[("backend", 3000), ("postgres", 5432), ("redis", 6379), ("proxy", 80)]);
 }
 
 /// Polls `check` for up to 30 s; its value once it succeeds.
