@@ -36,7 +36,7 @@ use crate::reload::CertStore;
 ///
 /// Binaries call this once at start; it is idempotent.
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = tls::crypto_provider().install_default();
 }
 
 /// Why the sidecar could not start.

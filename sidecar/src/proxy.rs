@@ -251,7 +251,14 @@ impl Listener {
         self.count_handshake(conn.handshake_kind());
         let info = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| CertInfo::from_der(c).ok());
         let caller = info.as_ref().map(peer_identity);
-        tracing::info!(listener = %self.config.name, %peer, identity = %caller.as_deref().unwrap_or("none"), "accepted");
+        let group = conn.negotiated_key_exchange_group().map(|g| g.name());
+        tracing::info!(
+            listener = %self.config.name,
+            %peer,
+            identity = %caller.as_deref().unwrap_or("none"),
+            group = ?group.unwrap_or(rustls::NamedGroup::Unknown(0)),
+            "accepted"
+        );
         let version = match conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "TLSv1.3",

@@ -23,9 +23,20 @@ pub enum TlsConfigError {
     Verifier(String),
 }
 
-/// The one crypto provider: aws-lc-rs.
+/// The one crypto provider: aws-lc-rs, with the hybrid post-quantum key
+/// exchange X25519MLKEM768 preferred (so every hop between Lanyard's own
+/// peers uses it) and the classical groups still accepted from others.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(crypto_provider())
+}
+
+/// [`provider`], by value (to install as the process default).
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    rustls::crypto::CryptoProvider {
+        kx_groups: vec![kx_group::X25519MLKEM768, kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    }
 }
 
 /// How a server treats client certificates.

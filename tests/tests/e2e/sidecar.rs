@@ -214,6 +214,23 @@ fn outbound_reaches_inbound_and_fails_closed_on_the_wrong_identity() {
         .stdout,
     );
     assert_eq!(status, "200", "app -> outbound -> inbound -> app");
+    // Sidecar to sidecar, the key exchange is the hybrid post-quantum one.
+    wait_for_log(&f.pki.path("in.log"), "group=X25519MLKEM768");
+    // A classical-only client (openssl 3.0 offers no ML-KEM) still gets in.
+    let classical = run(Command::new(peer("openssl"))
+        .args(["s_client", "-connect", &addr(inbound).to_string(), "-groups", "X25519", "-brief"])
+        .arg("-cert")
+        .arg(f.web.join("cert.pem"))
+        .arg("-cert_chain")
+        .arg(f.web.join("cert.pem"))
+        .arg("-key")
+        .arg(f.web.join("key.pem"))
+        .arg("-CAfile")
+        .arg(f.web.join("ca.pem"))
+        .stdin(std::process::Stdio::null()));
+    let said = text(&classical.stdout) + &text(&classical.stderr);
+    assert!(said.contains("Server Temp Key: X25519") || said.contains("Peer Temp Key: X25519"), "{said}");
+    wait_for_log(&f.pki.path("in.log"), "group=X25519\n");
 
     let bad = free_port();
     let wrong = Sidecar::start(
