@@ -99,7 +99,7 @@ impl Inspection {
     }
 }
 
-fn human_seconds(secs: i64) -> String {
+pub(crate) fn human_seconds(secs: i64) -> String {
     let (sign, s) = if secs < 0 { ("expired ", -secs) } else { ("", secs) };
     format!(
         "{sign}{}d {}h {}m {}s{}",

@@ -141,8 +141,8 @@ struct StatusArgs {
 
 #[derive(Args)]
 struct CheckArgs {
-    /// The identity to check.
-    name: String,
+    /// The identity to check; the CA's own certificates are always checked.
+    name: Option<String>,
     #[command(flatten)]
     state: StateArg,
 }
@@ -429,6 +429,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect();
                 stdout(&(serde_json::to_string_pretty(&list)? + "\n"));
             } else {
+                for e in authority.ca().expiry(OffsetDateTime::now_utc())? {
+                    let alarm = e.alarm.map(|a| format!("  ALARM: {a}")).unwrap_or_default();
+                    stdout(&format!("{} CA expires {}{alarm}\n", e.role, rfc3339(e.not_after)));
+                }
                 stdout(&status_table(&rows, now));
                 let acme =
                     lanyard_ca::serve::acme::Acme::new(authority.store().clone(), Default::default(), a.state.dir()?);
@@ -437,12 +441,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(a) => {
             let authority = Authority::open(a.state.dir()?)?;
+            let alarms: Vec<String> =
+                authority.ca().expiry(OffsetDateTime::now_utc())?.into_iter().filter_map(|e| e.alarm).collect();
+            if !alarms.is_empty() {
+                anyhow::bail!("{}", alarms.join("; "));
+            }
             let now = OffsetDateTime::now_utc().unix_timestamp();
-            match authority.store().schedule(&a.name)? {
-                None => anyhow::bail!("identity {:?} is not managed by this CA (see `ca status`)", a.name),
-                Some(row) => match trouble(&row, now) {
-                    Some(why) => anyhow::bail!("{}: {why}", a.name),
-                    None => stdout(&format!("{}: ok\n", a.name)),
+            match &a.name {
+                None => stdout("CA certificates: ok\n"),
+                Some(name) => match authority.store().schedule(name)? {
+                    None => anyhow::bail!("identity {name:?} is not managed by this CA (see `ca status`)"),
+                    Some(row) => match trouble(&row, now) {
+                        Some(why) => anyhow::bail!("{name}: {why}"),
+                        None => stdout(&format!("{name}: ok\n")),
+                    },
                 },
             }
         }

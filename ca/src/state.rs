@@ -36,6 +36,21 @@ const INTERMEDIATE_KEY: &str = "intermediate-key.pem";
 pub const ROOT_LIFETIME: Duration = Duration::days(3650);
 /// Lifetime of the intermediate CA.
 pub const INTERMEDIATE_LIFETIME: Duration = Duration::days(365);
+/// From this fraction of a CA certificate's life on, the CA raises an alarm.
+pub const CA_ALARM_AT: f64 = 2.0 / 3.0;
+
+/// A CA certificate's expiry, as `ca status`, `ca check`, `/health` and
+/// `/metrics` report it.
+#[derive(Clone, Debug)]
+pub struct CaCertExpiry {
+    /// `root` or `intermediate`.
+    pub role: &'static str,
+    /// Its notAfter.
+    pub not_after: OffsetDateTime,
+    /// Why an operator must act, from [`CA_ALARM_AT`] of its life on.
+    pub alarm: Option<String>,
+}
+
 /// How far certificates are backdated to tolerate clock skew.
 pub const BACKDATE: Duration = Duration::minutes(5);
 
@@ -241,6 +256,34 @@ impl CaState {
     /// Facts about the intermediate.
     pub fn intermediate(&self) -> &CertInfo {
         &self.intermediate
+    }
+
+    /// Facts about the root.
+    pub fn root(&self) -> Result<CertInfo, CaError> {
+        single_cert(&self.dir.join(ROOT_CERT), &self.root_pem)
+    }
+
+    /// The root and the intermediate with their expiry, and an alarm for
+    /// each that is past [`CA_ALARM_AT`] of its life: nothing renews them
+    /// yet, and once the intermediate expires no leaf can be renewed.
+    pub fn expiry(&self, now: OffsetDateTime) -> Result<Vec<CaCertExpiry>, CaError> {
+        let mut out = Vec::new();
+        for (role, info) in [("root", self.root()?), ("intermediate", self.intermediate.clone())] {
+            let alarm = (now >= info.life_point(CA_ALARM_AT)).then(|| {
+                format!(
+                    "the {role} CA expires at {} ({} left){}",
+                    lanyard_sidecar::certinfo::rfc3339(info.not_after),
+                    crate::inspect::human_seconds((info.not_after - now).whole_seconds()),
+                    if role == "intermediate" {
+                        ": after that no leaf can be renewed; create a new CA with `ca init --force` and re-issue, or restore one with a longer intermediate"
+                    } else {
+                        ": plan a root rotation"
+                    }
+                )
+            });
+            out.push(CaCertExpiry { role, not_after: info.not_after, alarm });
+        }
+        Ok(out)
     }
 
     /// The intermediate's subject key identifier (for CRLs).

@@ -122,3 +122,29 @@ impl CaMetrics {
         out
     }
 }
+
+/// Gauges of the root's and the intermediate's expiry, so that alerting
+/// sees a CA certificate's end coming.
+pub fn ca_certificates(expiry: &[crate::state::CaCertExpiry], now: time::OffsetDateTime) -> String {
+    let mut out = String::new();
+    let p = "lanyard_ca_certificate";
+    header(
+        &mut out,
+        &format!("{p}_expiration_timestamp_seconds"),
+        "gauge",
+        "notAfter of the CA's root and intermediate.",
+    );
+    for e in expiry {
+        let _ =
+            writeln!(out, "{p}_expiration_timestamp_seconds{{role=\"{}\"}} {}", e.role, e.not_after.unix_timestamp());
+    }
+    header(&mut out, &format!("{p}_seconds_left"), "gauge", "Seconds until the CA's root and intermediate expire.");
+    for e in expiry {
+        let _ = writeln!(out, "{p}_seconds_left{{role=\"{}\"}} {}", e.role, (e.not_after - now).whole_seconds());
+    }
+    header(&mut out, &format!("{p}_alarm"), "gauge", "1 from 2/3 of a CA certificate's life on: nothing renews it.");
+    for e in expiry {
+        let _ = writeln!(out, "{p}_alarm{{role=\"{}\"}} {}", e.role, u8::from(e.alarm.is_some()));
+    }
+    out
+}

@@ -67,6 +67,19 @@ pub struct Health {
     pub overdue: Vec<String>,
     /// Public certificates: status, expiry, last error and next attempt.
     pub public: Vec<PublicHealth>,
+    /// The root's and the intermediate's notAfter.
+    pub ca_certificates: Vec<CaCertHealth>,
+    /// What an operator must act on (a CA certificate near its end).
+    pub alarms: Vec<String>,
+}
+
+/// A CA certificate in `/health`.
+#[derive(Debug, Serialize)]
+pub struct CaCertHealth {
+    /// `root` or `intermediate`.
+    pub role: &'static str,
+    /// notAfter (RFC 3339).
+    pub not_after: String,
 }
 
 /// One public certificate in `/health`.
@@ -119,7 +132,11 @@ impl Service {
         }
         let scheduler = self.metrics.scheduler_running.load(std::sync::atomic::Ordering::Relaxed);
         let https_enabled = self.api_certs.current().is_some();
-        let healthy = scheduler && store == "healthy" && overdue.is_empty() && https_enabled;
+        let expiry = self.authority.ca().expiry(now).unwrap_or_default();
+        let alarms: Vec<String> = expiry.iter().filter_map(|e| e.alarm.clone()).collect();
+        let ca_certificates =
+            expiry.iter().map(|e| CaCertHealth { role: e.role, not_after: rfc3339(e.not_after) }).collect();
+        let healthy = scheduler && store == "healthy" && overdue.is_empty() && https_enabled && alarms.is_empty();
         let public = self
             .acme
             .list()
@@ -142,12 +159,17 @@ impl Service {
             certificates_loaded: loaded,
             https_enabled,
             overdue,
+            ca_certificates,
+            alarms,
         }
     }
 
     /// Prometheus text.
     pub fn metrics_text(&self) -> String {
-        self.metrics.render(&self.authority.store().schedules().unwrap_or_default()) + &self.acme.metrics()
+        let expiry = self.authority.ca().expiry(OffsetDateTime::now_utc()).unwrap_or_default();
+        self.metrics.render(&self.authority.store().schedules().unwrap_or_default())
+            + &metrics::ca_certificates(&expiry, OffsetDateTime::now_utc())
+            + &self.acme.metrics()
     }
 }
 

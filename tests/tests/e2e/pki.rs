@@ -91,6 +91,31 @@ fn file_modes_and_offline_root() {
     run_ok(ca().args(["issue", "web", "--state"]).arg(&state).arg("--out").arg(tmp.path().join("web")));
 }
 
+/// The one-year intermediate is not renewed by anything yet: from 2/3 of
+/// its life on, `ca check` fails and `ca status` shows the alarm, so the
+/// operator hears of it months before leaf renewals would start failing.
+#[test]
+fn ca_check_raises_the_intermediate_expiry_alarm_at_two_thirds_of_its_life() {
+    let pki = Pki::new(&[]);
+    let state = pki.state();
+    let ok = run_ok(ca().args(["check", "--state"]).arg(&state));
+    assert_eq!(text(&ok.stdout), "CA certificates: ok\n");
+    let later = |args: &[&str]| {
+        run(Command::new(peer("faketime")).args(["-f", "+250d"]).arg(bin("ca")).args(args).arg("--state").arg(&state))
+    };
+    let check = later(&["check"]);
+    assert!(!check.status.success(), "{check:?}");
+    let said = text(&check.stderr);
+    assert!(said.contains("the intermediate CA expires at") && said.contains("no leaf can be renewed"), "{said}");
+    assert!(!said.contains("root CA"), "the root has years left: {said}");
+    let status = text(&later(&["status"]).stdout);
+    assert!(status.contains("intermediate CA expires") && status.contains("ALARM"), "{status}");
+    assert!(
+        status.lines().next().is_some_and(|l| l.starts_with("root CA expires") && !l.contains("ALARM")),
+        "{status}"
+    );
+}
+
 #[test]
 fn init_refuses_to_overwrite_without_force_and_env_gives_state() {
     let pki = Pki::new(&[]);

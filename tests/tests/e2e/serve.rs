@@ -128,6 +128,14 @@ fn short_lived_certs_rotate_and_running_sidecars_pick_them_up() {
     assert!(out.metric("lanyard_sidecar_cert_reloads_total{result=\"success\"}") >= 4.0);
     let (_, metrics) = curl_api(&pki, "GET", &server.url("/metrics"), None, None);
     assert!(metrics.contains("lanyard_ca_renewed_total{result=\"success\"}"), "{metrics}");
+    // The CA's own certificates are watched too: about a year left, no alarm.
+    let left = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lanyard_ca_certificate_seconds_left{role=\"intermediate\"} "))
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or_else(|| panic!("no intermediate expiry gauge in\n{metrics}"));
+    assert!((364 * 86_400..=365 * 86_400).contains(&left), "{left}");
+    assert!(metrics.contains("lanyard_ca_certificate_alarm{role=\"intermediate\"} 0"), "{metrics}");
     let (code, health) = curl_api(&pki, "GET", &server.url("/health"), None, None);
     let h: Value = serde_json::from_str(&health).unwrap();
     assert_eq!(code, 200);
@@ -136,6 +144,8 @@ fn short_lived_certs_rotate_and_running_sidecars_pick_them_up() {
     assert_eq!(h["store"], "healthy");
     assert_eq!(h["https_enabled"], true);
     assert_eq!(h["certificates_loaded"], 3, "api, web and the API's own cert");
+    assert_eq!(h["alarms"], serde_json::json!([]), "{health}");
+    assert_eq!(h["ca_certificates"][1]["role"], "intermediate", "{health}");
 }
 
 #[test]
