@@ -1,7 +1,7 @@
 //! The CA with its store: every issuance is recorded (serials unique even
 //! under concurrent signing), and revocations turn into a signed CRL.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber};
 use time::{Duration, OffsetDateTime};
@@ -14,23 +14,32 @@ use crate::CaError;
 /// How long a CRL is valid; it is re-signed well before.
 pub const CRL_LIFETIME: Duration = Duration::hours(24);
 
-/// A loaded CA plus its store.
+/// A loaded CA plus its store. The CA is swapped whole when its
+/// intermediate rolls over; each operation works on one generation.
 pub struct Authority {
-    ca: CaState,
+    ca: RwLock<Arc<CaState>>,
     store: Arc<dyn Store>,
 }
 
 impl Authority {
     /// Loads the CA in `dir` and opens its store.
     pub fn open(dir: &std::path::Path) -> Result<Self, CaError> {
-        let ca = CaState::load(dir)?;
+        let ca = RwLock::new(Arc::new(CaState::load(dir)?));
         let store = Arc::new(SqliteStore::open(dir)?);
         Ok(Self { ca, store })
     }
 
-    /// The CA.
-    pub fn ca(&self) -> &CaState {
-        &self.ca
+    /// The CA as it is now.
+    pub fn ca(&self) -> Arc<CaState> {
+        self.ca.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the intermediate (see [`CaState::roll_intermediate`]); new
+    /// leaves come from the new one at once.
+    pub fn roll_intermediate(&self, now: OffsetDateTime) -> Result<Arc<CaState>, CaError> {
+        let mut ca = self.ca.write().unwrap_or_else(|e| e.into_inner());
+        *ca = Arc::new(ca.roll_intermediate(now)?);
+        Ok(ca.clone())
     }
 
     /// The store.
@@ -43,7 +52,7 @@ impl Authority {
         // A random 127-bit serial colliding is astronomically unlikely; the
         // store's primary key makes it impossible.
         for _ in 0..3 {
-            let issued = self.ca.issue(req)?;
+            let issued = self.ca().issue(req)?;
             let rec = IssuedRecord {
                 serial: issued.info.serial.clone(),
                 identity: req.name.to_string(),
@@ -61,31 +70,40 @@ impl Authority {
         Err(CaError::Store(StoreError::DuplicateSerial("three random serials in a row".into())))
     }
 
-    /// A fresh CRL (PEM) signed by the intermediate, listing every revoked,
-    /// unexpired certificate.
+    /// Fresh CRLs (PEM) listing every revoked, unexpired certificate: one
+    /// signed by the intermediate and, after a rollover, one signed by the
+    /// previous intermediate while leaves it signed may live.
     pub fn crl_pem(&self, now: OffsetDateTime) -> Result<String, CaError> {
         let revoked = self.store.revoked(now.unix_timestamp())?;
-        let revoked_certs = revoked
-            .iter()
-            .filter_map(|(serial, at)| {
-                let bytes = hex_decode(serial)?;
-                Some(RevokedCertParams {
-                    serial_number: SerialNumber::from_slice(&bytes),
-                    revocation_time: OffsetDateTime::from_unix_timestamp(*at).ok()?,
-                    reason_code: Some(RevocationReason::Unspecified),
-                    invalidity_date: None,
+        let ca = self.ca();
+        let sign = |issuer: &rcgen::Issuer<'static, rcgen::KeyPair>, key_id: Vec<u8>| -> Result<String, CaError> {
+            let revoked_certs = revoked
+                .iter()
+                .filter_map(|(serial, at)| {
+                    let bytes = hex_decode(serial)?;
+                    Some(RevokedCertParams {
+                        serial_number: SerialNumber::from_slice(&bytes),
+                        revocation_time: OffsetDateTime::from_unix_timestamp(*at).ok()?,
+                        reason_code: Some(RevocationReason::Unspecified),
+                        invalidity_date: None,
+                    })
                 })
-            })
-            .collect();
-        let params = CertificateRevocationListParams {
-            this_update: now - crate::state::BACKDATE,
-            next_update: now + CRL_LIFETIME,
-            crl_number: SerialNumber::from_slice(&now.unix_timestamp().to_be_bytes()),
-            issuing_distribution_point: None,
-            revoked_certs,
-            key_identifier_method: KeyIdMethod::PreSpecified(self.ca.intermediate_key_id()),
+                .collect();
+            let params = CertificateRevocationListParams {
+                this_update: now - crate::state::BACKDATE,
+                next_update: now + CRL_LIFETIME,
+                crl_number: SerialNumber::from_slice(&now.unix_timestamp().to_be_bytes()),
+                issuing_distribution_point: None,
+                revoked_certs,
+                key_identifier_method: KeyIdMethod::PreSpecified(key_id),
+            };
+            Ok(params.signed_by(issuer)?.pem()?)
         };
-        Ok(params.signed_by(self.ca.issuer())?.pem()?)
+        let mut pem = sign(ca.issuer(), ca.intermediate_key_id())?;
+        if let Some((_, issuer, key_id)) = ca.previous(now) {
+            pem += &sign(issuer, key_id)?;
+        }
+        Ok(pem)
     }
 }
 

@@ -198,6 +198,10 @@ struct InitArgs {
     /// Replace an existing CA.
     #[arg(long)]
     force: bool,
+    /// Lifetime of the intermediate; `ca serve` replaces it at 2/3 of it
+    /// (short ones are for trying the rollover out).
+    #[arg(long, value_name = "TTL", default_value = "365d")]
+    intermediate_ttl: Span,
 }
 
 #[derive(Args)]
@@ -264,6 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 permit_dns: a.permit_dns,
                 offline_root: a.offline_root,
                 force: a.force,
+                intermediate_lifetime: time::Duration::try_from(a.intermediate_ttl.get())?,
             };
             let (ca, offline_key) = init_ca(dir, &opts)?;
             if let Some(key) = offline_key {

@@ -20,6 +20,9 @@ use crate::state::{write_file, CaState, InitOptions};
 use crate::store::{ScheduleRow, SqliteStore, Store, DB_FILE};
 use crate::CaError;
 
+/// Lifetime of the admin client certificate `ca init` makes.
+const ADMIN_TTL: time::Duration = time::Duration::days(90);
+
 /// `ca init`: creates the root and intermediate in `dir`, then the admin
 /// client certificate in `dir/admin`. Returns the CA and, with an offline
 /// root, the root key PEM that was not stored.
@@ -31,7 +34,8 @@ pub fn init_ca(dir: &Path, opts: &InitOptions) -> Result<(CaState, Option<String
         dns: Some(Vec::new()),
         ips: Vec::new(),
         spiffe: None,
-        ttl: "90d".parse().expect("valid span"),
+        // 90 days, or the intermediate's life when that is shorter.
+        ttl: ADMIN_TTL.min(opts.intermediate_lifetime / 2).try_into().ok().and_then(Span::new).expect("positive"),
         key: KeySource::Generate(KeyType::EcdsaP256),
     };
     CertDir::new(dir.join("admin")).write(&authority.issue(&admin, "admin")?.pem)?;

@@ -7,6 +7,9 @@
 //! STATE/root-key.pem          root key, 0600; absent with --offline-root
 //! STATE/intermediate.pem      intermediate certificate (ECDSA P-256, 1 year, pathLen 0)
 //! STATE/intermediate-key.pem  intermediate key, 0600
+//! STATE/intermediate-previous.pem, intermediate-previous-key.pem
+//!                             the intermediate before the last rollover, kept
+//!                             (to sign its CRL) until it expires
 //! ```
 
 use std::fs::{self, DirBuilder, OpenOptions};
@@ -31,6 +34,8 @@ const ROOT_CERT: &str = "root.pem";
 const ROOT_KEY: &str = "root-key.pem";
 const INTERMEDIATE_CERT: &str = "intermediate.pem";
 const INTERMEDIATE_KEY: &str = "intermediate-key.pem";
+const PREVIOUS_CERT: &str = "intermediate-previous.pem";
+const PREVIOUS_KEY: &str = "intermediate-previous-key.pem";
 
 /// Lifetime of the root CA.
 pub const ROOT_LIFETIME: Duration = Duration::days(3650);
@@ -87,6 +92,8 @@ pub struct InitOptions {
     pub offline_root: bool,
     /// Replace an existing CA.
     pub force: bool,
+    /// Lifetime of the intermediate (and of each one rolled after it).
+    pub intermediate_lifetime: Duration,
 }
 
 /// A loaded, usable CA.
@@ -99,6 +106,7 @@ pub struct CaState {
     intermediate_pem: String,
     intermediate: CertInfo,
     issuer: Issuer<'static, KeyPair>,
+    previous: Option<Previous>,
 }
 
 impl std::fmt::Debug for CaState {
@@ -139,17 +147,8 @@ impl CaState {
         let root_cert = root.self_signed(&root_key)?;
         let root_issuer = Issuer::new(root, root_key);
 
-        let int_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut int = ca_params(&format!("Lanyard Intermediate CA ({td})"), now, INTERMEDIATE_LIFETIME);
-        int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        int.use_authority_key_identifier_extension = true;
-        if !opts.permit_dns.is_empty() {
-            int.name_constraints = Some(NameConstraints {
-                permitted_subtrees: opts.permit_dns.iter().map(|d| GeneralSubtree::DnsName(d.to_string())).collect(),
-                excluded_subtrees: Vec::new(),
-            });
-        }
-        let int_cert = int.signed_by(&int_key, &root_issuer)?;
+        let (int_cert, int_key) =
+            new_intermediate(&root_issuer, td, &opts.permit_dns, now, opts.intermediate_lifetime)?;
 
         let meta = CaMeta {
             trust_domain: td.to_string(),
@@ -200,18 +199,16 @@ impl CaState {
         let root_path = dir.join(ROOT_CERT);
         let root_pem = read_state(&root_path)?;
         single_cert(&root_path, &root_pem)?;
-        let int_path = dir.join(INTERMEDIATE_CERT);
-        let intermediate_pem = read_state(&int_path)?;
-        let intermediate = single_cert(&int_path, &intermediate_pem)?;
-        let key_path = dir.join(INTERMEDIATE_KEY);
-        let key = KeyPair::from_pem(&read_state(&key_path)?)
-            .map_err(|e| corrupt(&key_path, format!("not a usable private key ({e})")))?;
-        if key.subject_public_key_info() != intermediate.spki {
-            return Err(corrupt(&key_path, format!("the key does not match {}", int_path.display())));
-        }
-        let issuer = Issuer::from_ca_cert_pem(&intermediate_pem, key)
-            .map_err(|e| corrupt(&int_path, format!("not a usable CA certificate ({e})")))?;
+        let (intermediate_pem, intermediate, issuer) =
+            load_intermediate(&dir.join(INTERMEDIATE_CERT), &dir.join(INTERMEDIATE_KEY))?;
+        let previous = if dir.join(PREVIOUS_CERT).exists() {
+            let (pem, info, issuer) = load_intermediate(&dir.join(PREVIOUS_CERT), &dir.join(PREVIOUS_KEY))?;
+            Some(Previous { pem, info, issuer })
+        } else {
+            None
+        };
         Ok(Self {
+            previous,
             dir: dir.to_owned(),
             meta,
             trust_domain,
@@ -274,10 +271,14 @@ impl CaState {
                     "the {role} CA expires at {} ({} left){}",
                     lanyard_sidecar::certinfo::rfc3339(info.not_after),
                     crate::inspect::human_seconds((info.not_after - now).whole_seconds()),
-                    if role == "intermediate" {
-                        ": after that no leaf can be renewed; create a new CA with `ca init --force` and re-issue, or restore one with a longer intermediate"
-                    } else {
-                        ": plan a root rotation"
+                    match (role, self.dir.join(ROOT_KEY).exists()) {
+                        ("intermediate", true) => {
+                            ": past 2/3 of its life and not rolled over yet; `ca serve` replaces it at once when it runs (see its log)"
+                        }
+                        ("intermediate", false) => {
+                            ": after that no leaf can be renewed, and the root key is offline, so nothing replaces it; create a new CA with `ca init --force` and re-issue"
+                        }
+                        _ => ": plan a root rotation",
                     }
                 )
             });
@@ -288,24 +289,131 @@ impl CaState {
 
     /// The intermediate's subject key identifier (for CRLs).
     pub fn intermediate_key_id(&self) -> Vec<u8> {
-        use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
-        let pem =
-            lanyard_sidecar::certdir::parse_certs(&self.dir, self.intermediate_pem.as_bytes()).unwrap_or_default();
-        pem.first()
-            .and_then(|der| X509Certificate::from_der(der).ok())
-            .and_then(|(_, cert)| {
-                cert.extensions().iter().find_map(|e| match e.parsed_extension() {
-                    ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
-                    _ => None,
-                })
-            })
-            .unwrap_or_default()
+        key_id(&self.dir, &self.intermediate_pem)
     }
 
     /// The signer of leaves.
     pub fn issuer(&self) -> &Issuer<'static, KeyPair> {
         &self.issuer
     }
+
+    /// The intermediate before the last rollover, while it has not expired:
+    /// leaves it signed may still be in use, so its CRL is still published.
+    pub fn previous(&self, now: OffsetDateTime) -> Option<(&CertInfo, &Issuer<'static, KeyPair>, Vec<u8>)> {
+        let p = self.previous.as_ref().filter(|p| p.info.not_after > now)?;
+        Some((&p.info, &p.issuer, key_id(&self.dir, &p.pem)))
+    }
+
+    /// When the intermediate is to be replaced: at [`CA_ALARM_AT`] of its
+    /// life; `None` when the root key is offline (`ca init --offline-root`).
+    pub fn rollover_at(&self) -> Option<OffsetDateTime> {
+        self.dir.join(ROOT_KEY).exists().then(|| self.intermediate.life_point(CA_ALARM_AT))
+    }
+
+    /// Replaces the intermediate with a new one (new key, same name
+    /// constraints and lifetime, signed by the root); the old one becomes
+    /// the previous intermediate. Returns the reloaded state.
+    pub fn roll_intermediate(&self, now: OffsetDateTime) -> Result<Self, CaError> {
+        let root_key_path = self.dir.join(ROOT_KEY);
+        if !root_key_path.exists() {
+            return Err(CaError::RootOffline);
+        }
+        let corrupt = |path: &Path, what: String| CaError::CorruptState { path: path.to_owned(), what };
+        let root_key = KeyPair::from_pem(&read_state(&root_key_path)?)
+            .map_err(|e| corrupt(&root_key_path, format!("not a usable private key ({e})")))?;
+        let root_issuer = Issuer::from_ca_cert_pem(&self.root_pem, root_key)
+            .map_err(|e| corrupt(&self.dir.join(ROOT_CERT), format!("not a usable CA certificate ({e})")))?;
+        let old = &self.intermediate;
+        let lifetime = lifetime_of(old.not_after - old.not_before).min(self.root()?.not_after - now);
+        let (cert, key) = new_intermediate(&root_issuer, &self.trust_domain, &self.permitted_dns, now, lifetime)?;
+        // The current pair becomes the previous one, then the new pair is
+        // written key first: each file is replaced atomically.
+        let old_key = read_state(&self.dir.join(INTERMEDIATE_KEY))?;
+        write_secret(&self.dir.join(PREVIOUS_KEY), &old_key)?;
+        write_public(&self.dir.join(PREVIOUS_CERT), &self.intermediate_pem)?;
+        write_secret(&self.dir.join(INTERMEDIATE_KEY), &key.serialize_pem())?;
+        write_public(&self.dir.join(INTERMEDIATE_CERT), &cert.pem())?;
+        Self::load(&self.dir)
+    }
+}
+
+/// The intermediate before the last rollover.
+struct Previous {
+    pem: String,
+    info: CertInfo,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// The lifetime a CA certificate was made with, from its whole validity
+/// window (lifetime plus [`backdate_for`] it).
+fn lifetime_of(window: Duration) -> Duration {
+    let tenth_at_most = BACKDATE * 11;
+    if window <= tenth_at_most {
+        window * (10.0 / 11.0)
+    } else {
+        window - BACKDATE
+    }
+}
+
+/// A new intermediate for trust domain `td`, signed by `root`: pathLen 0,
+/// `permit_dns` as name constraints, a subject naming its start so that
+/// successive intermediates (and their CRLs) are told apart by name.
+fn new_intermediate(
+    root: &Issuer<'_, KeyPair>,
+    td: &TrustDomain,
+    permit_dns: &[DnsName],
+    now: OffsetDateTime,
+    lifetime: Duration,
+) -> Result<(rcgen::Certificate, KeyPair), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    // Seconds are enough to tell successive intermediates apart; the trust
+    // domain is left out where X.520's 64 characters would not hold it.
+    let since = now.replace_nanosecond(0).unwrap_or(now);
+    let since = since.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    let mut name = format!("Lanyard Intermediate CA ({td}) {since}");
+    if name.len() > 64 {
+        name = format!("Lanyard Intermediate CA {since}");
+    }
+    let mut int = ca_params(&name, now, lifetime);
+    int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    int.use_authority_key_identifier_extension = true;
+    if !permit_dns.is_empty() {
+        int.name_constraints = Some(NameConstraints {
+            permitted_subtrees: permit_dns.iter().map(|d| GeneralSubtree::DnsName(d.to_string())).collect(),
+            excluded_subtrees: Vec::new(),
+        });
+    }
+    Ok((int.signed_by(&key, root)?, key))
+}
+
+/// An intermediate's certificate and key from `cert` and `key`, checked to match.
+fn load_intermediate(cert: &Path, key: &Path) -> Result<(String, CertInfo, Issuer<'static, KeyPair>), CaError> {
+    let corrupt = |path: &Path, what: String| CaError::CorruptState { path: path.to_owned(), what };
+    let pem = read_state(cert)?;
+    let info = single_cert(cert, &pem)?;
+    let pair =
+        KeyPair::from_pem(&read_state(key)?).map_err(|e| corrupt(key, format!("not a usable private key ({e})")))?;
+    if pair.subject_public_key_info() != info.spki {
+        return Err(corrupt(key, format!("the key does not match {}", cert.display())));
+    }
+    let issuer = Issuer::from_ca_cert_pem(&pem, pair)
+        .map_err(|e| corrupt(cert, format!("not a usable CA certificate ({e})")))?;
+    Ok((pem, info, issuer))
+}
+
+/// The subject key identifier of the CA certificate in `pem`.
+fn key_id(dir: &Path, pem: &str) -> Vec<u8> {
+    use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+    let der = lanyard_sidecar::certdir::parse_certs(dir, pem.as_bytes()).unwrap_or_default();
+    der.first()
+        .and_then(|der| X509Certificate::from_der(der).ok())
+        .and_then(|(_, cert)| {
+            cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+                _ => None,
+            })
+        })
+        .unwrap_or_default()
 }
 
 fn ca_params(common_name: &str, now: OffsetDateTime, lifetime: Duration) -> CertificateParams {
@@ -314,7 +422,7 @@ fn ca_params(common_name: &str, now: OffsetDateTime, lifetime: Duration) -> Cert
     dn.push(DnType::OrganizationName, "Lanyard");
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
-    params.not_before = now - BACKDATE;
+    params.not_before = now - backdate_for(lifetime.try_into().unwrap_or_default());
     params.not_after = now + lifetime;
     params.serial_number = Some(random_serial());
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];

@@ -188,6 +188,7 @@ fn ensure_ca(dir: &std::path::Path, trust_domain: &TrustDomain) -> Result<(), Ca
             permit_dns: Vec::new(),
             offline_root: false,
             force: false,
+            intermediate_lifetime: crate::state::INTERMEDIATE_LIFETIME,
         };
         let (ca, _) = crate::ops::init_ca(dir, &opts)?;
         tracing::info!(state = %dir.display(), trust_domain = %ca.trust_domain(), "created a new CA");

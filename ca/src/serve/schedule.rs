@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use lanyard_sidecar::certdir::{CertDir, PemSet};
-use lanyard_sidecar::certinfo::CertInfo;
+use lanyard_sidecar::certinfo::{rfc3339, CertInfo};
 use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
 
@@ -247,6 +247,40 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Rolls the intermediate over when it is due (at 2/3 of its life, root
+    /// key online): the new intermediate's CRL reaches every cert dir
+    /// first, then every identity is re-issued from it at once. The root is
+    /// unchanged, so no trust bundle changes. Returns when to look again.
+    pub fn roll_intermediate_if_due(&self) -> Option<OffsetDateTime> {
+        let now = OffsetDateTime::now_utc();
+        let due = self.authority.ca().rollover_at()?;
+        if now < due {
+            return Some(due);
+        }
+        let old = self.authority.ca().intermediate().serial.clone();
+        match self.authority.roll_intermediate(now) {
+            Ok(ca) => {
+                let new = &ca.intermediate().serial;
+                tracing::info!(old = %old, new = %new, not_after = %rfc3339(ca.intermediate().not_after), "intermediate rolled over");
+                if let Err(e) = self.refresh_crl() {
+                    tracing::error!("CRL refresh after the rollover failed: {e}");
+                }
+                let store = self.authority.store();
+                for mut row in store.schedules().unwrap_or_default() {
+                    row.next_renewal = now.unix_timestamp();
+                    if let Err(e) = store.put_schedule(&row) {
+                        tracing::error!(identity = %row.identity, "cannot plan the re-issue: {e}");
+                    }
+                }
+                ca.rollover_at()
+            }
+            Err(e) => {
+                tracing::error!("intermediate rollover failed: {e}; retrying in a minute");
+                Some(now + time::Duration::minutes(1))
+            }
+        }
+    }
+
     /// Wakes the loop (after a revocation or a new identity).
     pub fn kick(&self) {
         self.kick.notify_one();
@@ -258,8 +292,11 @@ impl Scheduler {
         let mut crl_due = tokio::time::Instant::now() + crl_refresh;
         loop {
             let this = self.clone();
+            let rollover = tokio::task::spawn_blocking(move || this.roll_intermediate_if_due()).await.ok().flatten();
+            let this = self.clone();
             let next =
                 tokio::task::spawn_blocking(move || this.run_due()).await.unwrap_or_else(|_| OffsetDateTime::now_utc());
+            let next = rollover.map_or(next, |r| next.min(r));
             if tokio::time::Instant::now() >= crl_due {
                 let this = self.clone();
                 if let Ok(Err(e)) = tokio::task::spawn_blocking(move || this.refresh_crl()).await {

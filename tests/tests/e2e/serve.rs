@@ -477,3 +477,130 @@ fn plain_http_redirects_to_https_and_env_overrides_ports() {
     let _g = ChildGuard::spawn(cmd, &log);
     wait_for_port(format!("127.0.0.1:{port}").parse().unwrap());
 }
+
+/// The serial of certificate `index` in `dir`'s cert.pem (0 the leaf, 1 its intermediate).
+fn chain_serial(dir: &Path, index: usize) -> Option<String> {
+    let raw = CertDir::new(dir).read_raw().ok()?;
+    let certs = lanyard_sidecar::certdir::parse_certs(dir, &raw.cert).ok()?;
+    Some(lanyard_sidecar::certinfo::CertInfo::from_der(certs.get(index)?).ok()?.serial)
+}
+
+/// No CA certificate expires in service: with a 150 s intermediate and
+/// 20 s leaves, `ca serve` rolls the intermediate at 2/3 of its life while
+/// traffic flows app -> outbound -> mTLS -> inbound -> app. Not one request
+/// fails, every leaf afterwards chains to the new intermediate, the trust
+/// bundle is unchanged, and the old intermediate's CRL is still published
+/// beside the new one's while its leaves may live.
+#[test]
+fn the_intermediate_rolls_over_under_traffic_with_no_failed_request() {
+    let pki = Pki::new(&["--intermediate-ttl", "150s"]);
+    let old_intermediate = text(&std::fs::read(pki.state().join("intermediate.pem")).unwrap());
+    let (api, web) = (pki.path("certs/api"), pki.path("certs/web"));
+    let ids = identity("api", "20s", &api, "dns = [\"api\", \"localhost\"]") + &identity("web", "20s", &web, "");
+    let server = CaServer::start(&pki, &ids);
+    wait_until(Duration::from_secs(10), "first issue of both identities", || {
+        serial_of(&api).is_some() && serial_of(&web).is_some()
+    });
+    let root = std::fs::read(api.join("ca.pem")).unwrap();
+    let first_chain = chain_serial(&api, 1).unwrap();
+
+    let app_addr = echo_upstream();
+    let inbound = free_port();
+    let inb = Sidecar::start(
+        &[
+            "--cert-dir",
+            api.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{inbound}"),
+            "--upstream",
+            &app_addr.to_string(),
+            "--allow",
+            "spiffe://lanyard.internal/web",
+        ],
+        pki.path("in.log"),
+    );
+    let outbound = free_port();
+    let _out = Sidecar::start(
+        &[
+            "--cert-dir",
+            web.to_str().unwrap(),
+            "--mode",
+            "outbound",
+            "--listen",
+            &format!("127.0.0.1:{outbound}"),
+            "--upstream",
+            &format!("localhost:{inbound}"),
+            "--server-name",
+            "spiffe://lanyard.internal/api",
+        ],
+        pki.path("out.log"),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{outbound}").parse().unwrap();
+    let (mut requests, mut failures) = (0usize, Vec::new());
+    let (mut two_crls, mut after_roll) = (false, None::<String>);
+    let start = std::time::Instant::now();
+    let rolled =
+        |new: &str| chain_serial(&api, 1).as_deref() == Some(new) && chain_serial(&web, 1).as_deref() == Some(new);
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(200),
+            "no rollover seen: {requests} requests\n{}",
+            server.log_text()
+        );
+        use std::io::{BufRead, Write};
+        let outcome = std::net::TcpStream::connect(addr).and_then(|mut conn| {
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            conn.write_all(b"ping\n")?;
+            let mut line = String::new();
+            std::io::BufReader::new(conn).read_line(&mut line)?;
+            Ok(line)
+        });
+        match outcome {
+            Ok(line) if line == "ping\n" => requests += 1,
+            other => failures.push(format!("request {requests}: {other:?}")),
+        }
+        let current = text(&std::fs::read(pki.state().join("intermediate.pem")).unwrap());
+        if current != old_intermediate {
+            let crl = std::fs::read_to_string(api.join("crl.pem")).unwrap_or_default();
+            two_crls |= crl.matches("BEGIN X509 CRL").count() == 2;
+            let new = lanyard_sidecar::certinfo::CertInfo::from_der(
+                &lanyard_sidecar::certdir::parse_certs(&pki.state(), current.as_bytes()).unwrap()[0],
+            )
+            .unwrap()
+            .serial;
+            if rolled(&new) {
+                // Then one more rotation from the new intermediate, under traffic.
+                let leaf = chain_serial(&api, 0);
+                match &after_roll {
+                    None => after_roll = leaf,
+                    Some(first) if leaf.as_ref() != Some(first) => break,
+                    Some(_) => {}
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        requests + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_ne!(chain_serial(&api, 1).unwrap(), first_chain, "the leaves chain to a new intermediate");
+    assert_eq!(std::fs::read(api.join("ca.pem")).unwrap(), root, "the trust bundle did not change");
+    assert!(two_crls, "the old intermediate's CRL was published beside the new one's");
+    assert!(server.log_text().contains("intermediate rolled over"), "{}", server.log_text());
+    let rejected: f64 = ["no_cert", "unknown_ca", "expired", "not_yet_valid", "revoked", "not_allowed", "other"]
+        .iter()
+        .map(|r| {
+            inb.metric(&format!(
+                "lanyard_sidecar_handshakes_total{{listener=\"inbound-{inbound}\",result=\"rejected\",reason=\"{r}\"}}"
+            ))
+        })
+        .sum();
+    assert_eq!(rejected, 0.0, "no failed handshake on the inbound side");
+    let check = run(ca().args(["check", "--state"]).arg(pki.state()));
+    assert!(check.status.success(), "after the rollover the CA has no alarm: {check:?}");
+    eprintln!("{requests} requests across the intermediate rollover, none failed");
+}
