@@ -54,6 +54,9 @@ enum Command {
     Inject(InjectArgs),
     /// Trust the fleet's root on this machine (system bundle and browsers' NSS databases).
     Trust(TrustArgs),
+    /// Admin credentials for operators and tools.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Serve a public certificate from another provider (validated, then watched).
     Upload(UploadArgs),
 }
@@ -94,6 +97,24 @@ struct InjectArgs {
     /// The Docker engine asked for the ports of images the file does not describe.
     #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
     docker_socket: String,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Issue an admin credential for one operator or tool
+    /// (`spiffe://<td>/lanyard-admin/NAME`), revocable on its own with /v1/revoke.
+    Issue(AdminIssueArgs),
+}
+
+#[derive(Args)]
+struct AdminIssueArgs {
+    /// The operator or tool.
+    name: DnsName,
+    /// Where to write the cert dir; default STATE/admin-NAME.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    state: StateArg,
 }
 
 #[derive(Args)]
@@ -394,6 +415,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("error: --strict: some calls between services stay in plaintext (see the warnings above)");
                 return Ok(ExitCode::from(3));
             }
+        }
+        Command::Admin(AdminCommand::Issue(a)) => {
+            let dir = a.state.dir()?;
+            let authority = Authority::open(dir)?;
+            let ca = authority.ca();
+            let id = ca.trust_domain().id(&format!("lanyard-admin/{}", a.name))?;
+            let window = ca.intermediate().not_after - ca.intermediate().not_before;
+            let request = lanyard_ca::ops::admin_request(Some((&a.name, id.clone())), window)?;
+            let issued = authority.issue(&request, "admin")?;
+            let out = a.out.unwrap_or_else(|| dir.join(format!("admin-{}", a.name)));
+            CertDir::new(&out).write(&issued.pem)?;
+            println!(
+                "{id}: serial {}, expires {} -> {}",
+                issued.info.serial,
+                rfc3339(issued.info.not_after),
+                out.display()
+            );
         }
         Command::Trust(a) => {
             use lanyard_ca::compose::trust;

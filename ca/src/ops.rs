@@ -8,6 +8,7 @@ use std::path::Path;
 use base64::Engine;
 use lanyard_sidecar::certdir::CertDir;
 use lanyard_sidecar::certinfo::rfc3339;
+use lanyard_sidecar::identity::{DnsName, SpiffeId};
 use lanyard_sidecar::span::Span;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -29,17 +30,32 @@ const ADMIN_TTL: time::Duration = time::Duration::days(90);
 pub fn init_ca(dir: &Path, opts: &InitOptions) -> Result<(CaState, Option<String>), CaError> {
     let (ca, offline_key) = CaState::init(dir, opts)?;
     let authority = Authority::open(dir)?;
-    let admin = LeafRequest {
-        name: ADMIN_NAME.parse()?,
-        dns: Some(Vec::new()),
-        ips: Vec::new(),
-        spiffe: None,
-        // 90 days, or the intermediate's life when that is shorter.
-        ttl: ADMIN_TTL.min(opts.intermediate_lifetime / 2).try_into().ok().and_then(Span::new).expect("positive"),
-        key: KeySource::Generate(KeyType::EcdsaP256),
-    };
+    let admin = admin_request(None, opts.intermediate_lifetime)?;
     CertDir::new(dir.join("admin")).write(&authority.issue(&admin, "admin")?.pem)?;
     Ok((ca, offline_key))
+}
+
+/// An admin client certificate: `spiffe://<td>/lanyard-admin` (the one in
+/// `STATE/admin`, renewed by `ca serve`), or `.../lanyard-admin/<operator>`
+/// for each further operator or tool (`ca admin issue`). It lives 90 days,
+/// or half the intermediate's lifetime when that is shorter.
+pub fn admin_request(
+    operator: Option<(&DnsName, SpiffeId)>,
+    intermediate: time::Duration,
+) -> Result<LeafRequest, CaError> {
+    let ttl = ADMIN_TTL.min(intermediate / 2).try_into().ok().and_then(Span::new).expect("positive");
+    let (name, spiffe) = match operator {
+        None => (ADMIN_NAME.parse()?, None),
+        Some((operator, id)) => (format!("{ADMIN_NAME}-{operator}").parse()?, Some(id)),
+    };
+    Ok(LeafRequest {
+        name,
+        dns: Some(Vec::new()),
+        ips: Vec::new(),
+        spiffe,
+        ttl,
+        key: KeySource::Generate(KeyType::EcdsaP256),
+    })
 }
 
 /// `ca status`, public part: one line per ACME or uploaded certificate with

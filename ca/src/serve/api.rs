@@ -264,7 +264,8 @@ fn admin_refusal(svc: &Service, peer: Option<&CertInfo>) -> Option<Reply> {
         return Some(error(StatusCode::UNAUTHORIZED, "this endpoint needs the admin client certificate (STATE/admin)"));
     };
     let admin_id = svc.authority.ca().trust_domain().id(ADMIN_NAME).map(|id| id.to_string()).unwrap_or_default();
-    if !peer.uris.contains(&admin_id) {
+    let operators = format!("{admin_id}/");
+    if !peer.uris.iter().any(|u| *u == admin_id || u.starts_with(&operators)) {
         return Some(error(StatusCode::FORBIDDEN, format!("{} is not the admin identity {admin_id}", peer_name(peer))));
     }
     if svc.is_revoked(&peer.serial) {

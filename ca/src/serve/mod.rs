@@ -20,6 +20,7 @@ use lanyard_sidecar::certdir::CertDir;
 use lanyard_sidecar::certinfo::{rfc3339, CertInfo};
 use lanyard_sidecar::identity::{DnsName, TrustDomain};
 use lanyard_sidecar::reload::CertStore;
+use lanyard_sidecar::span::Span;
 use lanyard_sidecar::tls::{self, ClientAuth};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -218,6 +219,13 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     let metrics = Arc::new(CaMetrics::default());
     let scheduler = Scheduler::new(authority.clone(), metrics.clone())?;
 
+    // The CA's own credentials live at most half its intermediate's lifetime.
+    let intermediate = authority.ca().intermediate().clone();
+    let own_ttl_cap = intermediate.not_after - intermediate.not_before;
+    let api_ttl = std::time::Duration::try_from(own_ttl_cap / 2)
+        .ok()
+        .and_then(Span::new)
+        .map_or(config.api_ttl, |cap| config.api_ttl.min(cap));
     let api_dir = CertDir::new(dir.join("api"));
     let api = Managed {
         request: LeafRequest {
@@ -225,12 +233,15 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
             dns: Some(config.api_names.clone()),
             ips: vec!["127.0.0.1".parse().expect("valid"), "::1".parse().expect("valid")],
             spiffe: None,
-            ttl: config.api_ttl,
+            ttl: api_ttl,
             key: KeySource::Generate(KeyType::EcdsaP256),
         },
         out_dir: api_dir.clone(),
     };
     scheduler.upsert(api)?;
+    // The admin credential in STATE/admin is renewed like any identity.
+    let admin = crate::ops::admin_request(None, own_ttl_cap)?;
+    scheduler.upsert(Managed { request: admin, out_dir: CertDir::new(dir.join("admin")) })?;
     for id in &config.identities {
         scheduler.upsert(managed_from_config(id))?;
     }

@@ -143,7 +143,7 @@ fn short_lived_certs_rotate_and_running_sidecars_pick_them_up() {
     assert_eq!(h["scheduler"], true);
     assert_eq!(h["store"], "healthy");
     assert_eq!(h["https_enabled"], true);
-    assert_eq!(h["certificates_loaded"], 3, "api, web and the API's own cert");
+    assert_eq!(h["certificates_loaded"], 4, "api, web, the API's own cert and the admin credential");
     assert_eq!(h["alarms"], serde_json::json!([]), "{health}");
     assert_eq!(h["ca_certificates"][1]["role"], "intermediate", "{health}");
 }
@@ -603,4 +603,34 @@ fn the_intermediate_rolls_over_under_traffic_with_no_failed_request() {
     let check = run(ca().args(["check", "--state"]).arg(pki.state()));
     assert!(check.status.success(), "after the rollover the CA has no alarm: {check:?}");
     eprintln!("{requests} requests across the intermediate rollover, none failed");
+}
+
+/// The admin credential is no time bomb: `ca serve` renews STATE/admin like
+/// any identity (here a 45 s one, from a 90 s intermediate), and `ca admin
+/// issue` gives an operator a credential of their own that is revoked
+/// without touching the others.
+#[test]
+fn the_admin_credential_is_renewed_and_operators_get_their_own_revocable_ones() {
+    let pki = Pki::new(&["--intermediate-ttl", "90s"]);
+    let server = CaServer::start(&pki, "");
+    let admin = pki.state().join("admin");
+    let first = written_serial(&admin);
+
+    let out = run_ok(ca().args(["admin", "issue", "alice", "--state"]).arg(pki.state()));
+    assert!(text(&out.stdout).starts_with("spiffe://lanyard.internal/lanyard-admin/alice: serial "), "{out:?}");
+    let alice = pki.state().join("admin-alice");
+    let (code, body) = curl_api(&pki, "GET", &server.url("/v1/status"), None, Some(&alice));
+    assert_eq!(code, 200, "{body}");
+    let revoke = json!({"serial": written_serial(&alice)}).to_string();
+    let (code, body) = curl_api(&pki, "POST", &server.url("/v1/revoke"), Some(&revoke), Some(&admin));
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = curl_api(&pki, "GET", &server.url("/v1/status"), None, Some(&alice));
+    // Refused: by the TLS layer once the new CRL is loaded, else by the API.
+    assert!(code != 200 && body.contains("revoked"), "{code} {body}");
+
+    wait_until(Duration::from_secs(45), "the admin credential renewed", || written_serial(&admin) != first);
+    let (code, body) = curl_api(&pki, "GET", &server.url("/v1/status"), None, Some(&admin));
+    assert_eq!(code, 200, "the renewed admin credential works: {body}");
+    let status = text(&run_ok(ca().args(["status", "--state"]).arg(pki.state())).stdout);
+    assert!(status.contains("lanyard-admin"), "ca status shows the admin credential: {status}");
 }
