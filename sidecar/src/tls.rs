@@ -161,16 +161,20 @@ pub fn client_config_with(
     client_cert: Option<&CertSet>,
 ) -> Result<ClientConfig, TlsConfigError> {
     let roots = Arc::new(roots);
+    let crls = client_cert.map(|set| set.crls.as_slice()).unwrap_or_default();
     let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = match check {
         ServerCheck::Identity(id) => builder.dangerous().with_custom_certificate_verifier(Arc::new(
-            IdentityServerVerifier::new(roots, Some(id.clone()), provider()),
+            IdentityServerVerifier::new(roots, Some(id.clone()), provider(), crls)?,
         )),
         ServerCheck::ChainOnly => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(IdentityServerVerifier::new(roots, None, provider()))),
+            .with_custom_certificate_verifier(Arc::new(IdentityServerVerifier::new(roots, None, provider(), crls)?)),
         ServerCheck::Hostname => builder.with_webpki_verifier(
             WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .with_crls(crls.iter().cloned())
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status()
                 .build()
                 .map_err(|e| TlsConfigError::Verifier(e.to_string()))?,
         ),

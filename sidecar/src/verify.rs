@@ -114,24 +114,88 @@ impl ClientCertVerifier for AllowListClientVerifier {
     }
 }
 
-/// Verifies a server's chain against the trust bundle and, when given, its
-/// identity against an expected SPIFFE ID or DNS name (instead of the SNI name).
+/// Verifies a server's chain against the trust bundle, its revocation
+/// against the caller's CRLs and, when given, its identity against an
+/// expected SPIFFE ID or DNS name (instead of the SNI name).
 #[derive(Debug)]
 pub struct IdentityServerVerifier {
     roots: Arc<RootCertStore>,
     expected: Option<PeerId>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    /// `crl.pem` of the caller's cert dir: a revoked server is refused too.
+    crls: Vec<webpki::CertRevocationList<'static>>,
 }
 
 impl IdentityServerVerifier {
-    /// Expects the server to chain to `roots` and carry `expected`, if any.
+    /// Expects the server to chain to `roots`, carry `expected` (if any) and
+    /// not be on `crls`.
     pub fn new(
         roots: Arc<RootCertStore>,
         expected: Option<PeerId>,
         provider: Arc<rustls::crypto::CryptoProvider>,
-    ) -> Self {
-        Self { roots, expected, provider }
+        crls: &[rustls::pki_types::CertificateRevocationListDer<'_>],
+    ) -> Result<Self, Error> {
+        let crls = crls
+            .iter()
+            .map(|der| {
+                let crl = webpki::BorrowedCertRevocationList::from_der(der).map_err(webpki_error)?;
+                Ok(webpki::CertRevocationList::from(crl.to_owned().map_err(webpki_error)?))
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(Self { roots, expected, provider, crls })
     }
+
+    /// Chain to the roots, and not revoked by a CRL of the chain's issuer
+    /// (a CRL from another issuer says nothing about this certificate).
+    fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), Error> {
+        let algs = self.provider.signature_verification_algorithms.all;
+        if self.crls.is_empty() {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            return rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                &self.roots,
+                intermediates,
+                now,
+                algs,
+            );
+        }
+        let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
+        let revocation = webpki::RevocationOptionsBuilder::new(&crls)
+            .map_err(|_| Error::General("no CRL to check".into()))?
+            .with_depth(webpki::RevocationCheckDepth::EndEntity)
+            .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+            .build();
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
+        cert.verify_for_usage(
+            algs,
+            &self.roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            Some(revocation),
+            None,
+        )
+        .map(|_| ())
+        .map_err(webpki_error)
+    }
+}
+
+/// A webpki verdict as rustls reports it (so refusals are classified alike).
+fn webpki_error(e: webpki::Error) -> Error {
+    use webpki::Error as W;
+    Error::InvalidCertificate(match e {
+        W::CertRevoked => CertificateError::Revoked,
+        W::CertExpired { .. } => CertificateError::Expired,
+        W::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        W::UnknownIssuer => CertificateError::UnknownIssuer,
+        W::BadDer | W::BadDerTime => CertificateError::BadEncoding,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    })
 }
 
 impl ServerCertVerifier for IdentityServerVerifier {
@@ -143,14 +207,7 @@ impl ServerCertVerifier for IdentityServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        self.verify_chain(end_entity, intermediates, now)?;
         let info =
             CertInfo::from_der(end_entity).map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
         if self.expected.as_ref().is_none_or(|id| cert_has_id(&info, id)) {

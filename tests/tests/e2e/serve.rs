@@ -634,3 +634,94 @@ fn the_admin_credential_is_renewed_and_operators_get_their_own_revocable_ones() 
     let status = text(&run_ok(ca().args(["status", "--state"]).arg(pki.state())).stdout);
     assert!(status.contains("lanyard-admin"), "ca status shows the admin credential: {status}");
 }
+
+/// Revocation on every hop: once an upstream's certificate is revoked, the
+/// caller's outbound sidecar refuses it (reason `revoked`), while the
+/// upstream's own sidecar stays up for everyone else.
+#[test]
+fn outbound_sidecars_refuse_a_revoked_upstream() {
+    let pki = Pki::new(&[]);
+    let web = pki.path("certs/web");
+    let server = CaServer::start(&pki, &identity("web", "1h", &web, ""));
+    wait_until(Duration::from_secs(10), "web issued", || serial_of(&web).is_some());
+    // The upstream's certificate is not managed, so nothing replaces it once revoked.
+    let api = pki.issue("api", &["--dns", "api", "--dns", "localhost"]);
+    let api_serial = written_serial(&api);
+    let app = echo_upstream();
+    let inbound = free_port();
+    let _inb = Sidecar::start(
+        &[
+            "--cert-dir",
+            api.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{inbound}"),
+            "--upstream",
+            &app.to_string(),
+        ],
+        pki.path("in.log"),
+    );
+    let outbound = free_port();
+    let out = Sidecar::start(
+        &[
+            "--cert-dir",
+            web.to_str().unwrap(),
+            "--mode",
+            "outbound",
+            "--listen",
+            &format!("127.0.0.1:{outbound}"),
+            "--upstream",
+            &format!("localhost:{inbound}"),
+            "--server-name",
+            "spiffe://lanyard.internal/api",
+        ],
+        pki.path("out.log"),
+    );
+    let call = |port: u16| {
+        use std::io::{BufRead, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = conn.write_all(b"ping\n");
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(conn).read_line(&mut line);
+        line
+    };
+    assert_eq!(call(outbound), "ping\n");
+
+    let revoke = json!({"serial": api_serial}).to_string();
+    let (code, body) =
+        curl_api(&pki, "POST", &server.url("/v1/revoke"), Some(&revoke), Some(&pki.state().join("admin")));
+    assert_eq!(code, 200, "{body}");
+    let sample = format!(
+        "lanyard_sidecar_handshakes_total{{listener=\"outbound-{outbound}\",result=\"rejected\",reason=\"revoked\"}}"
+    );
+    wait_until(Duration::from_secs(15), "the outbound sidecar refuses the revoked upstream", || {
+        call(outbound) != "ping\n" && out.metric(&sample) >= 1.0
+    });
+    // The upstream's sidecar itself is up: a client that has not loaded the CRL still gets through.
+    rt_echo(inbound, &pki.issue("other", &[]));
+}
+
+/// One mTLS echo round trip to `port` with the cert dir `client`.
+fn rt_echo(port: u16, client: &Path) {
+    let set = CertDir::new(client).load(time::OffsetDateTime::now_utc()).unwrap();
+    let config = std::sync::Arc::new(
+        lanyard_sidecar::tls::client_config_with(
+            lanyard_sidecar::tls::root_store(&set).unwrap(),
+            &lanyard_sidecar::tls::ServerCheck::ChainOnly,
+            Some(&lanyard_sidecar::certdir::CertSet { crls: Vec::new(), ..set }),
+        )
+        .unwrap(),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("api").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
+        let mut tls = tokio::io::BufReader::new(tls);
+        tls.write_all(b"up\n").await.unwrap();
+        let mut line = String::new();
+        tls.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "up\n");
+    });
+}
