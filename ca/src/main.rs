@@ -472,9 +472,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect();
                 stdout(&(serde_json::to_string_pretty(&list)? + "\n"));
             } else {
-                for e in authority.ca().expiry(OffsetDateTime::now_utc())? {
+                let ca = authority.ca();
+                for e in ca.expiry(OffsetDateTime::now_utc())? {
+                    let next = match (e.role, ca.rollover_at()) {
+                        ("intermediate", Some(at)) => format!(", rolled over by ca serve at {}", rfc3339(at)),
+                        ("intermediate", None) => ", root key offline: not rolled over automatically".into(),
+                        _ => String::new(),
+                    };
                     let alarm = e.alarm.map(|a| format!("  ALARM: {a}")).unwrap_or_default();
-                    stdout(&format!("{} CA expires {}{alarm}\n", e.role, rfc3339(e.not_after)));
+                    stdout(&format!("{} CA expires {}{next}{alarm}\n", e.role, rfc3339(e.not_after)));
                 }
                 stdout(&status_table(&rows, now));
                 let acme =

@@ -725,3 +725,46 @@ fn rt_echo(port: u16, client: &Path) {
         assert_eq!(line, "up\n");
     });
 }
+
+/// The shipped alert rules pass promtool's checks and unit tests, and every
+/// metric they name is one a real `ca serve` and `sidecar` expose, so
+/// renaming a metric breaks this test rather than the alerts.
+#[test]
+fn alert_rules_pass_promtool_and_name_real_metrics() {
+    let rules = workspace_root().join("ca/alerts.yml");
+    run_ok(Command::new(peer("promtool")).args(["check", "rules"]).arg(&rules));
+    run_ok(Command::new(peer("promtool")).args(["test", "rules"]).arg(workspace_root().join("ca/alerts.test.yml")));
+
+    let pki = Pki::new(&[]);
+    let web = pki.path("certs/web");
+    let server = CaServer::start(&pki, &identity("web", "1h", &web, ""));
+    wait_until(Duration::from_secs(10), "web issued", || serial_of(&web).is_some());
+    let sidecar = Sidecar::start(
+        &[
+            "--cert-dir",
+            web.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--upstream",
+            "127.0.0.1:9",
+        ],
+        pki.path("sidecar.log"),
+    );
+    let (_, ca_metrics) = curl_api(&pki, "GET", &server.url("/metrics"), None, None);
+    let (_, sidecar_metrics) = sidecar.get("/metrics");
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let mut names: Vec<&str> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("lanyard_") && w.len() > "lanyard_".len())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 7, "{names:?}");
+    for name in names {
+        let exposed = format!("# TYPE {name} ");
+        assert!(
+            ca_metrics.contains(&exposed) || sidecar_metrics.contains(&exposed),
+            "the alert rules use {name}, which neither ca serve nor the sidecar exposes"
+        );
+    }
+}
