@@ -38,8 +38,19 @@ impl Authority {
     /// leaves come from the new one at once.
     pub fn roll_intermediate(&self, now: OffsetDateTime) -> Result<Arc<CaState>, CaError> {
         let mut ca = self.ca.write().unwrap_or_else(|e| e.into_inner());
-        *ca = Arc::new(ca.roll_intermediate(now)?);
+        *ca = Arc::new(ca.roll_intermediate(now, None)?);
         Ok(ca.clone())
+    }
+
+    /// Loads the intermediate another process installed (an offline-root
+    /// rollover); `None` when it is unchanged.
+    pub fn reload_if_changed(&self) -> Result<Option<Arc<CaState>>, CaError> {
+        let mut ca = self.ca.write().unwrap_or_else(|e| e.into_inner());
+        if !ca.intermediate_changed_on_disk() {
+            return Ok(None);
+        }
+        *ca = Arc::new(CaState::load(ca.dir())?);
+        Ok(Some(ca.clone()))
     }
 
     /// The store.

@@ -57,6 +57,9 @@ enum Command {
     /// Admin credentials for operators and tools.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// The intermediate CA.
+    #[command(subcommand)]
+    Intermediate(IntermediateCommand),
     /// Serve a public certificate from another provider (validated, then watched).
     Upload(UploadArgs),
 }
@@ -97,6 +100,23 @@ struct InjectArgs {
     /// The Docker engine asked for the ports of images the file does not describe.
     #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
     docker_socket: String,
+}
+
+#[derive(Subcommand)]
+enum IntermediateCommand {
+    /// Replace the intermediate now (a running `ca serve` picks it up within
+    /// seconds, then re-issues every identity from it). With an offline
+    /// root, give its key with --root-key; it is not stored.
+    Roll(RollArgs),
+}
+
+#[derive(Args)]
+struct RollArgs {
+    /// The root key (PEM), for a CA created with --offline-root.
+    #[arg(long, value_name = "FILE")]
+    root_key: Option<PathBuf>,
+    #[command(flatten)]
+    state: StateArg,
 }
 
 #[derive(Subcommand)]
@@ -415,6 +435,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("error: --strict: some calls between services stay in plaintext (see the warnings above)");
                 return Ok(ExitCode::from(3));
             }
+        }
+        Command::Intermediate(IntermediateCommand::Roll(a)) => {
+            let dir = a.state.dir()?;
+            let ca = CaState::load(dir)?;
+            let key = match &a.root_key {
+                Some(path) => Some((
+                    path.as_path(),
+                    std::fs::read_to_string(path)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+                )),
+                None => None,
+            };
+            let old = ca.intermediate().serial.clone();
+            let new = ca.roll_intermediate(OffsetDateTime::now_utc(), key.as_ref().map(|(p, k)| (*p, k.as_str())))?;
+            println!(
+                "intermediate {old} replaced by {}, expires {}",
+                new.intermediate().serial,
+                rfc3339(new.intermediate().not_after)
+            );
         }
         Command::Admin(AdminCommand::Issue(a)) => {
             let dir = a.state.dir()?;

@@ -255,6 +255,12 @@ impl CaState {
         &self.intermediate
     }
 
+    /// Whether the intermediate on disk is another one than this state's
+    /// (installed by `ca intermediate roll` while `ca serve` runs).
+    pub fn intermediate_changed_on_disk(&self) -> bool {
+        fs::read_to_string(self.dir.join(INTERMEDIATE_CERT)).is_ok_and(|pem| pem != self.intermediate_pem)
+    }
+
     /// Facts about the root.
     pub fn root(&self) -> Result<CertInfo, CaError> {
         single_cert(&self.dir.join(ROOT_CERT), &self.root_pem)
@@ -313,14 +319,20 @@ impl CaState {
     /// Replaces the intermediate with a new one (new key, same name
     /// constraints and lifetime, signed by the root); the old one becomes
     /// the previous intermediate. Returns the reloaded state.
-    pub fn roll_intermediate(&self, now: OffsetDateTime) -> Result<Self, CaError> {
-        let root_key_path = self.dir.join(ROOT_KEY);
-        if !root_key_path.exists() {
-            return Err(CaError::RootOffline);
-        }
+    /// With the root key offline, give it as `root_key` (PEM); it is not stored.
+    pub fn roll_intermediate(&self, now: OffsetDateTime, root_key: Option<(&Path, &str)>) -> Result<Self, CaError> {
+        let stored = self.dir.join(ROOT_KEY);
+        let (root_key_path, root_key_pem) = match root_key {
+            Some((path, pem)) => (path.to_owned(), pem.to_owned()),
+            None if stored.exists() => (stored.clone(), read_state(&stored)?),
+            None => return Err(CaError::RootOffline),
+        };
         let corrupt = |path: &Path, what: String| CaError::CorruptState { path: path.to_owned(), what };
-        let root_key = KeyPair::from_pem(&read_state(&root_key_path)?)
+        let root_key = KeyPair::from_pem(&root_key_pem)
             .map_err(|e| corrupt(&root_key_path, format!("not a usable private key ({e})")))?;
+        if root_key.subject_public_key_info() != self.root()?.spki {
+            return Err(corrupt(&root_key_path, "this is not the key of the CA's root certificate".into()));
+        }
         let root_issuer = Issuer::from_ca_cert_pem(&self.root_pem, root_key)
             .map_err(|e| corrupt(&self.dir.join(ROOT_CERT), format!("not a usable CA certificate ({e})")))?;
         let old = &self.intermediate;

@@ -58,6 +58,9 @@ pub fn backoff(failures: u32) -> Duration {
     base.mul_f64(0.5 + 0.5 * unit_random())
 }
 
+/// How often the loop looks for an intermediate installed by another process.
+const STATE_CHECK: time::Duration = time::Duration::seconds(10);
+
 /// Runs after a successful rotation, with the identity name.
 pub type RotateHook = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -251,14 +254,21 @@ impl Scheduler {
     /// key online): the new intermediate's CRL reaches every cert dir
     /// first, then every identity is re-issued from it at once. The root is
     /// unchanged, so no trust bundle changes. Returns when to look again.
-    pub fn roll_intermediate_if_due(&self) -> Option<OffsetDateTime> {
+    /// An intermediate installed on disk by `ca intermediate roll` (offline
+    /// root) is picked up the same way. Returns when to look again.
+    pub fn roll_intermediate_if_due(&self) -> OffsetDateTime {
         let now = OffsetDateTime::now_utc();
-        let due = self.authority.ca().rollover_at()?;
-        if now < due {
-            return Some(due);
-        }
+        let look_again = now + STATE_CHECK;
         let old = self.authority.ca().intermediate().serial.clone();
-        match self.authority.roll_intermediate(now) {
+        let rolled = match self.authority.reload_if_changed() {
+            Ok(Some(ca)) => Ok(ca),
+            Ok(None) => match self.authority.ca().rollover_at() {
+                Some(due) if now >= due => self.authority.roll_intermediate(now),
+                _ => return self.authority.ca().rollover_at().map_or(look_again, |due| due.min(look_again)),
+            },
+            Err(e) => Err(e),
+        };
+        match rolled {
             Ok(ca) => {
                 let new = &ca.intermediate().serial;
                 tracing::info!(old = %old, new = %new, not_after = %rfc3339(ca.intermediate().not_after), "intermediate rolled over");
@@ -272,11 +282,11 @@ impl Scheduler {
                         tracing::error!(identity = %row.identity, "cannot plan the re-issue: {e}");
                     }
                 }
-                ca.rollover_at()
+                now
             }
             Err(e) => {
                 tracing::error!("intermediate rollover failed: {e}; retrying in a minute");
-                Some(now + time::Duration::minutes(1))
+                now + time::Duration::minutes(1)
             }
         }
     }
@@ -292,7 +302,7 @@ impl Scheduler {
         let mut crl_due = tokio::time::Instant::now() + crl_refresh;
         loop {
             let this = self.clone();
-            let rollover = tokio::task::spawn_blocking(move || this.roll_intermediate_if_due()).await.ok().flatten();
+            let rollover = tokio::task::spawn_blocking(move || this.roll_intermediate_if_due()).await.ok();
             let this = self.clone();
             let next =
                 tokio::task::spawn_blocking(move || this.run_due()).await.unwrap_or_else(|_| OffsetDateTime::now_utc());

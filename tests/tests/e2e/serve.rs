@@ -768,3 +768,31 @@ fn alert_rules_pass_promtool_and_name_real_metrics() {
         );
     }
 }
+
+/// With the root key offline, the operator replaces the intermediate with
+/// `ca intermediate roll --root-key` (the key is not stored); a running
+/// `ca serve` picks the new intermediate up and re-issues every identity
+/// from it, and keeps publishing the old one's CRL.
+#[test]
+fn an_offline_root_rolls_the_intermediate_by_hand_and_ca_serve_picks_it_up() {
+    let keys = tempfile::tempdir().unwrap();
+    let root_key = keys.path().join("root.key");
+    let pki = Pki::new(&["--offline-root", "--root-key-out", root_key.to_str().unwrap()]);
+    let web = pki.path("certs/web");
+    let _server = CaServer::start(&pki, &identity("web", "1h", &web, ""));
+    wait_until(Duration::from_secs(10), "web issued", || serial_of(&web).is_some());
+    let first = chain_serial(&web, 1).unwrap();
+    let status = text(&run_ok(ca().args(["status", "--state"]).arg(pki.state())).stdout);
+    assert!(status.contains("root key offline: not rolled over automatically"), "{status}");
+
+    let err = run_err(ca().args(["intermediate", "roll", "--state"]).arg(pki.state()));
+    assert!(err.contains("root key is offline"), "{err}");
+    let out = run_ok(ca().args(["intermediate", "roll", "--root-key"]).arg(&root_key).arg("--state").arg(pki.state()));
+    assert!(text(&out.stdout).starts_with(&format!("intermediate {first} replaced by ")), "{out:?}");
+    assert!(!pki.state().join("root-key.pem").exists(), "the root key was not stored");
+    wait_until(Duration::from_secs(30), "web re-issued from the new intermediate", || {
+        chain_serial(&web, 1).is_some_and(|s| s != first)
+    });
+    let crl = std::fs::read_to_string(web.join("crl.pem")).unwrap();
+    assert_eq!(crl.matches("BEGIN X509 CRL").count(), 2, "both intermediates' CRLs are published");
+}
