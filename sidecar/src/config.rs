@@ -235,6 +235,10 @@ pub struct Config {
     /// Public HTTPS edges.
     #[serde(rename = "edge", default)]
     pub edges: Vec<crate::edge::EdgeConfig>,
+    /// Key exchange on every listener: `prefer` (post-quantum hybrid first,
+    /// the default) or `require` (post-quantum hybrid only).
+    #[serde(default)]
+    pub kx: crate::tls::KxPolicy,
 }
 
 impl Config {
@@ -402,6 +406,7 @@ mod tests {
             admin: None,
             limits: Limits::default(),
             edges: vec![],
+            kx: Default::default(),
             listeners: vec![ListenerConfig {
                 name: String::new(),
                 mode: Mode::Outbound,

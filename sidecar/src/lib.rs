@@ -179,6 +179,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, SidecarError>
 /// Runs the sidecar until `shutdown` resolves, then stops accepting and
 /// drains open connections (bounded by the drain timeout).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), SidecarError> {
+    tls::set_kx_policy(config.kx);
     let store = CertStore::new(CertDir::new(&config.cert_dir));
     let store_for_load = store.clone();
     let _ = tokio::task::spawn_blocking(move || store_for_load.reload()).await;

@@ -42,6 +42,9 @@ struct RunArgs {
     /// Inbound (mTLS in), outbound (mTLS out) or edge (public HTTPS to the app's HTTP port).
     #[arg(long, value_enum, default_value_t = RunMode::Inbound)]
     mode: RunMode,
+    /// Key exchange: prefer the post-quantum hybrid X25519MLKEM768, or require it.
+    #[arg(long, value_enum, default_value_t)]
+    kx: lanyard_sidecar::tls::KxPolicy,
     /// Edge: a cert dir of a public certificate, chosen by SNI; repeatable (default: --cert-dir).
     #[arg(long, value_name = "DIR")]
     public_cert_dir: Vec<PathBuf>,
@@ -170,8 +173,15 @@ fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigErro
     let cert_dir = a.cert_dir.unwrap_or_default();
     if a.mode == RunMode::Edge {
         let (Some(https_listen), Some(upstream)) = (a.listen, a.upstream) else {
-            return Config { cert_dir, admin: a.admin, limits: Limits::default(), listeners: vec![], edges: vec![] }
-                .checked("command line");
+            return Config {
+                cert_dir,
+                admin: a.admin,
+                limits: Limits::default(),
+                listeners: vec![],
+                edges: vec![],
+                kx: a.kx,
+            }
+            .checked("command line");
         };
         let cert_dirs = if a.public_cert_dir.is_empty() { vec![cert_dir.clone()] } else { a.public_cert_dir };
         let edge = EdgeConfig {
@@ -184,8 +194,15 @@ fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigErro
             profile: a.profile,
             headers: SecurityHeaders::default(),
         };
-        return Config { cert_dir, admin: a.admin, limits: Limits::default(), listeners: vec![], edges: vec![edge] }
-            .checked("command line");
+        return Config {
+            cert_dir,
+            admin: a.admin,
+            limits: Limits::default(),
+            listeners: vec![],
+            edges: vec![edge],
+            kx: a.kx,
+        }
+        .checked("command line");
     }
     let mode = if a.mode == RunMode::Outbound { Mode::Outbound } else { Mode::Inbound };
     let listeners = match (a.listen, a.upstream) {
@@ -205,5 +222,6 @@ fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigErro
         }],
         _ => Vec::new(),
     };
-    Config { cert_dir, admin: a.admin, limits: Limits::default(), listeners, edges: vec![] }.checked("command line")
+    Config { cert_dir, admin: a.admin, limits: Limits::default(), listeners, edges: vec![], kx: a.kx }
+        .checked("command line")
 }

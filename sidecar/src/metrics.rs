@@ -22,6 +22,8 @@ pub enum Rejection {
     NotAllowed,
     /// The handshake took too long.
     Timeout,
+    /// No key-exchange group in common (a classical-only client under `kx = "require"`).
+    KxMismatch,
     /// Any other TLS failure.
     Other,
 }
@@ -37,6 +39,7 @@ impl Rejection {
             Self::Revoked => "revoked",
             Self::NotAllowed => "not_allowed",
             Self::Timeout => "timeout",
+            Self::KxMismatch => "kx_mismatch",
             Self::Other => "other",
         }
     }
@@ -51,6 +54,8 @@ pub struct ListenerMetrics {
     pub handshakes_resumed: AtomicU64,
     /// Refused handshakes by reason.
     pub rejected: Mutex<BTreeMap<Rejection, u64>>,
+    /// Completed handshakes by negotiated key-exchange group.
+    pub groups: Mutex<BTreeMap<&'static str, u64>>,
     /// Open connections.
     pub active: AtomicI64,
     /// Connections refused because the cap was reached.
@@ -67,6 +72,11 @@ impl ListenerMetrics {
     /// Counts one refused handshake.
     pub fn reject(&self, why: Rejection) {
         *self.rejected.lock().unwrap_or_else(|e| e.into_inner()).entry(why).or_default() += 1;
+    }
+
+    /// Counts one completed handshake's key-exchange group.
+    pub fn negotiated(&self, group: &'static str) {
+        *self.groups.lock().unwrap_or_else(|e| e.into_inner()).entry(group).or_default() += 1;
     }
 
     /// How many handshakes were refused for `why`.
@@ -109,6 +119,12 @@ pub fn render_listeners<'a>(out: &mut String, listeners: impl Iterator<Item = (&
                 "{p}_handshakes_total{{listener=\"{l}\",result=\"rejected\",reason=\"{}\"}} {n}",
                 why.label()
             );
+        }
+    }
+    header(out, &format!("{p}_handshake_groups_total"), "counter", "Completed handshakes by key-exchange group.");
+    for (l, m) in listeners.clone() {
+        for (group, n) in m.groups.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "{p}_handshake_groups_total{{listener=\"{l}\",group=\"{group}\"}} {n}");
         }
     }
     let families: [Family; 6] = [

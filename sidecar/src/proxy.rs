@@ -248,17 +248,11 @@ impl Listener {
             Ok(Ok(tls)) => tls,
         };
         let (_, conn) = tls.get_ref();
-        self.count_handshake(conn.handshake_kind());
+        self.count_handshake(conn.handshake_kind(), conn.negotiated_key_exchange_group());
         let info = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| CertInfo::from_der(c).ok());
         let caller = info.as_ref().map(peer_identity);
-        let group = conn.negotiated_key_exchange_group().map(|g| g.name());
-        tracing::info!(
-            listener = %self.config.name,
-            %peer,
-            identity = %caller.as_deref().unwrap_or("none"),
-            group = ?group.unwrap_or(rustls::NamedGroup::Unknown(0)),
-            "accepted"
-        );
+        let group = tls::group_label(conn.negotiated_key_exchange_group().map(|g| g.name()));
+        tracing::info!(listener = %self.config.name, %peer, identity = %caller.as_deref().unwrap_or("none"), group = %group, "accepted");
         let version = match conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "TLSv1.3",
@@ -357,7 +351,7 @@ impl Listener {
             Ok(Err(e)) => return self.handshake_failed(&e, &target.upstream.to_string()),
             Ok(Ok(tls)) => tls,
         };
-        self.count_handshake(tls.get_ref().1.handshake_kind());
+        self.count_handshake(tls.get_ref().1.handshake_kind(), tls.get_ref().1.negotiated_key_exchange_group());
         if !head.is_empty() && tls.write_all(&head).await.is_err() {
             return;
         }
@@ -427,8 +421,13 @@ impl Listener {
         let _ = tcp.shutdown().await;
     }
 
-    fn count_handshake(&self, kind: Option<rustls::HandshakeKind>) {
+    fn count_handshake(
+        &self,
+        kind: Option<rustls::HandshakeKind>,
+        group: Option<&'static dyn rustls::crypto::SupportedKxGroup>,
+    ) {
         self.metrics.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+        self.metrics.negotiated(tls::group_label(group.map(|g| g.name())));
         if kind == Some(rustls::HandshakeKind::Resumed) {
             self.metrics.handshakes_resumed.fetch_add(1, Ordering::Relaxed);
         }

@@ -23,9 +23,28 @@ pub enum TlsConfigError {
     Verifier(String),
 }
 
-/// The one crypto provider: aws-lc-rs, with the hybrid post-quantum key
-/// exchange X25519MLKEM768 preferred (so every hop between Lanyard's own
-/// peers uses it) and the classical groups still accepted from others.
+/// Which key exchanges the process offers and accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KxPolicy {
+    /// The hybrid post-quantum X25519MLKEM768 first; X25519 and the NIST
+    /// curves still accepted from classical-only peers.
+    #[default]
+    Prefer,
+    /// X25519MLKEM768 only: a classical-only peer fails the handshake
+    /// (reason `kx_mismatch`).
+    Require,
+}
+
+static KX_POLICY: std::sync::OnceLock<KxPolicy> = std::sync::OnceLock::new();
+
+/// Sets the process's key-exchange policy, once, before any TLS config is
+/// built (`sidecar run` and `ca serve` do it from their configuration).
+pub fn set_kx_policy(policy: KxPolicy) {
+    let _ = KX_POLICY.set(policy);
+}
+
+/// The one crypto provider: aws-lc-rs, with the process's [`KxPolicy`].
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(crypto_provider())
 }
@@ -33,9 +52,22 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// [`provider`], by value (to install as the process default).
 pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
     use rustls::crypto::aws_lc_rs::kx_group;
-    rustls::crypto::CryptoProvider {
-        kx_groups: vec![kx_group::X25519MLKEM768, kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
-        ..rustls::crypto::aws_lc_rs::default_provider()
+    let kx_groups = match KX_POLICY.get().copied().unwrap_or_default() {
+        KxPolicy::Prefer => vec![kx_group::X25519MLKEM768, kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        KxPolicy::Require => vec![kx_group::X25519MLKEM768],
+    };
+    rustls::crypto::CryptoProvider { kx_groups, ..rustls::crypto::aws_lc_rs::default_provider() }
+}
+
+/// The metric label of a negotiated key-exchange group.
+pub fn group_label(group: Option<rustls::NamedGroup>) -> &'static str {
+    match group {
+        Some(rustls::NamedGroup::X25519MLKEM768) => "X25519MLKEM768",
+        Some(rustls::NamedGroup::X25519) => "X25519",
+        Some(rustls::NamedGroup::secp256r1) => "secp256r1",
+        Some(rustls::NamedGroup::secp384r1) => "secp384r1",
+        Some(_) => "other",
+        None => "none",
     }
 }
 

@@ -31,6 +31,7 @@ pub fn peer_identity(info: &CertInfo) -> String {
 pub fn classify(err: &Error) -> Rejection {
     match err {
         Error::NoCertificatesPresented => Rejection::NoCert,
+        Error::PeerIncompatible(rustls::PeerIncompatible::NoKxGroupsInCommon) => Rejection::KxMismatch,
         Error::InvalidCertificate(c) => match c {
             CertificateError::UnknownIssuer | CertificateError::BadSignature => Rejection::UnknownCa,
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => Rejection::Expired,

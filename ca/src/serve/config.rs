@@ -66,6 +66,10 @@ pub struct ServeConfig {
     /// How often the CRL is re-signed and redistributed.
     #[serde(default = "default_crl_refresh", deserialize_with = "serde_str::one")]
     pub crl_refresh: Span,
+    /// Key exchange of the API and the ACME client: `prefer` (post-quantum
+    /// hybrid first, the default) or `require` (post-quantum hybrid only).
+    #[serde(default)]
+    pub kx: lanyard_sidecar::tls::KxPolicy,
     /// Managed identities.
     #[serde(default, rename = "identity")]
     pub identities: Vec<IdentityConfig>,

@@ -211,6 +211,7 @@ fn ensure_ca(dir: &std::path::Path, trust_domain: &TrustDomain) -> Result<(), Ca
 
 /// Runs the service until `shutdown` resolves.
 pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), CaError> {
+    tls::set_kx_policy(config.kx);
     let dir = config.state_dir().to_owned();
     if let Some(td) = &config.trust_domain {
         ensure_ca(&dir, td)?;

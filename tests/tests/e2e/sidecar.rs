@@ -216,6 +216,9 @@ fn outbound_reaches_inbound_and_fails_closed_on_the_wrong_identity() {
     assert_eq!(status, "200", "app -> outbound -> inbound -> app");
     // Sidecar to sidecar, the key exchange is the hybrid post-quantum one.
     wait_for_log(&f.pki.path("in.log"), "group=X25519MLKEM768");
+    let pq =
+        format!("lanyard_sidecar_handshake_groups_total{{listener=\"inbound-{inbound}\",group=\"X25519MLKEM768\"}}");
+    assert!(_inb.metric(&pq) >= 1.0, "{pq}");
     // A classical-only client (openssl 3.0 offers no ML-KEM) still gets in.
     let classical = run(Command::new(peer("openssl"))
         .args(["s_client", "-connect", &addr(inbound).to_string(), "-groups", "X25519", "-brief"])
@@ -867,4 +870,54 @@ plain_from = ["nobody.invalid"]
     assert_ne!(plain_echo(p_other), "plain\n");
     // The listed name still needs mTLS from anywhere else: a TLS client is served too.
     rt().block_on(echo_once(addr(p_other), client_config(&f.web))).unwrap();
+}
+
+/// `kx = "require"`: only the post-quantum hybrid is accepted; a
+/// classical-only client (openssl 3.0) is refused with reason `kx_mismatch`.
+#[test]
+fn kx_require_refuses_classical_only_clients_by_reason() {
+    let f = fixture();
+    let echo = echo_upstream();
+    let port = free_port();
+    let sc = Sidecar::start(
+        &[
+            "--cert-dir",
+            f.api.to_str().unwrap(),
+            "--listen",
+            &addr(port).to_string(),
+            "--upstream",
+            &echo.to_string(),
+            "--kx",
+            "require",
+        ],
+        f.pki.path("kx.log"),
+    );
+    rt().block_on(echo_once(addr(port), client_config(&f.web))).unwrap();
+    let classical = run(Command::new(peer("openssl"))
+        .args(["s_client", "-connect", &addr(port).to_string(), "-groups", "X25519:P-256", "-brief"])
+        .arg("-cert")
+        .arg(f.web.join("cert.pem"))
+        .arg("-cert_chain")
+        .arg(f.web.join("cert.pem"))
+        .arg("-key")
+        .arg(f.web.join("key.pem"))
+        .stdin(std::process::Stdio::null()));
+    assert!(!classical.status.success(), "a classical-only client got in: {classical:?}");
+    // The admin endpoint is under the policy too, so curl (OpenSSL 3.0)
+    // cannot read it: `sidecar health` (rustls, post-quantum) can.
+    let (code, _) = sc.get("/metrics");
+    assert_eq!(code, 0, "a classical-only client read the admin endpoint");
+    let metrics = || {
+        let out = run(Command::new(bin("sidecar"))
+            .args(["health", "--url", &format!("https://{}/metrics", sc.admin), "--cert-dir"])
+            .arg(&f.api));
+        text(&out.stdout)
+    };
+    let sample = format!(
+        "lanyard_sidecar_handshakes_total{{listener=\"inbound-{port}\",result=\"rejected\",reason=\"kx_mismatch\"}} 1"
+    );
+    wait_until(Duration::from_secs(5), &sample, || metrics().contains(&sample));
+    let pq =
+        format!("lanyard_sidecar_handshake_groups_total{{listener=\"inbound-{port}\",group=\"X25519MLKEM768\"}} 1");
+    assert!(metrics().contains(&pq), "{pq} in\n{}", metrics());
 }
