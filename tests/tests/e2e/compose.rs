@@ -105,12 +105,46 @@ impl Project {
     }
 }
 
+impl Project {
+    /// Brings the project up after removing what an earlier run of the same
+    /// test left behind (a killed run keeps its networks, whose subnets
+    /// would overlap this run's).
+    fn up_clean(&self, prefix: &str) {
+        remove_projects(|p| p.starts_with(prefix) && p != self.name);
+        self.up();
+    }
+}
+
+/// Removes the containers, networks and volumes of every compose project whose name `matches`.
+fn remove_projects(matches: impl Fn(&str) -> bool) {
+    let label = "{{.Label \"com.docker.compose.project\"}} {{.ID}}";
+    for (kind, rm) in
+        [("ps", &["rm", "-f"][..]), ("network", &["network", "rm"][..]), ("volume", &["volume", "rm", "-f"][..])]
+    {
+        let list = match kind {
+            "ps" => run(docker().args(["ps", "-a", "--format", label])),
+            other => run(docker().args([other, "ls", "--format", label])),
+        };
+        let ids: Vec<String> = text(&list.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(project, _)| matches(project))
+            .map(|(_, id)| id.to_owned())
+            .collect();
+        if !ids.is_empty() {
+            let _ = run(docker().args(rm).args(&ids));
+        }
+    }
+}
+
 impl Drop for Project {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("{}", text(&run(self.cmd().args(["logs", "--no-color", "--tail", "40"])).stdout));
         }
         let _ = run(self.cmd().args(["down", "-v", "--remove-orphans", "-t", "2"]));
+        // What `down` could not remove (a container stuck in removal keeps its networks).
+        remove_projects(|p| p == self.name);
     }
 }
 
@@ -268,7 +302,7 @@ fn injected_fleet_is_mtls_on_every_hop() {
             ("LANYARD_ACME_ROOTS".into(), pebble.tls_ca().display().to_string()),
         ],
     };
-    project.up();
+    project.up_clean("lanyarde2e");
     let with_health = project.wait_healthy();
     assert!(with_health >= 7, "ca + 4 sidecars + 2 apps have healthchecks, saw {with_health}");
 
@@ -472,7 +506,7 @@ fn real_peers_keep_working_behind_sidecars_and_people_get_https() {
         file,
         env: vec![("WEB_PORT".into(), web.to_string()), ("PG_PORT".into(), pg.to_string())],
     };
-    project.up();
+    project.up_clean("lanyardstack");
     // ca + 4 sidecars + postgres + redis have healthchecks; 9 containers in all.
     let with_health = project.wait_healthy_n(9, Duration::from_secs(180));
     assert!(with_health >= 7, "saw {with_health} healthchecks");
@@ -594,7 +628,7 @@ fn a_hundred_services_come_up_and_reach_their_callees() {
     // thread budget (`ca inject` warns and says this).
     let env = vec![("COMPOSE_PARALLEL_LIMIT".to_owned(), (4 * N + 2).to_string())];
     let project = Project { name: format!("lanyardscale{}", std::process::id()), file, env };
-    project.up();
+    project.up_clean("lanyardscale");
     let with_health = project.wait_healthy_n(2 * N + 1, Duration::from_secs(600));
     assert_eq!(with_health, 2 * N + 1, "every app, sidecar and the CA has a healthcheck");
     let mut failed = Vec::new();
