@@ -22,6 +22,53 @@ fn written_serial(dir: &Path) -> String {
     lanyard_sidecar::certinfo::CertInfo::from_der(&certs[0]).unwrap().serial
 }
 
+/// api's app (an echo server) behind api's inbound sidecar, which admits
+/// only web, and web's outbound sidecar in front of it.
+struct Mesh {
+    inbound: u16,
+    inb: Sidecar,
+    out: Sidecar,
+    /// The outbound sidecar's plaintext address: app -> outbound -> mTLS -> inbound -> app.
+    addr: SocketAddr,
+}
+
+impl Mesh {
+    fn start(pki: &Pki, api: &Path, web: &Path) -> Self {
+        let app = echo_upstream();
+        let inbound = free_port();
+        let inb = Sidecar::start(
+            &[
+                "--cert-dir",
+                api.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{inbound}"),
+                "--upstream",
+                &app.to_string(),
+                "--allow",
+                "spiffe://lanyard.internal/web",
+            ],
+            pki.path("in.log"),
+        );
+        let outbound = free_port();
+        let out = Sidecar::start(
+            &[
+                "--cert-dir",
+                web.to_str().unwrap(),
+                "--mode",
+                "outbound",
+                "--listen",
+                &format!("127.0.0.1:{outbound}"),
+                "--upstream",
+                &format!("localhost:{inbound}"),
+                "--server-name",
+                "spiffe://lanyard.internal/api",
+            ],
+            pki.path("out.log"),
+        );
+        Self { inbound, inb, out, addr: format!("127.0.0.1:{outbound}").parse().unwrap() }
+    }
+}
+
 fn identity(name: &str, ttl: &str, out: &Path, extra: &str) -> String {
     format!("[[identity]]\nname = \"{name}\"\nttl = \"{ttl}\"\nout_dir = {out:?}\n{extra}\n")
 }
@@ -61,39 +108,7 @@ fn short_lived_certs_rotate_and_running_sidecars_pick_them_up() {
         serial_of(&api).is_some() && serial_of(&web).is_some()
     });
 
-    // api's app, api's inbound sidecar, web's outbound sidecar.
-    let app_addr = echo_upstream();
-    let inbound = free_port();
-    let inb = Sidecar::start(
-        &[
-            "--cert-dir",
-            api.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{inbound}"),
-            "--upstream",
-            &app_addr.to_string(),
-            "--allow",
-            "spiffe://lanyard.internal/web",
-        ],
-        pki.path("in.log"),
-    );
-    let outbound = free_port();
-    let out = Sidecar::start(
-        &[
-            "--cert-dir",
-            web.to_str().unwrap(),
-            "--mode",
-            "outbound",
-            "--listen",
-            &format!("127.0.0.1:{outbound}"),
-            "--upstream",
-            &format!("localhost:{inbound}"),
-            "--server-name",
-            "spiffe://lanyard.internal/api",
-        ],
-        pki.path("out.log"),
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{outbound}").parse().unwrap();
+    let Mesh { inbound, inb, out, addr } = Mesh::start(&pki, &api, &web);
     let (mut api_serials, mut web_serials) = (HashSet::new(), HashSet::new());
     let mut requests = 0;
     let start = std::time::Instant::now();
@@ -504,38 +519,7 @@ fn the_intermediate_rolls_over_under_traffic_with_no_failed_request() {
     let root = std::fs::read(api.join("ca.pem")).unwrap();
     let first_chain = chain_serial(&api, 1).unwrap();
 
-    let app_addr = echo_upstream();
-    let inbound = free_port();
-    let inb = Sidecar::start(
-        &[
-            "--cert-dir",
-            api.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{inbound}"),
-            "--upstream",
-            &app_addr.to_string(),
-            "--allow",
-            "spiffe://lanyard.internal/web",
-        ],
-        pki.path("in.log"),
-    );
-    let outbound = free_port();
-    let _out = Sidecar::start(
-        &[
-            "--cert-dir",
-            web.to_str().unwrap(),
-            "--mode",
-            "outbound",
-            "--listen",
-            &format!("127.0.0.1:{outbound}"),
-            "--upstream",
-            &format!("localhost:{inbound}"),
-            "--server-name",
-            "spiffe://lanyard.internal/api",
-        ],
-        pki.path("out.log"),
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{outbound}").parse().unwrap();
+    let Mesh { inbound, inb, out: _out, addr } = Mesh::start(&pki, &api, &web);
     let (mut requests, mut failures) = (0usize, Vec::new());
     let (mut two_crls, mut after_roll) = (false, None::<String>);
     let start = std::time::Instant::now();
@@ -647,35 +631,8 @@ fn outbound_sidecars_refuse_a_revoked_upstream() {
     // The upstream's certificate is not managed, so nothing replaces it once revoked.
     let api = pki.issue("api", &["--dns", "api", "--dns", "localhost"]);
     let api_serial = written_serial(&api);
-    let app = echo_upstream();
-    let inbound = free_port();
-    let _inb = Sidecar::start(
-        &[
-            "--cert-dir",
-            api.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{inbound}"),
-            "--upstream",
-            &app.to_string(),
-        ],
-        pki.path("in.log"),
-    );
-    let outbound = free_port();
-    let out = Sidecar::start(
-        &[
-            "--cert-dir",
-            web.to_str().unwrap(),
-            "--mode",
-            "outbound",
-            "--listen",
-            &format!("127.0.0.1:{outbound}"),
-            "--upstream",
-            &format!("localhost:{inbound}"),
-            "--server-name",
-            "spiffe://lanyard.internal/api",
-        ],
-        pki.path("out.log"),
-    );
+    let Mesh { inbound, inb: _inb, out, addr } = Mesh::start(&pki, &api, &web);
+    let outbound = addr.port();
     let call = |port: u16| {
         use std::io::{BufRead, Write};
         let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -698,7 +655,7 @@ fn outbound_sidecars_refuse_a_revoked_upstream() {
         call(outbound) != "ping\n" && out.metric(&sample) >= 1.0
     });
     // The upstream's sidecar itself is up: a client that has not loaded the CRL still gets through.
-    rt_echo(inbound, &pki.issue("other", &[]));
+    rt_echo(inbound, &pki.issue("web", &[]));
 }
 
 /// One mTLS echo round trip to `port` with the cert dir `client`.
