@@ -280,23 +280,40 @@ impl Sidecar {
         self.guard.child()
     }
 
-    /// Fetches an admin path with curl (`-k`: the admin cert is checked elsewhere).
-    pub fn get(&self, path: &str) -> (u16, String) {
+    /// Fetches an admin path with curl (`-k`: the admin cert is checked
+    /// elsewhere); the status and body, or curl's error when nothing answered.
+    pub fn try_get(&self, path: &str) -> Result<(u16, String), String> {
         let out = run(Command::new(peer("curl"))
-            .args(["-sk", "-w", "\n%{http_code}"])
+            .args(["-sSk", "-w", "\n%{http_code}"])
             .arg(format!("https://{}{path}", self.admin)));
         let body = text(&out.stdout);
-        let (body, code) = body.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_owned())
+        match body.rsplit_once('\n').map(|(b, c)| (b, c.trim().parse::<u16>())) {
+            Some((body, Ok(code))) if code != 0 => Ok((code, body.to_owned())),
+            _ => Err(format!("nothing answered https://{}{path}: {}", self.admin, text(&out.stderr).trim())),
+        }
     }
 
-    /// The value of one metric sample line (`name{labels}`), or 0.
+    /// [`Sidecar::try_get`] for an endpoint that must answer.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        self.try_get(path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The value of one metric sample line (`name{labels}`). A sample of a
+    /// family the sidecar exposes but has not counted yet is 0; a family it
+    /// does not expose at all (a renamed metric) fails the test.
     pub fn metric(&self, sample: &str) -> f64 {
-        let (_, body) = self.get("/metrics");
-        body.lines()
+        let (code, body) = self.get("/metrics");
+        assert_eq!(code, 200, "/metrics answered {code}: {body}");
+        let value = body
+            .lines()
             .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+            .map(|v| v.trim().parse().unwrap_or_else(|e| panic!("{sample} has a non-numeric value {v:?}: {e}")));
+        let family = sample.split('{').next().unwrap_or(sample);
+        match value {
+            Some(v) => v,
+            None if body.contains(&format!("# TYPE {family} ")) => 0.0,
+            None => panic!("the sidecar exposes no metric {family} (renamed?):\n{body}"),
+        }
     }
 
     /// The log so far.
