@@ -103,6 +103,7 @@ pub struct CaState {
     trust_domain: TrustDomain,
     permitted_dns: Vec<DnsName>,
     root_pem: String,
+    root: CertInfo,
     intermediate_pem: String,
     intermediate: CertInfo,
     issuer: Issuer<'static, KeyPair>,
@@ -198,7 +199,7 @@ impl CaState {
 
         let root_path = dir.join(ROOT_CERT);
         let root_pem = read_state(&root_path)?;
-        single_cert(&root_path, &root_pem)?;
+        let root = single_cert(&root_path, &root_pem)?;
         let (intermediate_pem, intermediate, issuer) =
             load_intermediate(&dir.join(INTERMEDIATE_CERT), &dir.join(INTERMEDIATE_KEY))?;
         let previous = if dir.join(PREVIOUS_CERT).exists() {
@@ -214,6 +215,7 @@ impl CaState {
             trust_domain,
             permitted_dns,
             root_pem,
+            root,
             intermediate_pem,
             intermediate,
             issuer,
@@ -262,16 +264,16 @@ impl CaState {
     }
 
     /// Facts about the root.
-    pub fn root(&self) -> Result<CertInfo, CaError> {
-        single_cert(&self.dir.join(ROOT_CERT), &self.root_pem)
+    pub fn root(&self) -> &CertInfo {
+        &self.root
     }
 
     /// The root and the intermediate with their expiry, and an alarm for
     /// each that is past [`CA_ALARM_AT`] of its life: nothing renews them
     /// yet, and once the intermediate expires no leaf can be renewed.
-    pub fn expiry(&self, now: OffsetDateTime) -> Result<Vec<CaCertExpiry>, CaError> {
+    pub fn expiry(&self, now: OffsetDateTime) -> Vec<CaCertExpiry> {
         let mut out = Vec::new();
-        for (role, info) in [("root", self.root()?), ("intermediate", self.intermediate.clone())] {
+        for (role, info) in [("root", &self.root), ("intermediate", &self.intermediate)] {
             let alarm = (now >= info.life_point(CA_ALARM_AT)).then(|| {
                 format!(
                     "the {role} CA expires at {} ({} left){}",
@@ -290,7 +292,7 @@ impl CaState {
             });
             out.push(CaCertExpiry { role, not_after: info.not_after, alarm });
         }
-        Ok(out)
+        out
     }
 
     /// The intermediate's subject key identifier (for CRLs).
@@ -330,13 +332,13 @@ impl CaState {
         let corrupt = |path: &Path, what: String| CaError::CorruptState { path: path.to_owned(), what };
         let root_key = KeyPair::from_pem(&root_key_pem)
             .map_err(|e| corrupt(&root_key_path, format!("not a usable private key ({e})")))?;
-        if root_key.subject_public_key_info() != self.root()?.spki {
+        if root_key.subject_public_key_info() != self.root.spki {
             return Err(corrupt(&root_key_path, "this is not the key of the CA's root certificate".into()));
         }
         let root_issuer = Issuer::from_ca_cert_pem(&self.root_pem, root_key)
             .map_err(|e| corrupt(&self.dir.join(ROOT_CERT), format!("not a usable CA certificate ({e})")))?;
         let old = &self.intermediate;
-        let lifetime = lifetime_of(old.not_after - old.not_before).min(self.root()?.not_after - now);
+        let lifetime = lifetime_of(old.not_after - old.not_before).min(self.root.not_after - now);
         let (cert, key) = new_intermediate(&root_issuer, &self.trust_domain, &self.permitted_dns, now, lifetime)?;
         // The current pair becomes the previous one, then the new pair is
         // written key first: each file is replaced atomically.

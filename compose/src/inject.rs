@@ -306,25 +306,19 @@ impl<'a> Fleet<'a> {
             let called = calls.iter().filter(|c| c.service == s.name);
             let mut known: BTreeMap<u16, Option<Protocol>> = BTreeMap::new();
             if s.options.ports.is_empty() {
-                let from_image: Vec<(u16, Option<Protocol>)> = match s.image.as_deref() {
-                    Some(image) => match images.exposed(image) {
-                        Some(exposed) => exposed.into_iter().map(|p| (p, None)).collect(),
-                        None => {
-                            well_known(image).unwrap_or_default().iter().map(|(p, proto)| (*p, Some(*proto))).collect()
-                        }
-                    },
-                    None => Vec::new(),
-                };
+                // The table gives protocols; the engine, when it has the image, the ports.
                 let table = s.image.as_deref().and_then(well_known).unwrap_or_default();
+                let image_ports = match s.image.as_deref().and_then(|image| images.exposed(image)) {
+                    Some(exposed) => exposed,
+                    None => table.iter().map(|(p, _)| *p).collect(),
+                };
                 let declared = s.expose.iter().chain(s.ports.iter().filter(|p| p.protocol == "tcp").map(|p| &p.target));
-                for p in declared.copied().chain(from_image.iter().map(|(p, _)| *p)) {
+                for p in declared.copied().chain(image_ports) {
                     known.entry(p).or_default();
                 }
-                for (p, proto) in
-                    from_image.iter().filter_map(|(p, proto)| Some((*p, (*proto)?))).chain(table.iter().copied())
-                {
-                    if let Some(slot) = known.get_mut(&p) {
-                        slot.get_or_insert(proto);
+                for (p, proto) in table {
+                    if let Some(slot) = known.get_mut(p) {
+                        slot.get_or_insert(*proto);
                     }
                 }
                 for c in called.clone() {
@@ -333,11 +327,12 @@ impl<'a> Fleet<'a> {
             } else {
                 known.extend(s.options.ports.iter().map(|p| (p.port, p.protocol)));
             }
+            let healthcheck = s.get("healthcheck").map(|h| format!("{h:?}"));
             let resolved = known
                 .into_iter()
                 .map(|(port, declared)| {
                     let http_call = called.clone().any(|c| c.port == port && c.protocol == Some(Protocol::Http));
-                    let http_check = s.get("healthcheck").map(|h| format!("{h:?}")).is_some_and(|h| {
+                    let http_check = healthcheck.as_ref().is_some_and(|h| {
                         h.contains(&format!("http://localhost:{port}"))
                             || h.contains(&format!("http://127.0.0.1:{port}"))
                     });

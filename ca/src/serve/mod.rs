@@ -133,7 +133,7 @@ impl Service {
         }
         let scheduler = self.metrics.scheduler_running.load(std::sync::atomic::Ordering::Relaxed);
         let https_enabled = self.api_certs.current().is_some();
-        let expiry = self.authority.ca().expiry(now).unwrap_or_default();
+        let expiry = self.authority.ca().expiry(now);
         let alarms: Vec<String> = expiry.iter().filter_map(|e| e.alarm.clone()).collect();
         let ca_certificates =
             expiry.iter().map(|e| CaCertHealth { role: e.role, not_after: rfc3339(e.not_after) }).collect();
@@ -167,9 +167,9 @@ impl Service {
 
     /// Prometheus text.
     pub fn metrics_text(&self) -> String {
-        let expiry = self.authority.ca().expiry(OffsetDateTime::now_utc()).unwrap_or_default();
+        let now = OffsetDateTime::now_utc();
         self.metrics.render(&self.authority.store().schedules().unwrap_or_default())
-            + &metrics::ca_certificates(&expiry, OffsetDateTime::now_utc())
+            + &metrics::ca_certificates(&self.authority.ca().expiry(now), now)
             + &self.acme.metrics()
     }
 }

@@ -253,18 +253,19 @@ impl Scheduler {
     /// Rolls the intermediate over when it is due (at 2/3 of its life, root
     /// key online): the new intermediate's CRL reaches every cert dir
     /// first, then every identity is re-issued from it at once. The root is
-    /// unchanged, so no trust bundle changes. Returns when to look again.
-    /// An intermediate installed on disk by `ca intermediate roll` (offline
-    /// root) is picked up the same way. Returns when to look again.
+    /// unchanged, so no trust bundle changes. An intermediate installed on
+    /// disk by `ca intermediate roll` (offline root) is picked up the same
+    /// way. Returns when to look again.
     pub fn roll_intermediate_if_due(&self) -> OffsetDateTime {
         let now = OffsetDateTime::now_utc();
         let look_again = now + STATE_CHECK;
-        let old = self.authority.ca().intermediate().serial.clone();
+        let current = self.authority.ca();
+        let old = current.intermediate().serial.clone();
         let rolled = match self.authority.reload_if_changed() {
             Ok(Some(ca)) => Ok(ca),
-            Ok(None) => match self.authority.ca().rollover_at() {
+            Ok(None) => match current.rollover_at() {
                 Some(due) if now >= due => self.authority.roll_intermediate(now),
-                _ => return self.authority.ca().rollover_at().map_or(look_again, |due| due.min(look_again)),
+                due => return due.map_or(look_again, |due| due.min(look_again)),
             },
             Err(e) => Err(e),
         };

@@ -562,7 +562,6 @@ fn the_intermediate_rolls_over_under_traffic_with_no_failed_request() {
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
         failures.is_empty(),
