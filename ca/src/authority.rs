@@ -46,7 +46,7 @@ impl Authority {
     /// rollover); `None` when it is unchanged.
     pub fn reload_if_changed(&self) -> Result<Option<Arc<CaState>>, CaError> {
         let mut ca = self.ca.write().unwrap_or_else(|e| e.into_inner());
-        if !ca.intermediate_changed_on_disk() {
+        if !ca.changed_on_disk() {
             return Ok(None);
         }
         *ca = Arc::new(CaState::load(ca.dir())?);
@@ -63,7 +63,8 @@ impl Authority {
         // A random 127-bit serial colliding is astronomically unlikely; the
         // store's primary key makes it impossible.
         for _ in 0..3 {
-            let issued = self.ca().issue(req)?;
+            let ca = self.ca();
+            let issued = ca.issue(req)?;
             let rec = IssuedRecord {
                 serial: issued.info.serial.clone(),
                 identity: req.name.to_string(),
@@ -71,6 +72,7 @@ impl Authority {
                 not_after: issued.info.not_after.unix_timestamp(),
                 source: source.to_owned(),
                 revoked_at: None,
+                root: Some(ca.root().sha256.clone()),
             };
             match self.store.record_issued(&rec) {
                 Ok(()) => return Ok(issued),

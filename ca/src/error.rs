@@ -107,6 +107,9 @@ pub enum CaError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// A root-rotation step is not possible now; the message says why and what to do.
+    #[error("root rotation: {0}")]
+    Rotation(String),
     /// rcgen failed to build or sign a certificate.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod issue;
 pub mod keys;
 pub mod ops;
+pub mod rotation;
 pub mod serve;
 pub mod state;
 pub mod store;

@@ -60,6 +60,9 @@ enum Command {
     /// The intermediate CA.
     #[command(subcommand)]
     Intermediate(IntermediateCommand),
+    /// The root CA.
+    #[command(subcommand)]
+    Root(RootCommand),
     /// Serve a public certificate from another provider (validated, then watched).
     Upload(UploadArgs),
 }
@@ -115,6 +118,57 @@ struct RollArgs {
     /// The root key (PEM), for a CA created with --offline-root.
     #[arg(long, value_name = "FILE")]
     root_key: Option<PathBuf>,
+    #[command(flatten)]
+    state: StateArg,
+}
+
+#[derive(Subcommand)]
+enum RootCommand {
+    /// Replace the root with no downtime, in phases a running `ca serve`
+    /// follows within seconds; each phase is kept in the state directory.
+    #[command(subcommand)]
+    Rotate(RotateCommand),
+}
+
+#[derive(Subcommand)]
+enum RotateCommand {
+    /// Make a new root and intermediate: every trust bundle becomes old +
+    /// new; issuance stays on the old root. With an offline root, the new
+    /// root's key goes to --root-key-out and is not stored.
+    Start(StartArgs),
+    /// Show the phase and which known sidecars serve the new root.
+    Status(StateArgs),
+    /// Move issuance to the new root and re-issue every identity; refused
+    /// while a known sidecar lacks the new root. The old root leaves the
+    /// bundles once its last leaf has expired or been replaced.
+    Finish(FinishArgs),
+    /// Before finish: return to the old root alone.
+    Abort(StateArgs),
+}
+
+#[derive(Args)]
+struct StateArgs {
+    #[command(flatten)]
+    state: StateArg,
+}
+
+#[derive(Args)]
+struct StartArgs {
+    /// With an offline root: where to write the new root's key (mode 0600).
+    #[arg(long, value_name = "FILE")]
+    root_key_out: Option<PathBuf>,
+    #[command(flatten)]
+    state: StateArg,
+}
+
+#[derive(Args)]
+struct FinishArgs {
+    /// Spread the re-issue of every identity over this long.
+    #[arg(long, default_value = "1m")]
+    window: Span,
+    /// Finish even while sidecars lack the new root (they are cut off).
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     state: StateArg,
 }
@@ -454,6 +508,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 new.intermediate().serial,
                 rfc3339(new.intermediate().not_after)
             );
+        }
+        Command::Root(RootCommand::Rotate(step)) => {
+            use lanyard_ca::rotation;
+            let now = OffsetDateTime::now_utc();
+            let text = match step {
+                RotateCommand::Start(a) => {
+                    let dir = a.state.dir()?;
+                    let ca = CaState::load(dir)?;
+                    if !ca.root_key_online() && a.root_key_out.is_none() {
+                        anyhow::bail!("the root key is offline, so the new root's key is not stored either: give --root-key-out FILE");
+                    }
+                    let (ca, offline_key) = rotation::start(&ca, now)?;
+                    if let (Some(key), Some(path)) = (offline_key, &a.root_key_out) {
+                        write_file(path, &key, 0o600)?;
+                        eprintln!("the new root's key is in {}; keep it offline", path.display());
+                    }
+                    eprintln!("started: every trust bundle now carries the new root too; a running `ca serve` writes it to every cert dir within seconds");
+                    rotation::status_text(&ca, Authority::open(dir)?.store().as_ref(), now)?
+                }
+                RotateCommand::Status(a) => {
+                    let dir = a.state.dir()?;
+                    let authority = Authority::open(dir)?;
+                    rotation::status_text(&authority.ca(), authority.store().as_ref(), now)?
+                }
+                RotateCommand::Finish(a) => {
+                    let dir = a.state.dir()?;
+                    let ca = rotation::finish(&CaState::load(dir)?, now, a.window.get(), a.force)?;
+                    eprintln!("finished: issuance is on the new root; a running `ca serve` re-issues every identity within {}", a.window);
+                    rotation::status_text(&ca, Authority::open(dir)?.store().as_ref(), now)?
+                }
+                RotateCommand::Abort(a) => {
+                    let dir = a.state.dir()?;
+                    let ca = rotation::abort(&CaState::load(dir)?)?;
+                    eprintln!("aborted: the bundles carry the old root alone again");
+                    rotation::status_text(&ca, Authority::open(dir)?.store().as_ref(), now)?
+                }
+            };
+            stdout(&text);
         }
         Command::Admin(AdminCommand::Issue(a)) => {
             let dir = a.state.dir()?;

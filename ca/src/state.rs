@@ -10,6 +10,11 @@
 //! STATE/intermediate-previous.pem, intermediate-previous-key.pem
 //!                             the intermediate before the last rollover, kept
 //!                             (to sign its CRL) until it expires
+//! STATE/root-rotation.json    a root rotation under way (see `rotation`), with
+//!   root-next.pem, root-next-key.pem, intermediate-next.pem, intermediate-next-key.pem
+//!                             the new root and intermediate, from `start` to `finish`
+//!   root-previous.pem         the old root, kept in the bundle from `finish`
+//!                             until its last leaf is gone
 //! ```
 
 use std::fs::{self, DirBuilder, OpenOptions};
@@ -30,12 +35,23 @@ use crate::CaError;
 
 /// The file that marks a state directory as holding a CA.
 pub const META_FILE: &str = "ca.json";
-const ROOT_CERT: &str = "root.pem";
-const ROOT_KEY: &str = "root-key.pem";
-const INTERMEDIATE_CERT: &str = "intermediate.pem";
-const INTERMEDIATE_KEY: &str = "intermediate-key.pem";
-const PREVIOUS_CERT: &str = "intermediate-previous.pem";
-const PREVIOUS_KEY: &str = "intermediate-previous-key.pem";
+pub(crate) const ROOT_CERT: &str = "root.pem";
+pub(crate) const ROOT_KEY: &str = "root-key.pem";
+pub(crate) const INTERMEDIATE_CERT: &str = "intermediate.pem";
+pub(crate) const INTERMEDIATE_KEY: &str = "intermediate-key.pem";
+pub(crate) const PREVIOUS_CERT: &str = "intermediate-previous.pem";
+pub(crate) const PREVIOUS_KEY: &str = "intermediate-previous-key.pem";
+pub(crate) const ROOT_NEXT_CERT: &str = "root-next.pem";
+pub(crate) const ROOT_NEXT_KEY: &str = "root-next-key.pem";
+pub(crate) const INTERMEDIATE_NEXT_CERT: &str = "intermediate-next.pem";
+pub(crate) const INTERMEDIATE_NEXT_KEY: &str = "intermediate-next-key.pem";
+pub(crate) const ROOT_PREVIOUS_CERT: &str = "root-previous.pem";
+/// The file that marks a root rotation under way.
+pub const ROTATION_FILE: &str = "root-rotation.json";
+/// What `ca serve` last learnt from the known sidecars during a rotation.
+pub const REPORTS_FILE: &str = "root-rotation-sidecars.json";
+/// Every file whose change means the CA must be reloaded.
+const DEFINING_FILES: [&str; 5] = [ROOT_CERT, INTERMEDIATE_CERT, ROOT_NEXT_CERT, ROOT_PREVIOUS_CERT, ROTATION_FILE];
 
 /// Lifetime of the root CA.
 pub const ROOT_LIFETIME: Duration = Duration::days(3650);
@@ -48,7 +64,9 @@ pub const CA_ALARM_AT: f64 = 2.0 / 3.0;
 /// `/metrics` report it.
 #[derive(Clone, Debug)]
 pub struct CaCertExpiry {
-    /// `root` or `intermediate`.
+    /// `root`, `intermediate`, `previous-intermediate` (its leaves may
+    /// live), or during a root rotation `next-root`, `next-intermediate`
+    /// and `previous-root`.
     pub role: &'static str,
     /// Its notAfter.
     pub not_after: OffsetDateTime,
@@ -108,6 +126,47 @@ pub struct CaState {
     intermediate: CertInfo,
     issuer: Issuer<'static, KeyPair>,
     previous: Option<Previous>,
+    rotation: Option<LoadedRotation>,
+    bundle_pem: String,
+    disk_signature: Vec<u8>,
+}
+
+/// Phase of a root rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RotationPhase {
+    /// The new root is in every bundle; issuance stays on the old one.
+    Started,
+    /// Issuance is on the new root; the old root stays in the bundles
+    /// until its last leaf has expired or been replaced.
+    Finished,
+}
+
+/// `root-rotation.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RootRotation {
+    /// Where it stands.
+    pub phase: RotationPhase,
+    /// `start`, unix seconds.
+    pub started_at: i64,
+    /// `finish`, unix seconds.
+    #[serde(default)]
+    pub finished_at: Option<i64>,
+    /// SHA-256 of the root being replaced.
+    pub old_root: String,
+    /// SHA-256 of the new root.
+    pub new_root: String,
+    /// Over how many seconds `finish` spreads the re-issue of every identity.
+    #[serde(default)]
+    pub reissue_window_secs: u64,
+}
+
+/// A rotation with the certificates it names.
+struct LoadedRotation {
+    doc: RootRotation,
+    /// Started: the new root and intermediate. Finished: the old root.
+    other_root: CertInfo,
+    next_intermediate: Option<CertInfo>,
 }
 
 impl std::fmt::Debug for CaState {
@@ -197,6 +256,20 @@ impl CaState {
             .map(|d| d.parse().map_err(|e: lanyard_sidecar::identity::NameError| corrupt(&meta_path, e.to_string())))
             .collect::<Result<_, _>>()?;
 
+        let rotation_path = dir.join(ROTATION_FILE);
+        let rotation: Option<RootRotation> = match fs::read_to_string(&rotation_path) {
+            Ok(text) => Some(serde_json::from_str(&text).map_err(|e| corrupt(&rotation_path, e.to_string()))?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => return Err(CaError::ReadState { path: rotation_path, source }),
+        };
+        if rotation.as_ref().is_some_and(|r| r.phase == RotationPhase::Finished) && dir.join(ROOT_NEXT_CERT).exists() {
+            // `finish` stopped halfway: complete the switch (unless the
+            // process running `finish` completes it first).
+            match switch_to_next(dir) {
+                Err(_) if !dir.join(ROOT_NEXT_CERT).exists() => {}
+                other => other?,
+            }
+        }
         let root_path = dir.join(ROOT_CERT);
         let root_pem = read_state(&root_path)?;
         let root = single_cert(&root_path, &root_pem)?;
@@ -208,7 +281,28 @@ impl CaState {
         } else {
             None
         };
+        let mut bundle_pem = root_pem.clone();
+        let rotation = match rotation {
+            None => None,
+            Some(doc) => {
+                let (other, next_intermediate) = match doc.phase {
+                    RotationPhase::Started => {
+                        let (_, info, _) =
+                            load_intermediate(&dir.join(INTERMEDIATE_NEXT_CERT), &dir.join(INTERMEDIATE_NEXT_KEY))?;
+                        (dir.join(ROOT_NEXT_CERT), Some(info))
+                    }
+                    RotationPhase::Finished => (dir.join(ROOT_PREVIOUS_CERT), None),
+                };
+                let other_pem = read_state(&other)?;
+                let other_root = single_cert(&other, &other_pem)?;
+                bundle_pem.push_str(&other_pem);
+                Some(LoadedRotation { doc, other_root, next_intermediate })
+            }
+        };
         Ok(Self {
+            disk_signature: disk_signature(dir),
+            bundle_pem,
+            rotation,
             previous,
             dir: dir.to_owned(),
             meta,
@@ -242,9 +336,25 @@ impl CaState {
         &self.permitted_dns
     }
 
-    /// The trust bundle handed to every cert dir (`ca.pem`).
+    /// The trust bundle handed to every cert dir (`ca.pem`): the root, and
+    /// during a root rotation the other root too.
     pub fn bundle_pem(&self) -> &str {
+        &self.bundle_pem
+    }
+
+    /// The root certificate PEM (issuance chains to it).
+    pub fn root_pem(&self) -> &str {
         &self.root_pem
+    }
+
+    /// The root rotation under way.
+    pub fn rotation(&self) -> Option<&RootRotation> {
+        self.rotation.as_ref().map(|r| &r.doc)
+    }
+
+    /// Whether the root key is kept in the state directory.
+    pub fn root_key_online(&self) -> bool {
+        self.dir.join(ROOT_KEY).exists()
     }
 
     /// The intermediate certificate PEM (appended to every leaf chain).
@@ -257,10 +367,10 @@ impl CaState {
         &self.intermediate
     }
 
-    /// Whether the intermediate on disk is another one than this state's
-    /// (installed by `ca intermediate roll` while `ca serve` runs).
-    pub fn intermediate_changed_on_disk(&self) -> bool {
-        fs::read_to_string(self.dir.join(INTERMEDIATE_CERT)).is_ok_and(|pem| pem != self.intermediate_pem)
+    /// Whether another process changed the CA on disk since this state was
+    /// loaded (`ca intermediate roll`, `ca root rotate`, while `ca serve` runs).
+    pub fn changed_on_disk(&self) -> bool {
+        disk_signature(&self.dir) != self.disk_signature
     }
 
     /// Facts about the root.
@@ -291,6 +401,19 @@ impl CaState {
                 )
             });
             out.push(CaCertExpiry { role, not_after: info.not_after, alarm });
+        }
+        let mut quiet = |role, info: &CertInfo| out.push(CaCertExpiry { role, not_after: info.not_after, alarm: None });
+        if let Some(p) = self.previous.as_ref().filter(|p| p.info.not_after > now) {
+            quiet("previous-intermediate", &p.info);
+        }
+        if let Some(r) = &self.rotation {
+            match r.doc.phase {
+                RotationPhase::Started => quiet("next-root", &r.other_root),
+                RotationPhase::Finished => quiet("previous-root", &r.other_root),
+            }
+            if let Some(i) = &r.next_intermediate {
+                quiet("next-intermediate", i);
+            }
         }
         out
     }
@@ -351,6 +474,44 @@ impl CaState {
     }
 }
 
+/// Makes the next root and intermediate the current ones. Idempotent: a
+/// `finish` cut short is completed by the next load.
+pub(crate) fn switch_to_next(dir: &Path) -> Result<(), CaError> {
+    let next_root_key = dir.join(ROOT_NEXT_KEY);
+    if next_root_key.exists() {
+        write_secret(&dir.join(ROOT_KEY), &read_state(&next_root_key)?)?;
+    } else {
+        remove_state_file(&dir.join(ROOT_KEY))?;
+    }
+    write_secret(&dir.join(INTERMEDIATE_KEY), &read_state(&dir.join(INTERMEDIATE_NEXT_KEY))?)?;
+    write_public(&dir.join(INTERMEDIATE_CERT), &read_state(&dir.join(INTERMEDIATE_NEXT_CERT))?)?;
+    write_public(&dir.join(ROOT_CERT), &read_state(&dir.join(ROOT_NEXT_CERT))?)?;
+    for name in [ROOT_NEXT_KEY, INTERMEDIATE_NEXT_KEY, INTERMEDIATE_NEXT_CERT, REPORTS_FILE, ROOT_NEXT_CERT] {
+        remove_state_file(&dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// Removes a state file; a missing one is fine.
+pub(crate) fn remove_state_file(path: &Path) -> Result<(), CaError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(CaError::WriteState { path: path.to_owned(), source }),
+    }
+}
+
+/// A digest of every file that defines the CA (a missing file counts).
+fn disk_signature(dir: &Path) -> Vec<u8> {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for name in DEFINING_FILES {
+        let text = fs::read(dir.join(name)).unwrap_or_default();
+        ctx.update(&(text.len() as u64).to_be_bytes());
+        ctx.update(&text);
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
 /// The intermediate before the last rollover.
 struct Previous {
     pem: String,
@@ -360,7 +521,7 @@ struct Previous {
 
 /// The lifetime a CA certificate was made with, from its whole validity
 /// window (lifetime plus [`backdate_for`] it).
-fn lifetime_of(window: Duration) -> Duration {
+pub(crate) fn lifetime_of(window: Duration) -> Duration {
     let tenth_at_most = BACKDATE * 11;
     if window <= tenth_at_most {
         window * (10.0 / 11.0)
@@ -369,10 +530,24 @@ fn lifetime_of(window: Duration) -> Duration {
     }
 }
 
+/// The common name of a CA certificate made at `now`: seconds are enough
+/// to tell successive ones (and their CRLs) apart; the trust domain is left
+/// out where X.520's 64 characters would not hold it.
+pub(crate) fn ca_name(kind: &str, td: &TrustDomain, now: OffsetDateTime) -> String {
+    let since = now.replace_nanosecond(0).unwrap_or(now);
+    let since = since.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    let name = format!("{kind} ({td}) {since}");
+    if name.len() > 64 {
+        format!("{kind} {since}")
+    } else {
+        name
+    }
+}
+
 /// A new intermediate for trust domain `td`, signed by `root`: pathLen 0,
 /// `permit_dns` as name constraints, a subject naming its start so that
 /// successive intermediates (and their CRLs) are told apart by name.
-fn new_intermediate(
+pub(crate) fn new_intermediate(
     root: &Issuer<'_, KeyPair>,
     td: &TrustDomain,
     permit_dns: &[DnsName],
@@ -380,15 +555,7 @@ fn new_intermediate(
     lifetime: Duration,
 ) -> Result<(rcgen::Certificate, KeyPair), CaError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    // Seconds are enough to tell successive intermediates apart; the trust
-    // domain is left out where X.520's 64 characters would not hold it.
-    let since = now.replace_nanosecond(0).unwrap_or(now);
-    let since = since.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-    let mut name = format!("Lanyard Intermediate CA ({td}) {since}");
-    if name.len() > 64 {
-        name = format!("Lanyard Intermediate CA {since}");
-    }
-    let mut int = ca_params(&name, now, lifetime);
+    let mut int = ca_params(&ca_name("Lanyard Intermediate CA", td, now), now, lifetime);
     int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     int.use_authority_key_identifier_extension = true;
     if !permit_dns.is_empty() {
@@ -401,7 +568,10 @@ fn new_intermediate(
 }
 
 /// An intermediate's certificate and key from `cert` and `key`, checked to match.
-fn load_intermediate(cert: &Path, key: &Path) -> Result<(String, CertInfo, Issuer<'static, KeyPair>), CaError> {
+pub(crate) fn load_intermediate(
+    cert: &Path,
+    key: &Path,
+) -> Result<(String, CertInfo, Issuer<'static, KeyPair>), CaError> {
     let corrupt = |path: &Path, what: String| CaError::CorruptState { path: path.to_owned(), what };
     let pem = read_state(cert)?;
     let info = single_cert(cert, &pem)?;
@@ -430,7 +600,7 @@ fn key_id(dir: &Path, pem: &str) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-fn ca_params(common_name: &str, now: OffsetDateTime, lifetime: Duration) -> CertificateParams {
+pub(crate) fn ca_params(common_name: &str, now: OffsetDateTime, lifetime: Duration) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Lanyard");
@@ -443,12 +613,12 @@ fn ca_params(common_name: &str, now: OffsetDateTime, lifetime: Duration) -> Cert
     params
 }
 
-fn single_cert(path: &Path, pem: &str) -> Result<CertInfo, CaError> {
+pub(crate) fn single_cert(path: &Path, pem: &str) -> Result<CertInfo, CaError> {
     let certs = lanyard_sidecar::certdir::parse_certs(path, pem.as_bytes())?;
     CertInfo::from_der(&certs[0]).map_err(|e| CaError::CorruptState { path: path.to_owned(), what: e.to_string() })
 }
 
-fn read_state(path: &Path) -> Result<String, CaError> {
+pub(crate) fn read_state(path: &Path) -> Result<String, CaError> {
     fs::read_to_string(path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => CaError::CorruptState { path: path.to_owned(), what: "file is missing".into() },
         _ => CaError::ReadState { path: path.to_owned(), source },
@@ -465,10 +635,10 @@ pub fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
     fs::rename(&tmp, path).map_err(werr)
 }
 
-fn write_secret(path: &Path, text: &str) -> Result<(), CaError> {
+pub(crate) fn write_secret(path: &Path, text: &str) -> Result<(), CaError> {
     write_file(path, text, 0o600)
 }
 
-fn write_public(path: &Path, text: &str) -> Result<(), CaError> {
+pub(crate) fn write_public(path: &Path, text: &str) -> Result<(), CaError> {
     write_file(path, text, 0o644)
 }

@@ -42,6 +42,10 @@ pub struct IssuedRecord {
     pub source: String,
     /// Revocation time, unix seconds.
     pub revoked_at: Option<i64>,
+    /// SHA-256 fingerprint of the root its chain ends at; `None` for
+    /// records older than root rotation. A root rotation waits for every
+    /// live leaf under the old root to expire or be replaced.
+    pub root: Option<String>,
 }
 
 /// Why a token could not be used.
@@ -136,7 +140,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     not_before INTEGER NOT NULL,
     not_after INTEGER NOT NULL,
     source TEXT NOT NULL,
-    revoked_at INTEGER
+    revoked_at INTEGER,
+    root TEXT
 );
 CREATE INDEX IF NOT EXISTS certificates_identity ON certificates(identity);
 CREATE TABLE IF NOT EXISTS tokens (
@@ -173,6 +178,14 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        // Stores made before root rotation lack the `root` column.
+        let has_root: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('certificates') WHERE name = 'root'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(err)?;
+        if !has_root {
+            conn.execute_batch("ALTER TABLE certificates ADD COLUMN root TEXT").map_err(err)?;
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -195,6 +208,7 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<IssuedRecord> {
         not_after: row.get(3)?,
         source: row.get(4)?,
         revoked_at: row.get(5)?,
+        root: row.get(6)?,
     })
 }
 
@@ -211,15 +225,15 @@ fn schedule_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ScheduleRow> {
     })
 }
 
-const CERT_COLUMNS: &str = "serial, identity, not_before, not_after, source, revoked_at";
+const CERT_COLUMNS: &str = "serial, identity, not_before, not_after, source, revoked_at, root";
 const SCHEDULE_COLUMNS: &str = "identity, serial, not_after, next_renewal, last_renewal, last_error, failures, sans";
 
 impl Store for SqliteStore {
     fn record_issued(&self, rec: &IssuedRecord) -> Result<(), StoreError> {
         let inserted = self.with(|c| {
             c.execute(
-                "INSERT OR IGNORE INTO certificates (serial, identity, not_before, not_after, source) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![rec.serial, rec.identity, rec.not_before, rec.not_after, rec.source],
+                "INSERT OR IGNORE INTO certificates (serial, identity, not_before, not_after, source, root) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![rec.serial, rec.identity, rec.not_before, rec.not_after, rec.source, rec.root],
             )
         })?;
         if inserted == 0 {
@@ -415,6 +429,7 @@ mod tests {
             not_after,
             source: "cli".into(),
             revoked_at: None,
+            root: None,
         }
     }
 

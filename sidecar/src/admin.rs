@@ -27,7 +27,7 @@ use crate::tls::{self, ClientAuth};
 pub const NOT_READY_AFTER_LIFE: f64 = 5.0 / 6.0;
 
 /// The `/readyz` body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct Readiness {
     /// Whether the sidecar should receive traffic.
     pub ready: bool,
@@ -39,6 +39,15 @@ pub struct Readiness {
     pub not_after: Option<String>,
     /// The last reload error, while the last good certificate is kept.
     pub last_reload_error: Option<String>,
+    /// SHA-256 fingerprints of the roots in the served trust bundle
+    /// (`ca.pem`): what a root rotation waits on.
+    #[serde(default)]
+    pub trust_roots: Vec<String>,
+}
+
+/// SHA-256 fingerprints (lowercase hex) of the roots in `set`'s bundle.
+pub fn trust_roots(set: &crate::certdir::CertSet) -> Vec<String> {
+    set.roots.iter().filter_map(|der| crate::certinfo::CertInfo::from_der(der).ok()).map(|c| c.sha256).collect()
 }
 
 /// Shared state the admin endpoint reports on.
@@ -69,6 +78,7 @@ impl Admin {
                 reason,
                 serial: current.as_ref().map(|s| s.set.leaf.serial.clone()),
                 not_after: current.as_ref().map(|s| rfc3339(s.set.leaf.not_after)),
+                trust_roots: current.as_ref().map(|s| trust_roots(&s.set)).unwrap_or_default(),
                 last_reload_error,
             };
         }
@@ -79,6 +89,7 @@ impl Admin {
                 reason: format!("no valid certificate loaded: {why}"),
                 serial: None,
                 not_after: None,
+                trust_roots: Vec::new(),
                 last_reload_error,
             };
         };
@@ -111,6 +122,7 @@ impl Admin {
             reason: reason.unwrap_or_else(|| "ok".into()),
             serial: Some(leaf.serial.clone()),
             not_after: Some(rfc3339(leaf.not_after)),
+            trust_roots: trust_roots(&snapshot.set),
             last_reload_error,
         }
     }
@@ -134,6 +146,15 @@ impl Admin {
                 "notBefore of the served certificate.",
             );
             let _ = writeln!(out, "{p}_cert_not_before_timestamp_seconds {}", s.set.leaf.not_before.unix_timestamp());
+            header(
+                &mut out,
+                &format!("{p}_trust_root_info"),
+                "gauge",
+                "1 for each root in the served trust bundle, by SHA-256 fingerprint.",
+            );
+            for root in trust_roots(&s.set) {
+                let _ = writeln!(out, "{p}_trust_root_info{{sha256=\"{root}\"}} 1");
+            }
         }
         let m = &self.store.metrics;
         header(&mut out, &format!("{p}_cert_reloads_total"), "counter", "Certificate reloads by result.");

@@ -37,7 +37,6 @@ pub async fn probe(url: &str, cert_dir: &CertDir, limit: Duration) -> Result<Str
     let (host, port) = authority.rsplit_once(':').ok_or_else(|| HealthError::Url(url.to_owned()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
     let port: u16 = port.parse().map_err(|_| HealthError::Url(url.to_owned()))?;
-    let server_name = ServerName::try_from(host.clone()).map_err(|_| HealthError::Url(url.to_owned()))?;
 
     let ca_path = cert_dir.file(CA_FILE);
     let raw = cert_dir.read_raw().map_err(|e| HealthError::Bundle(e.to_string()))?;
@@ -49,34 +48,48 @@ pub async fn probe(url: &str, cert_dir: &CertDir, limit: Duration) -> Result<Str
     let config = tls::client_config_with(roots, &ServerCheck::ChainOnly, own.as_ref())
         .map_err(|e| HealthError::Bundle(e.to_string()))?;
 
+    let (status, body) = get(&host, port, &path, Arc::new(config), limit).await?;
+    if status == "200" {
+        return Ok(body);
+    }
+    let reason = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["reason"].as_str().map(str::to_owned))
+        .unwrap_or(if body.is_empty() { format!("HTTP status {status:?}") } else { body });
+    Err(HealthError::NotReady(reason))
+}
+
+/// GETs `path` from `host:port` over TLS with `config` within `limit`;
+/// returns the status code and the body, whatever the status.
+pub async fn get(
+    host: &str,
+    port: u16,
+    path: &str,
+    config: Arc<rustls::ClientConfig>,
+    limit: Duration,
+) -> Result<(String, String), HealthError> {
+    let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let server_name =
+        ServerName::try_from(host.to_owned()).map_err(|_| HealthError::Url(format!("https://{authority}{path}")))?;
     let fetch = async {
-        let tcp = TcpStream::connect((host.as_str(), port))
+        let tcp = TcpStream::connect((host, port))
             .await
             .map_err(|e| HealthError::Unreachable(format!("cannot connect to {authority}: {e}")))?;
-        let mut tls =
-            tokio_rustls::TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await.map_err(|e| {
-                HealthError::Unreachable(format!(
-                    "TLS to {authority} failed: {e} (the sidecar may still be serving its fallback certificate)"
-                ))
-            })?;
+        let mut tls = tokio_rustls::TlsConnector::from(config).connect(server_name, tcp).await.map_err(|e| {
+            HealthError::Unreachable(format!(
+                "TLS to {authority} failed: {e} (the sidecar may still be serving its fallback certificate)"
+            ))
+        })?;
         let request = format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n");
         tls.write_all(request.as_bytes()).await.map_err(|e| HealthError::Unreachable(e.to_string()))?;
         let mut response = Vec::new();
-        let _ = tls.read_to_end(&mut response).await;
+        let _ = (&mut tls).take(1 << 20).read_to_end(&mut response).await;
         let response = String::from_utf8_lossy(&response).into_owned();
         let status = response.split_whitespace().nth(1).unwrap_or("").to_owned();
         let body = response.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_owned()).unwrap_or_default();
-        if status == "200" {
-            Ok(body)
-        } else {
-            let reason = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["reason"].as_str().map(str::to_owned))
-                .unwrap_or(if body.is_empty() { format!("HTTP status {status:?}") } else { body });
-            Err(HealthError::NotReady(reason))
-        }
+        Ok((status, body))
     };
     tokio::time::timeout(limit, fetch)
         .await
-        .map_err(|_| HealthError::Unreachable(format!("no answer from {url} within {limit:?}")))?
+        .map_err(|_| HealthError::Unreachable(format!("no answer from https://{authority}{path} within {limit:?}")))?
 }

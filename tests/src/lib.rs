@@ -262,7 +262,11 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts `sidecar run --admin <free port> <args>`, logging to `log`.
     pub fn start(args: &[&str], log: PathBuf) -> Self {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::start_at(format!("127.0.0.1:{}", free_port()).parse().expect("addr"), args, log)
+    }
+
+    /// Starts `sidecar run --admin ADMIN <args>`, logging to `log`.
+    pub fn start_at(admin: SocketAddr, args: &[&str], log: PathBuf) -> Self {
         let mut cmd = Command::new(bin("sidecar"));
         cmd.arg("run").arg("--admin").arg(admin.to_string()).args(args).env("RUST_LOG", "info");
         let mut guard = ChildGuard::spawn(cmd, &log);

@@ -38,6 +38,11 @@ pub struct IdentityConfig {
     pub ttl: Span,
     /// The cert dir to keep current.
     pub out_dir: PathBuf,
+    /// `host:port` of the admin endpoint of the sidecar serving this
+    /// identity: during a root rotation the CA asks its `/readyz` which
+    /// roots it serves, and `finish` waits until it has the new one.
+    #[serde(default)]
+    pub sidecar_admin: Option<String>,
 }
 
 /// `lanyard.toml`.

@@ -148,3 +148,35 @@ pub fn ca_certificates(expiry: &[crate::state::CaCertExpiry], now: time::OffsetD
     }
     out
 }
+
+/// Root rotation gauges: the phase, and during one the known sidecars by
+/// whether they serve the new root.
+pub fn root_rotation(ca: &crate::state::CaState) -> String {
+    use crate::state::RotationPhase;
+    let mut out = String::new();
+    let p = "lanyard_ca_root_rotation";
+    header(
+        &mut out,
+        &format!("{p}_phase"),
+        "gauge",
+        "0: no root rotation; 1: started; 2: finished, old root still in the bundles.",
+    );
+    let phase = match ca.rotation().map(|r| r.phase) {
+        None => 0,
+        Some(RotationPhase::Started) => 1,
+        Some(RotationPhase::Finished) => 2,
+    };
+    let _ = writeln!(out, "{p}_phase {phase}");
+    header(
+        &mut out,
+        &format!("{p}_sidecars"),
+        "gauge",
+        "Known sidecars during a root rotation, by whether they serve the new root.",
+    );
+    let reports = ca.rotation().and_then(|r| Some((r, crate::rotation::SidecarReports::read(ca.dir()).ok()??)));
+    let (total, lacking) =
+        reports.map_or((0, 0), |(r, reports)| (reports.sidecars.len(), reports.lacking(&r.new_root).count()));
+    let _ = writeln!(out, "{p}_sidecars{{state=\"new_root\"}} {}", total - lacking);
+    let _ = writeln!(out, "{p}_sidecars{{state=\"lacking\"}} {lacking}");
+    out
+}

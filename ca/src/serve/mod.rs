@@ -10,6 +10,7 @@ pub mod docker;
 pub mod metrics;
 pub mod rfc2136;
 pub mod schedule;
+pub mod sidecars;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -168,8 +169,10 @@ impl Service {
     /// Prometheus text.
     pub fn metrics_text(&self) -> String {
         let now = OffsetDateTime::now_utc();
+        let ca = self.authority.ca();
         self.metrics.render(&self.authority.store().schedules().unwrap_or_default())
-            + &metrics::ca_certificates(&self.authority.ca().expiry(now), now)
+            + &metrics::ca_certificates(&ca.expiry(now), now)
+            + &metrics::root_rotation(&ca)
             + &self.acme.metrics()
     }
 }
@@ -248,6 +251,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     }
     scheduler.prune()?;
     scheduler.refresh_crl()?;
+    let known_sidecars = known_sidecars(&config, authority.ca().trust_domain())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let crl_refresh = config.crl_refresh.get();
@@ -279,6 +283,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     let acme = acme::Acme::new(authority.store().clone(), config.acme.clone(), &dir);
     acme.reconcile(&config.public).map_err(|e| CaError::Config { origin: "[[public]]".into(), what: e.to_string() })?;
     tokio::spawn(acme.clone().run(stop_rx.clone()));
+    tokio::spawn(sidecars::poll_during_rotation(authority.clone(), known_sidecars, stop_rx.clone()));
     let service = Arc::new(Service { authority, scheduler, metrics, acme, api_certs });
     tokio::spawn(serve_https(service.clone(), https, stop_rx.clone()));
     tokio::spawn(serve_http(service.clone(), http, https_port, stop_rx.clone()));
@@ -288,6 +293,22 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = stop_tx.send(true);
     let _ = sched_task.await;
     Ok(())
+}
+
+/// The configured identities with a `sidecar_admin` address.
+fn known_sidecars(config: &ServeConfig, td: &TrustDomain) -> Result<Vec<sidecars::KnownSidecar>, CaError> {
+    config
+        .identities
+        .iter()
+        .filter_map(|id| Some((id, id.sidecar_admin.clone()?)))
+        .map(|(id, admin)| {
+            let spiffe = match &id.spiffe {
+                Some(s) => s.clone(),
+                None => format!("spiffe://{td}/{}", id.name).parse()?,
+            };
+            Ok(sidecars::KnownSidecar { identity: id.name.to_string(), spiffe, admin })
+        })
+        .collect()
 }
 
 async fn serve_https(svc: Arc<Service>, listener: TcpListener, mut stop: watch::Receiver<bool>) {

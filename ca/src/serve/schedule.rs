@@ -16,6 +16,7 @@ use crate::authority::Authority;
 use crate::issue::{KeySource, LeafRequest};
 use crate::keys::KeyType;
 use crate::serve::metrics::CaMetrics;
+use crate::state::RotationPhase;
 use crate::store::ScheduleRow;
 use crate::CaError;
 
@@ -61,6 +62,9 @@ pub fn backoff(failures: u32) -> Duration {
 /// How often the loop looks for an intermediate installed by another process.
 const STATE_CHECK: time::Duration = time::Duration::seconds(10);
 
+/// How long the old root stays in the bundles after its last leaf is gone.
+const DROP_GRACE: time::Duration = time::Duration::seconds(10);
+
 /// Runs after a successful rotation, with the identity name.
 pub type RotateHook = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -73,6 +77,8 @@ pub struct Scheduler {
     metrics: Arc<CaMetrics>,
     /// Called with the identity name after each successful rotation.
     on_rotate: Mutex<Vec<RotateHook>>,
+    /// Since when no live leaf needs the old root (after a root rotation's finish).
+    old_root_free_since: Mutex<Option<OffsetDateTime>>,
 }
 
 impl Scheduler {
@@ -86,6 +92,7 @@ impl Scheduler {
             kick: Notify::new(),
             metrics,
             on_rotate: Mutex::default(),
+            old_root_free_since: Mutex::default(),
         }))
     }
 
@@ -217,20 +224,22 @@ impl Scheduler {
         next
     }
 
-    /// Re-signs the CRL and rewrites it into every managed cert dir.
+    /// Re-signs the CRL and rewrites it, with the CA's trust bundle, into
+    /// every managed cert dir.
     pub fn refresh_crl(&self) -> Result<(), CaError> {
         let crl = self.authority.crl_pem(OffsetDateTime::now_utc())?;
+        let bundle = self.authority.ca().bundle_pem().to_owned();
         *self.crl.lock().unwrap_or_else(|e| e.into_inner()) = crl.clone();
         std::fs::write(self.authority.ca().dir().join("crl.pem"), &crl)
             .map_err(|source| CaError::WriteState { path: self.authority.ca().dir().join("crl.pem"), source })?;
         for m in self.identities() {
             let Ok(raw) = m.out_dir.read_raw() else { continue };
-            let (Ok(cert), Some(Ok(key)), Ok(ca)) =
-                (String::from_utf8(raw.cert), raw.key.map(String::from_utf8), String::from_utf8(raw.ca))
-            else {
+            let (Ok(cert), Some(Ok(key))) = (String::from_utf8(raw.cert), raw.key.map(String::from_utf8)) else {
                 continue;
             };
-            if let Err(e) = m.out_dir.write(&PemSet { cert, key: Some(key), ca, crl: Some(crl.clone()) }) {
+            if let Err(e) =
+                m.out_dir.write(&PemSet { cert, key: Some(key), ca: bundle.clone(), crl: Some(crl.clone()) })
+            {
                 tracing::error!(identity = %m.name(), "cannot write the CRL: {e}");
             }
         }
@@ -250,45 +259,90 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Rolls the intermediate over when it is due (at 2/3 of its life, root
-    /// key online): the new intermediate's CRL reaches every cert dir
-    /// first, then every identity is re-issued from it at once. The root is
-    /// unchanged, so no trust bundle changes. An intermediate installed on
-    /// disk by `ca intermediate roll` (offline root) is picked up the same
-    /// way. Returns when to look again.
-    pub fn roll_intermediate_if_due(&self) -> OffsetDateTime {
+    /// Keeps the CA itself current; returns when to look again.
+    /// - The intermediate rolls over when it is due (at 2/3 of its life,
+    ///   root key online). The root is unchanged, so no bundle changes.
+    /// - A change made on disk by another process is loaded: an
+    ///   intermediate installed by `ca intermediate roll` (offline root), or
+    ///   a step of `ca root rotate`.
+    /// - After `ca root rotate finish`, the old root is dropped once no
+    ///   live leaf needs it.
+    ///
+    /// Whenever the CA changes, the CRLs and the trust bundle reach every
+    /// cert dir first. When the issuing intermediate changed, every identity
+    /// is then re-issued from it: at once after a rollover, spread over the
+    /// rotation's window after `finish`.
+    pub fn keep_ca_current(&self) -> OffsetDateTime {
         let now = OffsetDateTime::now_utc();
         let look_again = now + STATE_CHECK;
-        let current = self.authority.ca();
-        let old = current.intermediate().serial.clone();
-        let rolled = match self.authority.reload_if_changed() {
+        let before = self.authority.ca();
+        if before.rotation().is_some_and(|r| r.phase == RotationPhase::Finished) {
+            self.drop_old_root_when_free(&before, now);
+        }
+        let changed = match self.authority.reload_if_changed() {
             Ok(Some(ca)) => Ok(ca),
-            Ok(None) => match current.rollover_at() {
+            Ok(None) => match before.rollover_at() {
                 Some(due) if now >= due => self.authority.roll_intermediate(now),
-                due => return due.map_or(look_again, |due| due.min(look_again)),
+                due => {
+                    let look_again = match before.rotation() {
+                        Some(r) if r.phase == RotationPhase::Finished => now + DROP_GRACE / 2,
+                        _ => look_again,
+                    };
+                    return due.map_or(look_again, |due| due.min(look_again));
+                }
             },
             Err(e) => Err(e),
         };
-        match rolled {
-            Ok(ca) => {
-                let new = &ca.intermediate().serial;
-                tracing::info!(old = %old, new = %new, not_after = %rfc3339(ca.intermediate().not_after), "intermediate rolled over");
-                if let Err(e) = self.refresh_crl() {
-                    tracing::error!("CRL refresh after the rollover failed: {e}");
-                }
-                let store = self.authority.store();
-                for mut row in store.schedules().unwrap_or_default() {
-                    row.next_renewal = now.unix_timestamp();
-                    if let Err(e) = store.put_schedule(&row) {
-                        tracing::error!(identity = %row.identity, "cannot plan the re-issue: {e}");
-                    }
-                }
-                now
-            }
+        let ca = match changed {
+            Ok(ca) => ca,
             Err(e) => {
-                tracing::error!("intermediate rollover failed: {e}; retrying in a minute");
-                now + time::Duration::minutes(1)
+                tracing::error!("updating the CA failed: {e}; retrying in {STATE_CHECK}");
+                return look_again;
             }
+        };
+        if ca.bundle_pem() != before.bundle_pem() {
+            tracing::info!(roots = ca.bundle_pem().matches("BEGIN CERTIFICATE").count(), "trust bundle changed");
+        }
+        if let Err(e) = self.refresh_crl() {
+            tracing::error!("CRL and bundle refresh after the CA changed failed: {e}");
+        }
+        let (old, new) = (&before.intermediate().serial, &ca.intermediate().serial);
+        if old != new {
+            tracing::info!(old = %old, new = %new, not_after = %rfc3339(ca.intermediate().not_after), root = %ca.root().sha256, "intermediate rolled over");
+            let spread =
+                ca.rotation().filter(|r| r.phase == RotationPhase::Finished).map_or(0, |r| r.reissue_window_secs);
+            let store = self.authority.store();
+            for mut row in store.schedules().unwrap_or_default() {
+                row.next_renewal = now.unix_timestamp() + (spread as f64 * unit_random()) as i64;
+                if let Err(e) = store.put_schedule(&row) {
+                    tracing::error!(identity = %row.identity, "cannot plan the re-issue: {e}");
+                }
+            }
+        }
+        now
+    }
+
+    /// Drops the old root from the bundles once no live leaf has needed it
+    /// for [`DROP_GRACE`]: the sidecars have then loaded their new leaves,
+    /// so none still presents one that only the old root verifies.
+    fn drop_old_root_when_free(&self, ca: &crate::state::CaState, now: OffsetDateTime) {
+        let mut free_since = self.old_root_free_since.lock().unwrap_or_else(|e| e.into_inner());
+        match crate::rotation::old_leaves(ca, self.authority.store().as_ref(), now) {
+            Ok(old) if old.is_empty() => {
+                let since = *free_since.get_or_insert(now);
+                if now - since < DROP_GRACE {
+                    return;
+                }
+                match crate::rotation::complete(ca) {
+                    Ok(_) => {
+                        *free_since = None;
+                        tracing::info!(root = %ca.root().sha256, "root rotation complete: no live leaf under the old root is left, so it leaves the trust bundles");
+                    }
+                    Err(e) => tracing::error!("cannot drop the old root: {e}"),
+                }
+            }
+            Ok(_) => *free_since = None,
+            Err(e) => tracing::error!("cannot count the leaves under the old root: {e}"),
         }
     }
 
@@ -303,7 +357,7 @@ impl Scheduler {
         let mut crl_due = tokio::time::Instant::now() + crl_refresh;
         loop {
             let this = self.clone();
-            let rollover = tokio::task::spawn_blocking(move || this.roll_intermediate_if_due()).await.ok();
+            let rollover = tokio::task::spawn_blocking(move || this.keep_ca_current()).await.ok();
             let this = self.clone();
             let next =
                 tokio::task::spawn_blocking(move || this.run_due()).await.unwrap_or_else(|_| OffsetDateTime::now_utc());

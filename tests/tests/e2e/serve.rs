@@ -34,9 +34,16 @@ struct Mesh {
 
 impl Mesh {
     fn start(pki: &Pki, api: &Path, web: &Path) -> Self {
+        let free = || format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_at(pki, api, web, [free(), free()])
+    }
+
+    /// With the inbound's and the outbound's admin endpoints at `admins`.
+    fn start_at(pki: &Pki, api: &Path, web: &Path, admins: [SocketAddr; 2]) -> Self {
         let app = echo_upstream();
         let inbound = free_port();
-        let inb = Sidecar::start(
+        let inb = Sidecar::start_at(
+            admins[0],
             &[
                 "--cert-dir",
                 api.to_str().unwrap(),
@@ -50,7 +57,8 @@ impl Mesh {
             pki.path("in.log"),
         );
         let outbound = free_port();
-        let out = Sidecar::start(
+        let out = Sidecar::start_at(
+            admins[1],
             &[
                 "--cert-dir",
                 web.to_str().unwrap(),
@@ -66,6 +74,48 @@ impl Mesh {
             pki.path("out.log"),
         );
         Self { inbound, inb, out, addr: format!("127.0.0.1:{outbound}").parse().unwrap() }
+    }
+}
+
+/// One request through the mesh on a new connection: the echoed line.
+fn ping(addr: SocketAddr) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(b"ping\n")?;
+    let mut line = String::new();
+    std::io::BufReader::new(conn).read_line(&mut line)?;
+    Ok(line)
+}
+
+/// Requests through the mesh on a thread of their own until dropped;
+/// counts successes and keeps the failures.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Traffic {
+    fn start(addr: SocketAddr) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failures) = (0, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match ping(addr) {
+                    Ok(line) if line == "ping\n" => ok += 1,
+                    other => failures.push(format!("request {}: {other:?}", ok + failures.len())),
+                }
+            }
+            (ok, failures)
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    /// Stops; the successes and the failures.
+    fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().expect("running").join().expect("the traffic thread does not panic")
     }
 }
 
@@ -531,15 +581,7 @@ fn the_intermediate_rolls_over_under_traffic_with_no_failed_request() {
             "no rollover seen: {requests} requests\n{}",
             server.log_text()
         );
-        use std::io::{BufRead, Write};
-        let outcome = std::net::TcpStream::connect(addr).and_then(|mut conn| {
-            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-            conn.write_all(b"ping\n")?;
-            let mut line = String::new();
-            std::io::BufReader::new(conn).read_line(&mut line)?;
-            Ok(line)
-        });
-        match outcome {
+        match ping(addr) {
             Ok(line) if line == "ping\n" => requests += 1,
             other => failures.push(format!("request {requests}: {other:?}")),
         }
@@ -751,4 +793,160 @@ fn an_offline_root_rolls_the_intermediate_by_hand_and_ca_serve_picks_it_up() {
     });
     let crl = std::fs::read_to_string(web.join("crl.pem")).unwrap();
     assert_eq!(crl.matches("BEGIN X509 CRL").count(), 2, "both intermediates' CRLs are published");
+}
+
+fn roots_in(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("ca.pem")).unwrap_or_default().matches("BEGIN CERTIFICATE").count()
+}
+
+fn rotate(pki: &Pki, step: &str) -> Command {
+    let mut cmd = ca();
+    cmd.args(["root", "rotate", step, "--state"]).arg(pki.state());
+    cmd
+}
+
+fn copy_cert_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["cert.pem", "key.pem", "ca.pem", "crl.pem"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// Root rotation with no downtime, under traffic
+/// app -> outbound -> mTLS -> inbound -> app, through every phase:
+/// - start puts old + new root in every cert dir; abort takes the new one
+///   out again; a second start puts it back;
+/// - a sidecar serving a frozen copy of its cert dir blocks finish, and
+///   the refusal names it; once its copy is refreshed, finish goes through;
+/// - finish moves issuance to the new root, every identity is re-issued
+///   under it, and the old root leaves the bundles once no leaf needs it.
+///
+/// Not one request and not one handshake fails.
+#[test]
+fn the_root_rotates_in_phases_under_traffic_and_a_frozen_sidecar_blocks_finish() {
+    let pki = Pki::new(&[]);
+    let (api, web, frozen) = (pki.path("certs/api"), pki.path("certs/web"), pki.path("certs/frozen"));
+    let addr = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+    let (in_admin, out_admin, frozen_admin) = (addr(), addr(), addr());
+    let ids = identity("api", "30s", &api, &format!("dns = [\"api\", \"localhost\"]\nsidecar_admin = \"{in_admin}\""))
+        + &identity("web", "30s", &web, &format!("sidecar_admin = \"{out_admin}\""))
+        + &identity("frozen", "10m", &frozen, &format!("sidecar_admin = \"{frozen_admin}\""));
+    let server = CaServer::start(&pki, &ids);
+    wait_until(Duration::from_secs(10), "first issue of every identity", || {
+        [&api, &web, &frozen].iter().all(|d| serial_of(d).is_some())
+    });
+    let old_root = std::fs::read_to_string(pki.state().join("root.pem")).unwrap();
+    let frozen_copy = pki.path("frozen-copy");
+    copy_cert_dir(&frozen, &frozen_copy);
+    let _frozen_sidecar = Sidecar::start_at(
+        frozen_admin,
+        &[
+            "--cert-dir",
+            frozen_copy.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--upstream",
+            &echo_upstream().to_string(),
+        ],
+        pki.path("frozen.log"),
+    );
+    let Mesh { inbound, inb, out, addr } = Mesh::start_at(&pki, &api, &web, [in_admin, out_admin]);
+    let traffic = Traffic::start(addr);
+    let status = || text(&run_ok(&mut rotate(&pki, "status")).stdout);
+    assert!(status().contains("none under way"), "{}", status());
+
+    // start, abort, start again.
+    run_ok(&mut rotate(&pki, "start"));
+    wait_until(Duration::from_secs(30), "old + new root in every cert dir", || {
+        [&api, &web, &frozen].iter().all(|d| roots_in(d) == 2)
+    });
+    let err = run_err(&mut rotate(&pki, "start"));
+    assert!(err.contains("already under way"), "{err}");
+    run_ok(&mut rotate(&pki, "abort"));
+    wait_until(Duration::from_secs(30), "the old root alone again after abort", || {
+        [&api, &web, &frozen].iter().all(|d| roots_in(d) == 1)
+    });
+    assert_eq!(std::fs::read_to_string(api.join("ca.pem")).unwrap(), old_root);
+    run_ok(&mut rotate(&pki, "start"));
+    let new_root = std::fs::read_to_string(pki.state().join("root-next.pem")).unwrap();
+    wait_until(Duration::from_secs(30), "old + new root in every cert dir", || {
+        [&api, &web, &frozen].iter().all(|d| roots_in(d) == 2)
+    });
+
+    // The frozen sidecar blocks finish, by name.
+    poll_until(Duration::from_secs(30), Duration::from_millis(500), "2 of 3 sidecars serve the new root", || {
+        status().contains("2 of 3 serve the new root")
+    });
+    let st = status();
+    assert!(st.contains("lacks the new root: frozen") && st.contains(&frozen_admin.to_string()), "{st}");
+    let err = run_err(&mut rotate(&pki, "finish"));
+    assert!(
+        err.contains("refusing to finish") && err.contains("frozen") && err.contains(&frozen_admin.to_string()),
+        "{err}"
+    );
+    let m = |state: &str| {
+        let (_, body) = curl_api(&pki, "GET", &server.url("/metrics"), None, None);
+        body.lines().find_map(|l| {
+            l.strip_prefix(&format!("lanyard_ca_root_rotation_sidecars{{state=\"{state}\"}} "))?.parse::<u32>().ok()
+        })
+    };
+    assert_eq!(m("lacking"), Some(1), "the metric counts the frozen sidecar");
+
+    // Its volume is fixed: finish goes through.
+    copy_cert_dir(&frozen, &frozen_copy);
+    poll_until(Duration::from_secs(30), Duration::from_millis(500), "3 of 3 sidecars serve the new root", || {
+        status().contains("3 of 3 serve the new root")
+    });
+    run_ok(rotate(&pki, "finish").args(["--window", "5s"]));
+    let new_intermediate = std::fs::read_to_string(pki.state().join("intermediate.pem")).unwrap();
+    let new_intermediate = lanyard_sidecar::certinfo::CertInfo::from_der(
+        &lanyard_sidecar::certdir::parse_certs(&pki.state(), new_intermediate.as_bytes()).unwrap()[0],
+    )
+    .unwrap()
+    .serial;
+    wait_until(Duration::from_secs(60), "every identity re-issued under the new root", || {
+        [&api, &web, &frozen].iter().all(|d| chain_serial(d, 1).as_deref() == Some(new_intermediate.as_str()))
+    });
+    wait_until(Duration::from_secs(60), "the old root leaves the bundles", || {
+        [&api, &web, &frozen].iter().all(|d| std::fs::read_to_string(d.join("ca.pem")).unwrap_or_default() == new_root)
+    });
+    assert!(status().contains("none under way"), "{}", status());
+    assert!(server.log_text().contains("root rotation complete"), "{}", server.log_text());
+    // One more rotation of every leaf under the new root alone, under traffic.
+    let leaf = chain_serial(&api, 0);
+    wait_until(Duration::from_secs(40), "a renewal under the new root alone", || chain_serial(&api, 0) != leaf);
+    while ping(addr).is_err() {}
+
+    let (requests, failures) = traffic.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        requests + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(requests > 0, "traffic flowed");
+    for (sidecar, listener) in [(&inb, format!("inbound-{inbound}"))] {
+        let rejected: f64 = ["no_cert", "unknown_ca", "expired", "not_yet_valid", "revoked", "not_allowed", "other"]
+            .iter()
+            .map(|r| {
+                sidecar.metric(&format!(
+                    "lanyard_sidecar_handshakes_total{{listener=\"{listener}\",result=\"rejected\",reason=\"{r}\"}}"
+                ))
+            })
+            .sum();
+        assert_eq!(rejected, 0.0, "no failed handshake on {listener}");
+    }
+    let (_, ready) = out.get("/readyz");
+    assert!(
+        ready.contains(
+            &lanyard_sidecar::certinfo::CertInfo::from_der(
+                &lanyard_sidecar::certdir::parse_certs(&pki.state(), new_root.as_bytes()).unwrap()[0]
+            )
+            .unwrap()
+            .sha256
+        ),
+        "{ready}"
+    );
+    eprintln!("{requests} requests through start, abort, start, finish and the drop of the old root; none failed");
 }
