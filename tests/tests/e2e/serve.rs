@@ -180,15 +180,11 @@ fn short_lived_certs_rotate_and_running_sidecars_pick_them_up() {
         web_serials.extend(serial_of(&web));
     }
     // Every handshake succeeded on both sides, across several rotations.
-    let rejected: f64 = ["no_cert", "unknown_ca", "expired", "not_yet_valid", "revoked", "not_allowed", "other"]
-        .iter()
-        .map(|r| {
-            inb.metric(&format!(
-                "lanyard_sidecar_handshakes_total{{listener=\"inbound-{inbound}\",result=\"rejected\",reason=\"{r}\"}}"
-            ))
-        })
-        .sum();
-    assert_eq!(rejected, 0.0, "no failed handshake on the inbound side");
+    assert_eq!(
+        rejected_handshakes(&inb, &format!("inbound-{inbound}")),
+        0.0,
+        "no failed handshake on the inbound side"
+    );
     assert!(inb.metric("lanyard_sidecar_cert_reloads_total{result=\"success\"}") >= 4.0);
     assert!(out.metric("lanyard_sidecar_cert_reloads_total{result=\"success\"}") >= 4.0);
     let (_, metrics) = curl_api(&pki, "GET", &server.url("/metrics"), None, None);
@@ -616,15 +612,11 @@ fn the_intermediate_rolls_over_under_traffic_with_no_failed_request() {
     assert_eq!(std::fs::read(api.join("ca.pem")).unwrap(), root, "the trust bundle did not change");
     assert!(two_crls, "the old intermediate's CRL was published beside the new one's");
     assert!(server.log_text().contains("intermediate rolled over"), "{}", server.log_text());
-    let rejected: f64 = ["no_cert", "unknown_ca", "expired", "not_yet_valid", "revoked", "not_allowed", "other"]
-        .iter()
-        .map(|r| {
-            inb.metric(&format!(
-                "lanyard_sidecar_handshakes_total{{listener=\"inbound-{inbound}\",result=\"rejected\",reason=\"{r}\"}}"
-            ))
-        })
-        .sum();
-    assert_eq!(rejected, 0.0, "no failed handshake on the inbound side");
+    assert_eq!(
+        rejected_handshakes(&inb, &format!("inbound-{inbound}")),
+        0.0,
+        "no failed handshake on the inbound side"
+    );
     let check = run(ca().args(["check", "--state"]).arg(pki.state()));
     assert!(check.status.success(), "after the rollover the CA has no alarm: {check:?}");
     eprintln!("{requests} requests across the intermediate rollover, none failed");
@@ -795,6 +787,18 @@ fn an_offline_root_rolls_the_intermediate_by_hand_and_ca_serve_picks_it_up() {
     assert_eq!(crl.matches("BEGIN X509 CRL").count(), 2, "both intermediates' CRLs are published");
 }
 
+/// Handshakes `listener` of `sidecar` rejected, for any reason.
+fn rejected_handshakes(sidecar: &Sidecar, listener: &str) -> f64 {
+    ["no_cert", "unknown_ca", "expired", "not_yet_valid", "revoked", "not_allowed", "other"]
+        .iter()
+        .map(|r| {
+            sidecar.metric(&format!(
+                "lanyard_sidecar_handshakes_total{{listener=\"{listener}\",result=\"rejected\",reason=\"{r}\"}}"
+            ))
+        })
+        .sum()
+}
+
 fn roots_in(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("ca.pem")).unwrap_or_default().matches("BEGIN CERTIFICATE").count()
 }
@@ -926,17 +930,11 @@ fn the_root_rotates_in_phases_under_traffic_and_a_frozen_sidecar_blocks_finish()
         &failures[..failures.len().min(5)]
     );
     assert!(requests > 0, "traffic flowed");
-    for (sidecar, listener) in [(&inb, format!("inbound-{inbound}"))] {
-        let rejected: f64 = ["no_cert", "unknown_ca", "expired", "not_yet_valid", "revoked", "not_allowed", "other"]
-            .iter()
-            .map(|r| {
-                sidecar.metric(&format!(
-                    "lanyard_sidecar_handshakes_total{{listener=\"{listener}\",result=\"rejected\",reason=\"{r}\"}}"
-                ))
-            })
-            .sum();
-        assert_eq!(rejected, 0.0, "no failed handshake on {listener}");
-    }
+    assert_eq!(
+        rejected_handshakes(&inb, &format!("inbound-{inbound}")),
+        0.0,
+        "no failed handshake on the inbound side"
+    );
     let (_, ready) = out.get("/readyz");
     assert!(
         ready.contains(
