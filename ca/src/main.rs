@@ -613,6 +613,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let alarm = e.alarm.map(|a| format!("  ALARM: {a}")).unwrap_or_default();
                     stdout(&format!("{} CA expires {}{next}{alarm}\n", e.role, rfc3339(e.not_after)));
                 }
+                if ca.rotation().is_some() {
+                    stdout(&lanyard_ca::rotation::status_text(
+                        &ca,
+                        authority.store().as_ref(),
+                        OffsetDateTime::now_utc(),
+                    )?);
+                }
                 stdout(&status_table(&rows, now));
                 let acme =
                     lanyard_ca::serve::acme::Acme::new(authority.store().clone(), Default::default(), a.state.dir()?);

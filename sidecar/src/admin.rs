@@ -184,7 +184,8 @@ impl Admin {
         let _ = writeln!(out, "{p}_cert_reload_error {}", u8::from(self.store.last_error().is_some()));
         header(&mut out, &format!("{p}_cert_loaded"), "gauge", "1 once a valid certificate is served.");
         let _ = writeln!(out, "{p}_cert_loaded {}", u8::from(self.store.current().is_some()));
-        render_listeners(&mut out, self.listeners.iter().map(|l| (l.config.name.as_str(), &*l.metrics)));
+        let listeners = self.listeners.iter().map(|l| (l.config.name.as_str(), &*l.metrics));
+        render_listeners(&mut out, listeners.chain(self.edges.iter().map(|e| (e.metrics_label.as_str(), &e.metrics))));
         out
     }
 

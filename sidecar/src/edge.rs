@@ -226,6 +226,10 @@ pub struct Edge {
     headers: Vec<(HeaderName, HeaderValue)>,
     client: Client<HttpConnector, Incoming>,
     fetch: Client<HttpConnector, http_body_util::Empty<Bytes>>,
+    /// Handshakes of the HTTPS listener, as `edge-<name>` in the metrics.
+    pub metrics: crate::metrics::ListenerMetrics,
+    /// The `listener` label of those metrics.
+    pub metrics_label: String,
 }
 
 /// Headers that describe one hop and are not forwarded.
@@ -253,7 +257,17 @@ impl Edge {
         tls.ignore_client_order = true;
         let client = Client::builder(TokioExecutor::new()).build_http();
         let fetch = Client::builder(TokioExecutor::new()).build_http();
-        Ok(Arc::new(Self { config, stores, tls: Arc::new(tls), headers, client, fetch }))
+        let metrics_label = format!("edge-{}", config.name);
+        Ok(Arc::new(Self {
+            config,
+            stores,
+            tls: Arc::new(tls),
+            headers,
+            client,
+            fetch,
+            metrics: Default::default(),
+            metrics_label,
+        }))
     }
 
     /// Why the edge is not ready, if it is not: a cert dir with no valid set.
@@ -273,18 +287,25 @@ impl Edge {
         while let Some((tcp, peer)) = crate::next_connection(&socket, &mut stop).await {
             let this = self.clone();
             tokio::spawn(async move {
-                let Ok(Some(tls)) = tokio::time::timeout(Duration::from_secs(10), this.handshake(tcp)).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.forward(req, peer.ip()).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                this.metrics.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                this.clone().serve_connection(tcp, peer).await;
+                this.metrics.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             });
         }
+    }
+
+    /// One HTTPS connection: handshake, then HTTP/1.1 or HTTP/2.
+    async fn serve_connection(self: Arc<Self>, tcp: TcpStream, peer: std::net::SocketAddr) {
+        let Ok(Some(tls)) = tokio::time::timeout(Duration::from_secs(10), self.handshake(tcp)).await else {
+            return;
+        };
+        let service = hyper::service::service_fn(move |req| {
+            let this = self.clone();
+            async move { Ok::<_, Infallible>(this.forward(req, peer.ip()).await) }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
     }
 
     /// The TLS handshake; `None` when it fails, or when it was an ACME
@@ -313,7 +334,17 @@ impl Edge {
             }
             return None;
         }
-        start.into_stream(self.tls.clone()).await.ok()
+        match start.into_stream(self.tls.clone()).await {
+            Ok(tls) => {
+                self.metrics.handshake_done(tls.get_ref().1);
+                Some(tls)
+            }
+            Err(e) => {
+                let why = self.metrics.handshake_failed(&e);
+                tracing::debug!(edge = %self.config.name, reason = why.label(), "handshake failed: {e}");
+                None
+            }
+        }
     }
 
     /// A config that presents the CA's TLS-ALPN-01 certificate for `name`.

@@ -29,6 +29,30 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Classifies a handshake failure for logs and metrics.
+    pub fn of(err: &rustls::Error) -> Self {
+        match err {
+            rustls::Error::NoCertificatesPresented => Self::NoCert,
+            rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoKxGroupsInCommon) => Self::KxMismatch,
+            rustls::Error::InvalidCertificate(c) => match c {
+                rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature => Self::UnknownCa,
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => Self::Expired,
+                rustls::CertificateError::NotValidYet | rustls::CertificateError::NotValidYetContext { .. } => {
+                    Self::NotYetValid
+                }
+                rustls::CertificateError::Revoked => Self::Revoked,
+                rustls::CertificateError::ApplicationVerificationFailure
+                | rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. } => Self::NotAllowed,
+                _ => Self::Other,
+            },
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired) => Self::NoCert,
+            rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA) => Self::UnknownCa,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired) => Self::Expired,
+            _ => Self::Other,
+        }
+    }
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {
@@ -79,6 +103,24 @@ impl ListenerMetrics {
         *self.groups.lock().unwrap_or_else(|e| e.into_inner()).entry(group).or_default() += 1;
     }
 
+    /// Counts a completed handshake: its key-exchange group, and whether it
+    /// resumed a session.
+    pub fn handshake_done(&self, conn: &rustls::CommonState) {
+        self.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+        self.negotiated(crate::tls::group_label(conn.negotiated_key_exchange_group().map(|g| g.name())));
+        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            self.handshakes_resumed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a failed handshake; returns why it failed.
+    pub fn handshake_failed(&self, e: &std::io::Error) -> Rejection {
+        let why =
+            e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).map_or(Rejection::Other, Rejection::of);
+        self.reject(why);
+        why
+    }
+
     /// How many handshakes were refused for `why`.
     pub fn rejected_for(&self, why: Rejection) -> u64 {
         self.rejected.lock().unwrap_or_else(|e| e.into_inner()).get(&why).copied().unwrap_or(0)
@@ -106,9 +148,14 @@ pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 /// One per-listener metric family: name, type, help, and how to read it.
 type Family = (&'static str, &'static str, &'static str, fn(&ListenerMetrics) -> i64);
 
-/// Renders listener metrics for `(name, metrics)` pairs.
-pub fn render_listeners<'a>(out: &mut String, listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone) {
-    let p = "lanyard_sidecar";
+/// Renders the handshake families (by result and reason, by key-exchange
+/// group) of `(name, metrics)` pairs, named `<prefix>_handshakes_total` and
+/// `<prefix>_handshake_groups_total`.
+pub fn render_handshakes<'a>(
+    out: &mut String,
+    p: &str,
+    listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone,
+) {
     header(out, &format!("{p}_handshakes_total"), "counter", "TLS handshakes by listener, result and reason.");
     for (l, m) in listeners.clone() {
         let ok = m.handshakes_ok.load(Ordering::Relaxed);
@@ -127,6 +174,12 @@ pub fn render_listeners<'a>(out: &mut String, listeners: impl Iterator<Item = (&
             let _ = writeln!(out, "{p}_handshake_groups_total{{listener=\"{l}\",group=\"{group}\"}} {n}");
         }
     }
+}
+
+/// Renders listener metrics for `(name, metrics)` pairs.
+pub fn render_listeners<'a>(out: &mut String, listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone) {
+    let p = "lanyard_sidecar";
+    render_handshakes(out, p, listeners.clone());
     let families: [Family; 6] = [
         ("handshakes_resumed_total", "counter", "Handshakes that resumed a TLS session.", |m| {
             m.handshakes_resumed.load(Ordering::Relaxed) as i64

@@ -23,7 +23,7 @@ use crate::metrics::{ListenerMetrics, Rejection};
 use crate::proxy_protocol;
 use crate::reload::{CertStore, Snapshot};
 use crate::tls::{self, ClientAuth, Resumption, ServerCheck};
-use crate::verify::{classify, peer_identity};
+use crate::verify::peer_identity;
 
 /// The listeners that share one socket. A connection goes to the listener
 /// bound to the exact address it arrived on, else to the wildcard one; this
@@ -248,7 +248,7 @@ impl Listener {
             Ok(Ok(tls)) => tls,
         };
         let (_, conn) = tls.get_ref();
-        self.count_handshake(conn.handshake_kind(), conn.negotiated_key_exchange_group());
+        self.metrics.handshake_done(conn);
         let info = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| CertInfo::from_der(c).ok());
         let caller = info.as_ref().map(peer_identity);
         let group = tls::group_label(conn.negotiated_key_exchange_group().map(|g| g.name()));
@@ -351,7 +351,7 @@ impl Listener {
             Ok(Err(e)) => return self.handshake_failed(&e, &target.upstream.to_string()),
             Ok(Ok(tls)) => tls,
         };
-        self.count_handshake(tls.get_ref().1.handshake_kind(), tls.get_ref().1.negotiated_key_exchange_group());
+        self.metrics.handshake_done(tls.get_ref().1);
         if !head.is_empty() && tls.write_all(&head).await.is_err() {
             return;
         }
@@ -421,22 +421,9 @@ impl Listener {
         let _ = tcp.shutdown().await;
     }
 
-    fn count_handshake(
-        &self,
-        kind: Option<rustls::HandshakeKind>,
-        group: Option<&'static dyn rustls::crypto::SupportedKxGroup>,
-    ) {
-        self.metrics.handshakes_ok.fetch_add(1, Ordering::Relaxed);
-        self.metrics.negotiated(tls::group_label(group.map(|g| g.name())));
-        if kind == Some(rustls::HandshakeKind::Resumed) {
-            self.metrics.handshakes_resumed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     fn handshake_failed(&self, e: &io::Error, peer: &str) {
-        let why =
-            e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).map_or(Rejection::Other, classify);
-        self.rejected(why, peer, &e.to_string());
+        let why = self.metrics.handshake_failed(e);
+        tracing::warn!(listener = %self.config.name, peer, reason = why.label(), "handshake rejected: {e}");
     }
 
     fn rejected(&self, why: Rejection, peer: &str, detail: &str) {

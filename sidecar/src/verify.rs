@@ -10,7 +10,6 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, 
 
 use crate::certinfo::CertInfo;
 use crate::identity::PeerId;
-use crate::metrics::Rejection;
 
 /// Whether the certificate carries `id` (a URI SAN for SPIFFE IDs, a DNS SAN
 /// for names).
@@ -25,28 +24,6 @@ pub fn cert_has_id(info: &CertInfo, id: &PeerId) -> bool {
 /// else its subject.
 pub fn peer_identity(info: &CertInfo) -> String {
     info.uris.first().or(info.dns.first()).cloned().unwrap_or_else(|| info.subject.clone())
-}
-
-/// Classifies a handshake failure for logs and metrics.
-pub fn classify(err: &Error) -> Rejection {
-    match err {
-        Error::NoCertificatesPresented => Rejection::NoCert,
-        Error::PeerIncompatible(rustls::PeerIncompatible::NoKxGroupsInCommon) => Rejection::KxMismatch,
-        Error::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => Rejection::UnknownCa,
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => Rejection::Expired,
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => Rejection::NotYetValid,
-            CertificateError::Revoked => Rejection::Revoked,
-            CertificateError::ApplicationVerificationFailure
-            | CertificateError::NotValidForName
-            | CertificateError::NotValidForNameContext { .. } => Rejection::NotAllowed,
-            _ => Rejection::Other,
-        },
-        Error::AlertReceived(rustls::AlertDescription::CertificateRequired) => Rejection::NoCert,
-        Error::AlertReceived(rustls::AlertDescription::UnknownCA) => Rejection::UnknownCa,
-        Error::AlertReceived(rustls::AlertDescription::CertificateExpired) => Rejection::Expired,
-        _ => Rejection::Other,
-    }
 }
 
 /// Wraps a chain-verifying client verifier with an identity allow-list.

@@ -243,6 +243,26 @@ impl Pki {
     }
 }
 
+/// An OpenSSL 3.0 handshake with classical key exchange only (X25519 and
+/// P-256, no ML-KEM) to `addr`, with `extra` s_client arguments; its output.
+pub fn openssl_classical(addr: &str, extra: &[&std::ffi::OsStr]) -> Output {
+    run(Command::new(peer("openssl"))
+        .args(["s_client", "-connect", addr, "-groups", "X25519:P-256", "-brief"])
+        .args(extra)
+        .stdin(Stdio::null()))
+}
+
+/// GETs `url` with `sidecar health` (rustls, post-quantum hybrid first),
+/// trusting `cert_dir`'s bundle; the body, or the probe's error.
+pub fn sidecar_get(url: &str, cert_dir: &Path) -> String {
+    let out = run(Command::new(bin("sidecar")).args(["health", "--url", url, "--cert-dir"]).arg(cert_dir));
+    if out.status.success() {
+        text(&out.stdout)
+    } else {
+        format!("sidecar health --url {url} failed: {}", text(&out.stderr))
+    }
+}
+
 /// Waits until the log file at `path` contains `needle`.
 pub fn wait_for_log(path: &Path, needle: &str) {
     wait_until(Duration::from_secs(15), &format!("{needle:?} in {}", path.display()), || {

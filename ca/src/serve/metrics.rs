@@ -23,6 +23,8 @@ pub struct CaMetrics {
     latency_sum_us: AtomicU64,
     /// Whether the scheduler loop is running.
     pub scheduler_running: AtomicBool,
+    /// Handshakes of the HTTPS API, by result, reason and key-exchange group.
+    pub api_handshakes: lanyard_sidecar::metrics::ListenerMetrics,
 }
 
 impl CaMetrics {
@@ -119,6 +121,7 @@ impl CaMetrics {
         for row in schedule {
             let _ = writeln!(out, "{p}_renewal_failures{{identity=\"{}\"}} {}", row.identity, row.failures);
         }
+        lanyard_sidecar::metrics::render_handshakes(&mut out, p, std::iter::once(("api", &self.api_handshakes)));
         out
     }
 }

@@ -333,14 +333,25 @@ async fn serve_https(svc: Arc<Service>, listener: TcpListener, mut stop: watch::
         };
         let svc = svc.clone();
         tokio::spawn(async move {
-            let Ok(Ok(tls)) = tokio::time::timeout(
+            let accepted = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
                 tokio_rustls::TlsAcceptor::from(config).accept(tcp),
             )
-            .await
-            else {
-                return;
+            .await;
+            let api = &svc.metrics.api_handshakes;
+            let tls = match accepted {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    let why = api.handshake_failed(&e);
+                    tracing::debug!(reason = why.label(), "API handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    api.reject(lanyard_sidecar::metrics::Rejection::Timeout);
+                    return;
+                }
             };
+            api.handshake_done(tls.get_ref().1);
             let peer = tls
                 .get_ref()
                 .1

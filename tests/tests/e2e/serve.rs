@@ -948,3 +948,44 @@ fn the_root_rotates_in_phases_under_traffic_and_a_frozen_sidecar_blocks_finish()
     );
     eprintln!("{requests} requests through start, abort, start, finish and the drop of the old root; none failed");
 }
+
+/// The CA API under both key-exchange policies: with `prefer` (the
+/// default) OpenSSL 3.0's classical handshake is served; with `kx =
+/// "require"` it is refused and counted as `kx_mismatch`, while a
+/// post-quantum client (rustls) negotiates X25519MLKEM768.
+#[test]
+fn ca_api_serves_classical_clients_under_prefer_and_refuses_them_under_require() {
+    let verify = |pki: &Pki| {
+        let root = pki.state().join("root.pem");
+        move |port: u16| {
+            openssl_classical(
+                &format!("127.0.0.1:{port}"),
+                &["-CAfile".as_ref(), root.as_os_str(), "-verify_return_error".as_ref()],
+            )
+        }
+    };
+    let pki = Pki::new(&[]);
+    let prefer = CaServer::start(&pki, "");
+    let classical = verify(&pki)(prefer.https_port);
+    assert!(classical.status.success(), "prefer serves a classical-only client: {classical:?}");
+    let (_, metrics) = curl_api(&pki, "GET", &prefer.url("/metrics"), None, None);
+    assert!(metrics.contains("lanyard_ca_handshake_groups_total{listener=\"api\",group=\"X25519\"}"), "{metrics}");
+
+    let pki = Pki::new(&[]);
+    let require = CaServer::start(&pki, "kx = \"require\"\n");
+    let admin = pki.state().join("admin");
+    let health = || sidecar_get(&format!("https://127.0.0.1:{}/health", require.https_port), &admin);
+    poll_until(Duration::from_secs(10), Duration::from_millis(100), "the API answers a post-quantum client", || {
+        health().contains("\"status\"")
+    });
+    let classical = verify(&pki)(require.https_port);
+    assert!(!classical.status.success(), "require refuses a classical-only client: {classical:?}");
+    let metrics = || sidecar_get(&format!("https://127.0.0.1:{}/metrics", require.https_port), &admin);
+    let refused = "lanyard_ca_handshakes_total{listener=\"api\",result=\"rejected\",reason=\"kx_mismatch\"} 1";
+    wait_until(Duration::from_secs(5), refused, || metrics().contains(refused));
+    assert!(
+        metrics().contains("lanyard_ca_handshake_groups_total{listener=\"api\",group=\"X25519MLKEM768\"}"),
+        "{}",
+        metrics()
+    );
+}

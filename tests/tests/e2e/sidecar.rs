@@ -893,26 +893,24 @@ fn kx_require_refuses_classical_only_clients_by_reason() {
         f.pki.path("kx.log"),
     );
     rt().block_on(echo_once(addr(port), client_config(&f.web))).unwrap();
-    let classical = run(Command::new(peer("openssl"))
-        .args(["s_client", "-connect", &addr(port).to_string(), "-groups", "X25519:P-256", "-brief"])
-        .arg("-cert")
-        .arg(f.web.join("cert.pem"))
-        .arg("-cert_chain")
-        .arg(f.web.join("cert.pem"))
-        .arg("-key")
-        .arg(f.web.join("key.pem"))
-        .stdin(std::process::Stdio::null()));
+    let (cert, key) = (f.web.join("cert.pem"), f.web.join("key.pem"));
+    let classical = openssl_classical(
+        &addr(port).to_string(),
+        &[
+            "-cert".as_ref(),
+            cert.as_os_str(),
+            "-cert_chain".as_ref(),
+            cert.as_os_str(),
+            "-key".as_ref(),
+            key.as_os_str(),
+        ],
+    );
     assert!(!classical.status.success(), "a classical-only client got in: {classical:?}");
     // The admin endpoint is under the policy too, so curl (OpenSSL 3.0)
     // cannot read it: `sidecar health` (rustls, post-quantum) can.
     let refused = sc.try_get("/metrics");
     assert!(refused.is_err(), "a classical-only client read the admin endpoint: {refused:?}");
-    let metrics = || {
-        let out = run(Command::new(bin("sidecar"))
-            .args(["health", "--url", &format!("https://{}/metrics", sc.admin), "--cert-dir"])
-            .arg(&f.api));
-        text(&out.stdout)
-    };
+    let metrics = || sidecar_get(&format!("https://{}/metrics", sc.admin), &f.api);
     let sample = format!(
         "lanyard_sidecar_handshakes_total{{listener=\"inbound-{port}\",result=\"rejected\",reason=\"kx_mismatch\"}} 1"
     );
@@ -920,4 +918,60 @@ fn kx_require_refuses_classical_only_clients_by_reason() {
     let pq =
         format!("lanyard_sidecar_handshake_groups_total{{listener=\"inbound-{port}\",group=\"X25519MLKEM768\"}} 1");
     assert!(metrics().contains(&pq), "{pq} in\n{}", metrics());
+}
+
+/// The edge under both key-exchange policies: with `prefer` (the default)
+/// OpenSSL 3.0's classical handshake is served; with `require` it is
+/// refused and counted as `kx_mismatch`, while a post-quantum client
+/// (rustls) negotiates X25519MLKEM768.
+#[test]
+fn edge_serves_classical_clients_under_prefer_and_refuses_them_under_require() {
+    let f = fixture();
+    let app = http_upstream();
+    let start_edge = |kx: &str| {
+        let (https, http) = (free_port(), free_port());
+        let sc = Sidecar::start(
+            &[
+                "--mode",
+                "edge",
+                "--cert-dir",
+                f.api.to_str().unwrap(),
+                "--public-cert-dir",
+                f.api.to_str().unwrap(),
+                "--listen",
+                &addr(https).to_string(),
+                "--http-listen",
+                &addr(http).to_string(),
+                "--upstream",
+                &app.to_string(),
+                "--kx",
+                kx,
+            ],
+            f.pki.path(&format!("edge-{kx}.log")),
+        );
+        (sc, https)
+    };
+    let root = f.pki.state().join("root.pem");
+    let verify = ["-CAfile".as_ref(), root.as_os_str(), "-verify_return_error".as_ref()];
+
+    let (prefer, port) = start_edge("prefer");
+    let classical = openssl_classical(&addr(port).to_string(), &verify);
+    assert!(classical.status.success(), "prefer serves a classical-only client: {classical:?}");
+    let (_, metrics) = prefer.get("/metrics");
+    assert!(
+        metrics.contains("lanyard_sidecar_handshake_groups_total{listener=\"edge-edge\",group=\"X25519\"} 1"),
+        "{metrics}"
+    );
+
+    let (require, port) = start_edge("require");
+    let classical = openssl_classical(&addr(port).to_string(), &verify);
+    assert!(!classical.status.success(), "require refuses a classical-only client: {classical:?}");
+    let page = sidecar_get(&format!("https://localhost:{port}/"), &f.api);
+    assert!(!page.contains("failed"), "a post-quantum client is served: {page}");
+    let metrics = || sidecar_get(&format!("https://{}/metrics", require.admin), &f.api);
+    let refused =
+        "lanyard_sidecar_handshakes_total{listener=\"edge-edge\",result=\"rejected\",reason=\"kx_mismatch\"} 1";
+    wait_until(Duration::from_secs(5), refused, || metrics().contains(refused));
+    let pq = "lanyard_sidecar_handshake_groups_total{listener=\"edge-edge\",group=\"X25519MLKEM768\"} 1";
+    assert!(metrics().contains(pq), "{pq} in\n{}", metrics());
 }
