@@ -323,3 +323,92 @@ fn at(unix: i64) -> String {
 fn short(fingerprint: &str) -> &str {
     &fingerprint[..fingerprint.len().min(16)]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{InitOptions, INTERMEDIATE_LIFETIME};
+    use crate::store::SqliteStore;
+
+    fn ca(dir: &Path) -> CaState {
+        let opts = InitOptions {
+            trust_domain: "td.test".parse().unwrap(),
+            permit_dns: Vec::new(),
+            offline_root: false,
+            force: false,
+            intermediate_lifetime: INTERMEDIATE_LIFETIME,
+        };
+        CaState::init(dir, &opts).unwrap().0
+    }
+
+    fn rec(serial: &str, identity: &str, root: &str, not_after: i64) -> IssuedRecord {
+        IssuedRecord {
+            serial: serial.into(),
+            identity: identity.into(),
+            not_before: 0,
+            not_after,
+            source: "managed".into(),
+            revoked_at: None,
+            root: Some(root.into()),
+        }
+    }
+
+    #[test]
+    fn phases_change_the_bundle_and_the_issuer_and_abort_undoes_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = ca(tmp.path());
+        let now = OffsetDateTime::now_utc();
+        let (started, key) = start(&old, now).unwrap();
+        assert!(key.is_none(), "an online root's successor is stored");
+        assert_eq!(started.bundle_pem().matches("BEGIN CERTIFICATE").count(), 2);
+        assert_eq!(started.root().sha256, old.root().sha256, "issuance stays on the old root");
+        assert!(matches!(start(&started, now), Err(CaError::Rotation(_))), "one rotation at a time");
+        let aborted = abort(&started).unwrap();
+        assert_eq!(aborted.bundle_pem(), old.bundle_pem());
+        assert!(aborted.rotation().is_none());
+
+        let (started, _) = start(&aborted, now).unwrap();
+        let new_root = started.rotation().unwrap().new_root.clone();
+        let err = finish(&started, now, std::time::Duration::ZERO, false).unwrap_err().to_string();
+        assert!(err.contains("no sidecar has been asked"), "{err}");
+        let finished = finish(&started, now, std::time::Duration::ZERO, true).unwrap();
+        assert_eq!(finished.root().sha256, new_root, "issuance on the new root");
+        assert_eq!(finished.bundle_pem().matches("BEGIN CERTIFICATE").count(), 2, "the old root stays");
+        assert!(matches!(abort(&finished), Err(CaError::Rotation(_))), "finished cannot be aborted");
+        let done = complete(&finished).unwrap();
+        assert_eq!(done.bundle_pem(), done.root_pem(), "the new root alone");
+        assert!(done.rotation().is_none());
+    }
+
+    #[test]
+    fn a_finish_cut_short_is_completed_by_the_next_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (started, _) = start(&ca(tmp.path()), OffsetDateTime::now_utc()).unwrap();
+        let new_root = started.rotation().unwrap().new_root.clone();
+        let mut doc = started.rotation().unwrap().clone();
+        doc.phase = RotationPhase::Finished;
+        doc.finished_at = Some(doc.started_at);
+        write_public(&tmp.path().join(state::ROOT_PREVIOUS_CERT), started.root_pem()).unwrap();
+        write_doc(tmp.path(), &doc).unwrap();
+        let loaded = CaState::load(tmp.path()).unwrap();
+        assert_eq!(loaded.root().sha256, new_root);
+        assert!(!tmp.path().join(ROOT_NEXT_CERT).exists());
+    }
+
+    #[test]
+    fn old_leaves_are_those_under_another_root_not_yet_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = ca(tmp.path());
+        let store = SqliteStore::open(tmp.path()).unwrap();
+        let (now, root) = (OffsetDateTime::now_utc(), ca.root().sha256.clone());
+        let later = now.unix_timestamp() + 3600;
+        store.record_issued(&rec("01", "api", "old", later)).unwrap();
+        store.record_issued(&rec("02", "api", &root, later)).unwrap();
+        store.record_issued(&rec("03", "web", "old", later)).unwrap();
+        store.record_issued(&rec("04", "db", "old", now.unix_timestamp() - 1)).unwrap();
+        store.record_issued(&rec("05", "cache", "old", later)).unwrap();
+        store.revoke_serial("05", now.unix_timestamp()).unwrap();
+        let old: Vec<String> = old_leaves(&ca, &store, now).unwrap().into_iter().map(|r| r.serial).collect();
+        assert_eq!(old, ["03"], "api is replaced, db expired, cache revoked; web still needs the old root");
+    }
+}

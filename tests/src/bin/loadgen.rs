@@ -71,10 +71,8 @@ fn client_config(args: &Args) -> Result<rustls::ClientConfig, String> {
     for root in &set.roots {
         roots.add(root.clone()).map_err(|e| e.to_string())?;
     }
-    let provider = rustls::crypto::CryptoProvider {
-        kx_groups: vec![args.group],
-        ..rustls::crypto::aws_lc_rs::default_provider()
-    };
+    let provider =
+        rustls::crypto::CryptoProvider { kx_groups: vec![args.group], ..rustls::crypto::aws_lc_rs::default_provider() };
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
