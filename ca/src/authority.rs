@@ -22,11 +22,14 @@ pub struct Authority {
 }
 
 impl Authority {
-    /// Loads the CA in `dir` and opens its store.
+    /// Loads the CA in `dir` with its embedded store.
     pub fn open(dir: &std::path::Path) -> Result<Self, CaError> {
-        let ca = RwLock::new(Arc::new(CaState::load(dir)?));
-        let store = Arc::new(SqliteStore::open(dir)?);
-        Ok(Self { ca, store })
+        Self::open_with(dir, Arc::new(SqliteStore::open(dir)?))
+    }
+
+    /// Loads the CA in `dir` with `store`.
+    pub fn open_with(dir: &std::path::Path, store: Arc<dyn Store>) -> Result<Self, CaError> {
+        Ok(Self { ca: RwLock::new(Arc::new(CaState::load(dir)?)), store })
     }
 
     /// The CA as it is now.

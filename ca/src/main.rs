@@ -15,11 +15,13 @@ use lanyard_ca::keys::KeyType;
 use lanyard_ca::ops::{backup, init_ca, new_token, restore, status_table, trouble};
 use lanyard_ca::serve::config::ServeConfig;
 use lanyard_ca::state::{write_file, CaState, InitOptions, DEFAULT_TRUST_DOMAIN};
+use lanyard_ca::store::{Store, StoreSpec};
 use lanyard_ca::CaError;
 use lanyard_sidecar::certdir::CertDir;
 use lanyard_sidecar::certinfo::rfc3339;
 use lanyard_sidecar::identity::{DnsName, SpiffeId, TrustDomain};
 use lanyard_sidecar::span::Span;
+use std::sync::Arc;
 use time::OffsetDateTime;
 
 /// Lanyard control plane: a private CA for mTLS between services.
@@ -65,6 +67,32 @@ enum Command {
     Root(RootCommand),
     /// Serve a public certificate from another provider (validated, then watched).
     Upload(UploadArgs),
+    /// The store.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy every record from one store into another, empty one (SQLite to
+    /// Redis and back), checked by a count and a checksum of every record.
+    Copy(CopyArgs),
+}
+
+#[derive(Args)]
+struct CopyArgs {
+    /// The store to copy from: sqlite (STATE/lanyard.db) or redis://HOST:PORT[/DB].
+    #[arg(long, value_name = "STORE")]
+    from: StoreSpec,
+    /// The store to copy into; it must be empty.
+    #[arg(long, value_name = "STORE")]
+    to: StoreSpec,
+    /// The CA's state directory (its SQLite store, and the store key).
+    #[arg(long, env = "LANYARD_STATE", value_name = "DIR")]
+    state: PathBuf,
+    /// The key that seals key material in a shared store (default STATE/store.key).
+    #[arg(long, env = "LANYARD_STORE_KEY", value_name = "FILE")]
+    store_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -266,11 +294,27 @@ struct StateArg {
     /// The CA's state directory.
     #[arg(long, env = "LANYARD_STATE", value_name = "DIR")]
     state: Option<PathBuf>,
+    /// The store: sqlite (the default, in the state directory) or redis://HOST:PORT[/DB].
+    #[arg(long, env = "REDIS_URL", value_name = "URL", default_value = "sqlite")]
+    store: StoreSpec,
+    /// The key that seals key material in a shared store (default STATE/store.key).
+    #[arg(long, env = "LANYARD_STORE_KEY", value_name = "FILE")]
+    store_key: Option<PathBuf>,
 }
 
 impl StateArg {
     fn dir(&self) -> Result<&PathBuf, CaError> {
         self.state.as_ref().ok_or(CaError::NoStateDir)
+    }
+
+    /// The store this command works on.
+    fn store(&self) -> Result<Arc<dyn Store>, CaError> {
+        Ok(lanyard_ca::store::open(&self.store, self.dir()?, self.store_key.as_deref())?)
+    }
+
+    /// The CA with its store.
+    fn authority(&self) -> Result<Authority, CaError> {
+        Authority::open_with(self.dir()?, self.store()?)
     }
 }
 
@@ -365,7 +409,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 force: a.force,
                 intermediate_lifetime: time::Duration::try_from(a.intermediate_ttl.get())?,
             };
-            let (ca, offline_key) = init_ca(dir, &opts)?;
+            let (ca, offline_key) = init_ca(dir, &opts, a.state.store()?)?;
             if let Some(key) = offline_key {
                 match &a.root_key_out {
                     Some(path) => write_file(path, &key, 0o600)?,
@@ -380,7 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Issue(a) => {
-            let authority = Authority::open(a.state.dir()?)?;
+            let authority = a.state.authority()?;
             if a.names.len() > 1 && (!a.dns.is_empty() || !a.ip.is_empty() || a.spiffe.is_some() || a.csr.is_some()) {
                 anyhow::bail!(
                     "--dns, --ip, --spiffe and --csr describe one identity; issue names one at a time to use them"
@@ -417,7 +461,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Serve(a) => {
-            let env: HashMap<String, String> = ["LANYARD_STATE", "HTTPS_PORT", "HTTP_PORT"]
+            let env: HashMap<String, String> = ["LANYARD_STATE", "HTTPS_PORT", "HTTP_PORT", "REDIS_URL"]
                 .iter()
                 .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
                 .collect();
@@ -432,7 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Upload(a) => {
             let dir = a.state.dir()?;
-            let authority = Authority::open(dir)?;
+            let authority = a.state.authority()?;
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
             };
@@ -525,31 +569,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("the new root's key is in {}; keep it offline", path.display());
                     }
                     eprintln!("started: every trust bundle now carries the new root too; a running `ca serve` writes it to every cert dir within seconds");
-                    rotation::status_text(&ca, Authority::open(dir)?.store().as_ref(), now)?
+                    rotation::status_text(&ca, a.state.authority()?.store().as_ref(), now)?
                 }
                 RotateCommand::Status(a) => {
-                    let dir = a.state.dir()?;
-                    let authority = Authority::open(dir)?;
+                    let authority = a.state.authority()?;
                     rotation::status_text(&authority.ca(), authority.store().as_ref(), now)?
                 }
                 RotateCommand::Finish(a) => {
                     let dir = a.state.dir()?;
                     let ca = rotation::finish(&CaState::load(dir)?, now, a.window.get(), a.force)?;
                     eprintln!("finished: issuance is on the new root; a running `ca serve` re-issues every identity within {}", a.window);
-                    rotation::status_text(&ca, Authority::open(dir)?.store().as_ref(), now)?
+                    rotation::status_text(&ca, a.state.authority()?.store().as_ref(), now)?
                 }
                 RotateCommand::Abort(a) => {
                     let dir = a.state.dir()?;
                     let ca = rotation::abort(&CaState::load(dir)?)?;
                     eprintln!("aborted: the bundles carry the old root alone again");
-                    rotation::status_text(&ca, Authority::open(dir)?.store().as_ref(), now)?
+                    rotation::status_text(&ca, a.state.authority()?.store().as_ref(), now)?
                 }
             };
             stdout(&text);
         }
         Command::Admin(AdminCommand::Issue(a)) => {
             let dir = a.state.dir()?;
-            let authority = Authority::open(dir)?;
+            let authority = a.state.authority()?;
             let ca = authority.ca();
             let id = ca.trust_domain().id(&format!("lanyard-admin/{}", a.name))?;
             let window = ca.intermediate().not_after - ca.intermediate().not_before;
@@ -585,11 +628,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Token(a) => {
-            let authority = Authority::open(a.state.dir()?)?;
+            let authority = a.state.authority()?;
             stdout(&(new_token(&authority, a.name.as_str(), a.ttl)? + "\n"));
         }
         Command::Status(a) => {
-            let authority = Authority::open(a.state.dir()?)?;
+            let authority = a.state.authority()?;
             let rows = authority.store().schedules()?;
             let now = OffsetDateTime::now_utc().unix_timestamp();
             if a.json {
@@ -627,7 +670,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Check(a) => {
-            let authority = Authority::open(a.state.dir()?)?;
+            let authority = a.state.authority()?;
             let alarms: Vec<String> =
                 authority.ca().expiry(OffsetDateTime::now_utc()).into_iter().filter_map(|e| e.alarm).collect();
             if !alarms.is_empty() {
@@ -645,15 +688,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             }
         }
+        Command::Store(StoreCommand::Copy(a)) => {
+            CaState::load(&a.state)?;
+            let from = lanyard_ca::store::open(&a.from, &a.state, a.store_key.as_deref())?;
+            let to = lanyard_ca::store::open(&a.to, &a.state, a.store_key.as_deref())?;
+            let summary = lanyard_ca::ops::copy_store(from.as_ref(), to.as_ref())?;
+            println!("copied from {} to {}: {summary}", from.backend(), to.backend());
+        }
         Command::Backup(a) => {
             let dir = a.state.dir()?;
             CaState::load(dir)?;
-            backup(dir, &a.file)?;
+            backup(dir, &a.file, a.state.store()?.as_ref())?;
             eprintln!("backed up {} to {}", dir.display(), a.file.display());
         }
         Command::Restore(a) => {
             let dir = a.state.dir()?;
-            restore(dir, &a.file, a.force)?;
+            restore(dir, &a.file, a.force, &a.state.store, a.state.store_key.as_deref())?;
             eprintln!("restored {} from {}", dir.display(), a.file.display());
         }
         Command::Inspect(a) => {

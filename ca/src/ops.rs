@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 
 use base64::Engine;
 use lanyard_sidecar::certdir::CertDir;
@@ -18,18 +19,18 @@ use crate::issue::{KeySource, LeafRequest};
 use crate::keys::KeyType;
 use crate::serve::api::{token_hash, ADMIN_NAME};
 use crate::state::{write_file, CaState, InitOptions};
-use crate::store::{ScheduleRow, SqliteStore, Store, DB_FILE};
+use crate::store::{Dump, ScheduleRow, SqliteStore, Store, StoreSpec, DB_FILE};
 use crate::CaError;
 
 /// Lifetime of the admin client certificate `ca init` makes.
 const ADMIN_TTL: time::Duration = time::Duration::days(90);
 
 /// `ca init`: creates the root and intermediate in `dir`, then the admin
-/// client certificate in `dir/admin`. Returns the CA and, with an offline
-/// root, the root key PEM that was not stored.
-pub fn init_ca(dir: &Path, opts: &InitOptions) -> Result<(CaState, Option<String>), CaError> {
+/// client certificate in `dir/admin`, recorded in `store`. Returns the CA
+/// and, with an offline root, the root key PEM that was not stored.
+pub fn init_ca(dir: &Path, opts: &InitOptions, store: Arc<dyn Store>) -> Result<(CaState, Option<String>), CaError> {
     let (ca, offline_key) = CaState::init(dir, opts)?;
-    let authority = Authority::open(dir)?;
+    let authority = Authority::open_with(dir, store)?;
     let admin = admin_request(None, opts.intermediate_lifetime)?;
     CertDir::new(dir.join("admin")).write(&authority.issue(&admin, "admin")?.pem)?;
     Ok((ca, offline_key))
@@ -151,37 +152,90 @@ pub fn status_table(rows: &[ScheduleRow], now: i64) -> String {
     out
 }
 
-/// A backup: every state file and a consistent copy of the store.
+/// A backup: every state file and a consistent copy of the store: the
+/// SQLite database itself, or every record of a shared store.
 #[derive(Serialize, Deserialize)]
 struct Backup {
     format: String,
     files: BTreeMap<String, String>,
-    store: String,
+    /// The SQLite database (base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store: Option<String>,
+    /// Every record of a shared store (key material in the clear, like
+    /// the CA keys beside it: the file is 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    records: Option<Dump>,
 }
 
 const BACKUP_FORMAT: &str = "lanyard-backup-1";
-const STATE_FILES: [&str; 5] = ["ca.json", "root.pem", "root-key.pem", "intermediate.pem", "intermediate-key.pem"];
+/// The state files a backup must hold.
+const STATE_FILES: [&str; 4] = ["ca.json", "root.pem", "intermediate.pem", "intermediate-key.pem"];
+/// State files a backup holds when they exist.
+const OPTIONAL_STATE_FILES: [&str; 10] = [
+    "root-key.pem",
+    "intermediate-previous.pem",
+    "intermediate-previous-key.pem",
+    crate::state::ROTATION_FILE,
+    "root-next.pem",
+    "root-next-key.pem",
+    "intermediate-next.pem",
+    "intermediate-next-key.pem",
+    "root-previous.pem",
+    "store.key",
+];
 
 /// `ca backup FILE`: keys, certificates and the store, taken consistently
-/// (SQLite's online backup) while the CA runs. Written with mode 0600.
-pub fn backup(state: &Path, file: &Path) -> Result<(), CaError> {
+/// (SQLite's online backup, or every record of a shared store) while the
+/// CA runs. Written with mode 0600.
+pub fn backup(state: &Path, file: &Path, store: &dyn Store) -> Result<(), CaError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut files = BTreeMap::new();
-    for name in STATE_FILES {
+    for name in STATE_FILES.iter().chain(&OPTIONAL_STATE_FILES) {
         match std::fs::read(state.join(name)) {
             Ok(bytes) => {
-                files.insert(name.to_owned(), b64.encode(bytes));
+                files.insert((*name).to_owned(), b64.encode(bytes));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && name == "root-key.pem" => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && OPTIONAL_STATE_FILES.contains(name) => {}
             Err(source) => return Err(CaError::ReadState { path: state.join(name), source }),
         }
     }
-    let tmp = tempfile_in(state)?;
-    SqliteStore::open(state)?.backup_to(&tmp)?;
-    let db = std::fs::read(&tmp).map_err(|source| CaError::ReadState { path: tmp.clone(), source });
-    let _ = std::fs::remove_file(&tmp);
-    let doc = Backup { format: BACKUP_FORMAT.into(), files, store: b64.encode(db?) };
+    let (db, records) = if store.backend() == "sqlite" {
+        let tmp = tempfile_in(state)?;
+        SqliteStore::open(state)?.backup_to(&tmp)?;
+        let db = std::fs::read(&tmp).map_err(|source| CaError::ReadState { path: tmp.clone(), source });
+        let _ = std::fs::remove_file(&tmp);
+        (Some(b64.encode(db?)), None)
+    } else {
+        (None, Some(store.export()?))
+    };
+    let doc = Backup { format: BACKUP_FORMAT.into(), files, store: db, records };
     write_file(file, &serde_json::to_string(&doc).expect("serializes"), 0o600)
+}
+
+/// `ca store copy`: every record of `from` into the empty store `to`,
+/// checked by counting and hashing both afterwards. Returns the summary.
+pub fn copy_store(from: &dyn Store, to: &dyn Store) -> Result<String, CaError> {
+    import_checked(&from.export()?, to)
+}
+
+/// Writes `dump` into the empty store `to` and checks what it reads back.
+fn import_checked(dump: &Dump, to: &dyn Store) -> Result<String, CaError> {
+    let existing = to.export()?;
+    if !existing.certificates.is_empty() || !existing.docs.is_empty() || !existing.schedules.is_empty() {
+        return Err(CaError::Config {
+            origin: format!("the {} store", to.backend()),
+            what: format!("is not empty ({}); copy into an empty one", existing.summary()),
+        });
+    }
+    to.import(dump)?;
+    let (want, got) = (dump.summary(), to.export()?.summary());
+    if want != got {
+        return Err(CaError::Config {
+            origin: format!("the {} store", to.backend()),
+            what: format!("the copy differs: wrote {want}, read back {got}"),
+        });
+    }
+    Ok(got)
 }
 
 fn tempfile_in(dir: &Path) -> Result<std::path::PathBuf, CaError> {
@@ -190,9 +244,16 @@ fn tempfile_in(dir: &Path) -> Result<std::path::PathBuf, CaError> {
     Ok(dir.join(format!(".backup-{}.db", lanyard_sidecar::certinfo::hex(&b))))
 }
 
-/// `ca restore FILE`: recreates the state directory from a backup. Refuses
-/// to replace an existing CA without `force`.
-pub fn restore(state: &Path, file: &Path, force: bool) -> Result<(), CaError> {
+/// `ca restore FILE`: recreates the state directory from a backup, and the
+/// records of a shared store's backup in the `target` store (which must be
+/// empty). Refuses to replace an existing CA without `force`.
+pub fn restore(
+    state: &Path,
+    file: &Path,
+    force: bool,
+    target: &StoreSpec,
+    store_key: Option<&Path>,
+) -> Result<(), CaError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let text = std::fs::read_to_string(file).map_err(|source| CaError::ReadState { path: file.to_owned(), source })?;
     let corrupt = |what: String| CaError::CorruptState { path: file.to_owned(), what };
@@ -206,12 +267,12 @@ pub fn restore(state: &Path, file: &Path, force: bool) -> Result<(), CaError> {
     let decode = |name: &str, v: &str| b64.decode(v).map_err(|e| corrupt(format!("{name}: {e}")));
     let mut decoded = Vec::new();
     for (name, value) in &doc.files {
-        if !STATE_FILES.contains(&name.as_str()) {
+        if !STATE_FILES.contains(&name.as_str()) && !OPTIONAL_STATE_FILES.contains(&name.as_str()) {
             return Err(corrupt(format!("unexpected file {name:?}")));
         }
         decoded.push((name.clone(), decode(name, value)?));
     }
-    let db = decode("store", &doc.store)?;
+    let db = doc.store.as_deref().map(|db| decode("store", db)).transpose()?;
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -220,17 +281,23 @@ pub fn restore(state: &Path, file: &Path, force: bool) -> Result<(), CaError> {
             .create(state)
             .map_err(|source| CaError::WriteState { path: state.to_owned(), source })?;
     }
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(state.join(format!("{DB_FILE}{suffix}")));
+    if let Some(db) = db {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(state.join(format!("{DB_FILE}{suffix}")));
+        }
+        let db_path = state.join(DB_FILE);
+        std::fs::write(&db_path, db).map_err(|source| CaError::WriteState { path: db_path.clone(), source })?;
     }
-    let db_path = state.join(DB_FILE);
-    std::fs::write(&db_path, db).map_err(|source| CaError::WriteState { path: db_path.clone(), source })?;
     // ca.json last: it marks the state as complete.
     decoded.sort_by_key(|(name, _)| name == "ca.json");
     for (name, bytes) in decoded {
-        let mode = if name.ends_with("key.pem") { 0o600 } else { 0o644 };
+        let mode = if name.ends_with("key.pem") || name.ends_with(".key") { 0o600 } else { 0o644 };
         let text = String::from_utf8(bytes).map_err(|_| corrupt(format!("{name} is not text")))?;
         write_file(&state.join(&name), &text, mode)?;
     }
-    Authority::open(state).map(|_| ())
+    if let Some(records) = &doc.records {
+        let store = crate::store::open(target, state, store_key)?;
+        import_checked(records, store.as_ref())?;
+    }
+    CaState::load(state).map(|_| ())
 }

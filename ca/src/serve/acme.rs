@@ -42,6 +42,12 @@ pub const TLS_ALPN_PREFIX: &str = lanyard_sidecar::edge::TLS_ALPN_PREFIX;
 const KIND_CERT: &str = "public_cert";
 const KIND_ACCOUNT: &str = "acme_account";
 const KIND_EVENT: &str = "acme_event";
+/// An HTTP-01 answer, in the store so that any replica answers it.
+const KIND_CHALLENGE: &str = "challenge";
+/// A TLS-ALPN-01 validation certificate and key (PEM), likewise.
+const KIND_CHALLENGE_ALPN: &str = "challenge_alpn";
+/// How long a challenge answer is kept at most.
+const CHALLENGE_TTL: Duration = Duration::from_secs(3600);
 
 /// Let's Encrypt's published limits that the CA keeps itself under.
 const MAX_ORDERS_PER_DOMAIN_PER_WEEK: usize = 50;
@@ -456,16 +462,31 @@ impl Acme {
     /// The TLS-ALPN-01 validation certificate and key (PEM) for `name`, if
     /// one is pending: edge sidecars fetch it to answer on port 443.
     pub fn tls_alpn01(&self, name: &str) -> Option<String> {
-        self.alpn.lock().unwrap_or_else(|e| e.into_inner()).get(name).map(|c| c.pem.clone())
+        let placed = self.alpn.lock().unwrap_or_else(|e| e.into_inner()).get(name).map(|c| c.pem.clone());
+        placed.or_else(|| self.store.doc(KIND_CHALLENGE_ALPN, name).ok().flatten())
+    }
+
+    /// The TLS-ALPN-01 key to present for `name`: this replica's, or the
+    /// one another replica placed in the store.
+    fn alpn_key(&self, name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        if let Some(c) = self.alpn.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Some(c.key.clone());
+        }
+        let pem = self.store.doc(KIND_CHALLENGE_ALPN, name).ok().flatten()?;
+        let chain = CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>().ok()?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).ok()?;
+        lanyard_sidecar::tls::certified_key(chain, &key).ok()
     }
 
     /// The key authorization for an HTTP-01 token, if one is pending.
     pub fn http01(&self, token: &str) -> Option<String> {
-        self.http01.lock().unwrap_or_else(|e| e.into_inner()).get(token).cloned()
+        let placed = self.http01.lock().unwrap_or_else(|e| e.into_inner()).get(token).cloned();
+        placed.or_else(|| self.store.doc(KIND_CHALLENGE, token).ok().flatten())
     }
 
     /// Runs orders when they are due until `stop` turns true.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Orders only while `leader` leads; every replica answers challenges.
+    pub async fn run(self: Arc<Self>, leader: super::leader::Leader, mut stop: watch::Receiver<bool>) {
         if let Some(addr) = self.settings.tls_alpn_listen {
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(socket) => {
@@ -476,6 +497,13 @@ impl Acme {
             }
         }
         loop {
+            if !leader.is_leader() {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
             let due: Vec<PublicCert> = match self.list() {
                 Ok(list) => list.into_iter().filter(|c| c.next_attempt <= now()).collect(),
                 Err(e) => {
@@ -730,14 +758,18 @@ impl Acme {
                 let key_auth = challenge.key_authorization();
                 match cert.challenge {
                     Challenge::Http01 => {
-                        self.http01
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(challenge.token.clone(), key_auth.as_str().to_owned());
+                        let answer = key_auth.as_str().to_owned();
+                        self.store
+                            .put_expiring(KIND_CHALLENGE, &challenge.token, &answer, CHALLENGE_TTL)
+                            .map_err(|e| format!("{name}: cannot store the HTTP-01 answer: {e}"))?;
+                        self.http01.lock().unwrap_or_else(|e| e.into_inner()).insert(challenge.token.clone(), answer);
                         tokens.push(challenge.token.clone());
                     }
                     Challenge::TlsAlpn01 => {
                         let key = alpn_certificate(&name, key_auth.digest().as_ref())?;
+                        self.store
+                            .put_expiring(KIND_CHALLENGE_ALPN, &name, &key.pem, CHALLENGE_TTL)
+                            .map_err(|e| format!("{name}: cannot store the TLS-ALPN-01 certificate: {e}"))?;
                         self.alpn.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), key);
                         names.push(name.clone());
                     }
@@ -776,6 +808,13 @@ impl Acme {
             tokens.iter().for_each(|t| drop(http01.remove(t)));
             let mut alpn = self.alpn.lock().unwrap_or_else(|e| e.into_inner());
             names.iter().for_each(|n| drop(alpn.remove(n)));
+        }
+        for (kind, keys) in [(KIND_CHALLENGE, &tokens), (KIND_CHALLENGE_ALPN, &names)] {
+            for key in keys {
+                if let Err(e) = self.store.delete_doc(kind, key) {
+                    tracing::warn!("cannot remove the {kind} {key} (it expires by itself): {e}");
+                }
+            }
         }
         if let Err(e) = outcome {
             if e.starts_with("validation") {
@@ -842,7 +881,7 @@ impl std::fmt::Debug for Acme {
 impl rustls::server::ResolvesServerCert for AlpnResolver {
     fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
         let name = hello.server_name()?.to_owned();
-        self.0.alpn.lock().unwrap_or_else(|e| e.into_inner()).get(&name).map(|c| c.key.clone())
+        self.0.alpn_key(&name)
     }
 }
 

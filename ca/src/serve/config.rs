@@ -87,6 +87,19 @@ pub struct ServeConfig {
     /// ACME settings.
     #[serde(default)]
     pub acme: super::acme::AcmeSettings,
+    /// Where the store lives: `sqlite` (the default, `STATE/lanyard.db`) or
+    /// `redis://HOST:PORT[/DB]` / `rediss://…` for replicas sharing one
+    /// state (`REDIS_URL` overrides).
+    #[serde(default, deserialize_with = "serde_str::opt")]
+    pub store: Option<crate::store::StoreSpec>,
+    /// The key that seals key material in a shared store; every replica
+    /// needs the same one (default `STATE/store.key`, made on first use).
+    #[serde(default)]
+    pub store_key: Option<PathBuf>,
+    /// How long the leader's lease lasts in a shared store: a dead leader
+    /// is replaced within this plus a fifth of it.
+    #[serde(default = "default_lease_ttl", deserialize_with = "serde_str::one")]
+    pub lease_ttl: Span,
 }
 
 /// `[docker]`: discovery of containers labelled `lanyard.identity`.
@@ -116,6 +129,9 @@ fn default_http() -> SocketAddr {
 fn default_api_names() -> Vec<DnsName> {
     vec!["ca".parse().expect("valid"), "localhost".parse().expect("valid")]
 }
+fn default_lease_ttl() -> Span {
+    "10s".parse().expect("valid")
+}
 fn default_crl_refresh() -> Span {
     "1h".parse().expect("valid")
 }
@@ -141,6 +157,9 @@ impl ServeConfig {
                 addr.set_port(port);
             }
         }
+        if let Some(url) = env.get("REDIS_URL") {
+            config.store = Some(url.parse().map_err(|e| invalid(format!("REDIS_URL: {e}")))?);
+        }
         if config.state.is_none() {
             return Err(invalid("no state directory: set `state` or LANYARD_STATE".into()));
         }
@@ -151,6 +170,11 @@ impl ServeConfig {
             }
         }
         Ok(config)
+    }
+
+    /// The store this configuration names.
+    pub fn store_spec(&self) -> crate::store::StoreSpec {
+        self.store.clone().unwrap_or(crate::store::StoreSpec::Sqlite)
     }
 
     /// The state directory.

@@ -183,3 +183,35 @@ pub fn root_rotation(ca: &crate::state::CaState) -> String {
     let _ = writeln!(out, "{p}_sidecars{{state=\"lacking\"}} {lacking}");
     out
 }
+
+/// Leadership gauges: whether this replica leads, lease changes, and the
+/// store's latency and errors as the lease loop sees them.
+pub fn leadership(leader: &super::leader::Leader) -> String {
+    let mut out = String::new();
+    let p = "lanyard_ca";
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    header(
+        &mut out,
+        &format!("{p}_leader"),
+        "gauge",
+        "1 while this replica holds the lease and runs rotation, ACME and discovery.",
+    );
+    let _ = writeln!(out, "{p}_leader {}", u8::from(leader.is_leader()));
+    header(
+        &mut out,
+        &format!("{p}_lease_changes_total"),
+        "counter",
+        "Times this replica became leader or stopped being it.",
+    );
+    let _ = writeln!(out, "{p}_lease_changes_total {}", load(&leader.stats.changes));
+    header(
+        &mut out,
+        &format!("{p}_store_errors_total"),
+        "counter",
+        "Failed store calls of the lease loop (the store unreachable).",
+    );
+    let _ = writeln!(out, "{p}_store_errors_total {}", load(&leader.stats.errors));
+    header(&mut out, &format!("{p}_store_latency_seconds"), "gauge", "Round trip of the last lease call to the store.");
+    let _ = writeln!(out, "{p}_store_latency_seconds {}", load(&leader.stats.last_latency_us) as f64 / 1e6);
+    out
+}

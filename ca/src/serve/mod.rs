@@ -7,6 +7,7 @@ pub mod acme;
 pub mod api;
 pub mod config;
 pub mod docker;
+pub mod leader;
 pub mod metrics;
 pub mod rfc2136;
 pub mod schedule;
@@ -49,6 +50,8 @@ pub struct Service {
     pub metrics: Arc<CaMetrics>,
     /// Public certificates from ACME.
     pub acme: Arc<acme::Acme>,
+    /// Who leads among the replicas sharing the store.
+    pub leader: leader::Leader,
     api_certs: Arc<CertStore>,
 }
 
@@ -57,10 +60,18 @@ pub struct Service {
 pub struct Health {
     /// `healthy` or `degraded`.
     pub status: &'static str,
-    /// Whether the rotation loop runs.
+    /// Whether the rotation loop runs (on the leader only).
     pub scheduler: bool,
     /// `healthy` or the store's error.
     pub store: String,
+    /// `sqlite` or `redis`.
+    pub store_backend: &'static str,
+    /// With the Redis store: `healthy` or `unhealthy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<&'static str>,
+    /// `leader` (runs rotation, ACME, CRL distribution, discovery) or
+    /// `follower` (serves the API).
+    pub role: &'static str,
     /// Managed identities with a valid certificate in their cert dir.
     pub certificates_loaded: usize,
     /// Whether the API serves its own valid certificate.
@@ -133,12 +144,16 @@ impl Service {
             }
         }
         let scheduler = self.metrics.scheduler_running.load(std::sync::atomic::Ordering::Relaxed);
+        let leading = self.leader.is_leader();
         let https_enabled = self.api_certs.current().is_some();
         let expiry = self.authority.ca().expiry(now);
         let alarms: Vec<String> = expiry.iter().filter_map(|e| e.alarm.clone()).collect();
         let ca_certificates =
             expiry.iter().map(|e| CaCertHealth { role: e.role, not_after: rfc3339(e.not_after) }).collect();
-        let healthy = scheduler && store == "healthy" && overdue.is_empty() && https_enabled && alarms.is_empty();
+        let healthy =
+            (scheduler || !leading) && store == "healthy" && overdue.is_empty() && https_enabled && alarms.is_empty();
+        let backend = self.authority.store().backend();
+        let redis = (backend == "redis").then_some(if store == "healthy" { "healthy" } else { "unhealthy" });
         let public = self
             .acme
             .list()
@@ -158,6 +173,9 @@ impl Service {
             status: if healthy { "healthy" } else { "degraded" },
             scheduler,
             store,
+            store_backend: backend,
+            redis,
+            role: if leading { "leader" } else { "follower" },
             certificates_loaded: loaded,
             https_enabled,
             overdue,
@@ -173,6 +191,7 @@ impl Service {
         self.metrics.render(&self.authority.store().schedules().unwrap_or_default())
             + &metrics::ca_certificates(&ca.expiry(now), now)
             + &metrics::root_rotation(&ca)
+            + &metrics::leadership(&self.leader)
             + &self.acme.metrics()
     }
 }
@@ -185,8 +204,35 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, CaError> {
 
 /// Creates the CA for `trust_domain` in `dir` unless one is there; refuses
 /// one of another trust domain.
-fn ensure_ca(dir: &std::path::Path, trust_domain: &TrustDomain) -> Result<(), CaError> {
-    if !dir.join(crate::state::META_FILE).exists() {
+fn ensure_ca(
+    dir: &std::path::Path,
+    trust_domain: &TrustDomain,
+    store: &Arc<dyn crate::store::Store>,
+) -> Result<(), CaError> {
+    // Replicas sharing a fresh state directory: one creates the CA, the
+    // others wait for it.
+    let lock = dir.join(".init-lock");
+    let mut waited = 0;
+    while !dir.join(crate::state::META_FILE).exists() {
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&lock) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && waited < 300 => {
+                waited += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(CaError::Config {
+                    origin: "trust_domain".into(),
+                    what: format!(
+                        "cannot create the CA in {}: {e} (another replica holds {}; remove it if none runs)",
+                        dir.display(),
+                        lock.display()
+                    ),
+                })
+            }
+        }
+    }
+    let created = if !dir.join(crate::state::META_FILE).exists() {
         let opts = crate::state::InitOptions {
             trust_domain: trust_domain.clone(),
             permit_dns: Vec::new(),
@@ -194,8 +240,15 @@ fn ensure_ca(dir: &std::path::Path, trust_domain: &TrustDomain) -> Result<(), Ca
             force: false,
             intermediate_lifetime: crate::state::INTERMEDIATE_LIFETIME,
         };
-        let (ca, _) = crate::ops::init_ca(dir, &opts)?;
+        let made = crate::ops::init_ca(dir, &opts, store.clone());
+        let _ = std::fs::remove_file(&lock);
+        let (ca, _) = made?;
         tracing::info!(state = %dir.display(), trust_domain = %ca.trust_domain(), "created a new CA");
+        true
+    } else {
+        false
+    };
+    if created {
         return Ok(());
     }
     let ca = crate::state::CaState::load(dir)?;
@@ -216,12 +269,16 @@ fn ensure_ca(dir: &std::path::Path, trust_domain: &TrustDomain) -> Result<(), Ca
 pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), CaError> {
     tls::set_kx_policy(config.kx);
     let dir = config.state_dir().to_owned();
+    let store = crate::store::open(&config.store_spec(), &dir, config.store_key.as_deref())?;
     if let Some(td) = &config.trust_domain {
-        ensure_ca(&dir, td)?;
+        ensure_ca(&dir, td, &store)?;
     }
-    let authority = Arc::new(Authority::open(&dir)?);
+    let authority = Arc::new(Authority::open_with(&dir, store.clone())?);
     let metrics = Arc::new(CaMetrics::default());
-    let scheduler = Scheduler::new(authority.clone(), metrics.clone())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let leader = leader::start(store, config.lease_ttl.get(), stop_rx.clone()).await;
+    tracing::info!(store = authority.store().backend(), holder = %leader.holder, role = if leader.is_leader() { "leader" } else { "follower" }, "store opened");
+    let scheduler = Scheduler::new(authority.clone(), metrics.clone(), leader.clone())?;
 
     // The CA's own credentials live at most half its intermediate's lifetime.
     let intermediate = authority.ca().intermediate().clone();
@@ -253,7 +310,6 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     scheduler.refresh_crl()?;
     let known_sidecars = known_sidecars(&config, authority.ca().trust_domain())?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let crl_refresh = config.crl_refresh.get();
     let sched_task = tokio::spawn(scheduler.clone().run(crl_refresh, stop_rx.clone()));
 
@@ -269,7 +325,12 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
         let cert_root = config.docker.cert_root.clone().unwrap_or_else(|| dir.join("certs"));
         match docker::Discovery::connect(&config.docker.socket, scheduler.clone(), cert_root) {
             Ok(discovery) => {
-                tokio::spawn(discovery.run(stop_rx.clone()));
+                let (mut leader, mut stop) = (leader.clone(), stop_rx.clone());
+                tokio::spawn(async move {
+                    if leader.wait_until_leading(&mut stop).await {
+                        discovery.run(stop).await;
+                    }
+                });
             }
             Err(e) => return Err(CaError::Config { origin: "docker".into(), what: e }),
         }
@@ -282,9 +343,9 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     let https_port = config.https_listen.port();
     let acme = acme::Acme::new(authority.store().clone(), config.acme.clone(), &dir);
     acme.reconcile(&config.public).map_err(|e| CaError::Config { origin: "[[public]]".into(), what: e.to_string() })?;
-    tokio::spawn(acme.clone().run(stop_rx.clone()));
+    tokio::spawn(acme.clone().run(leader.clone(), stop_rx.clone()));
     tokio::spawn(sidecars::poll_during_rotation(authority.clone(), known_sidecars, stop_rx.clone()));
-    let service = Arc::new(Service { authority, scheduler, metrics, acme, api_certs });
+    let service = Arc::new(Service { authority, scheduler, metrics, acme, leader, api_certs });
     tokio::spawn(serve_https(service.clone(), https, stop_rx.clone()));
     tokio::spawn(serve_http(service.clone(), http, https_port, stop_rx.clone()));
 

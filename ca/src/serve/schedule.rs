@@ -15,8 +15,10 @@ use tokio::sync::{watch, Notify};
 use crate::authority::Authority;
 use crate::issue::{KeySource, LeafRequest};
 use crate::keys::KeyType;
+use crate::serve::leader::Leader;
 use crate::serve::metrics::CaMetrics;
 use crate::state::RotationPhase;
+use crate::store::Fence;
 use crate::store::ScheduleRow;
 use crate::CaError;
 
@@ -79,11 +81,17 @@ pub struct Scheduler {
     on_rotate: Mutex<Vec<RotateHook>>,
     /// Since when no live leaf needs the old root (after a root rotation's finish).
     old_root_free_since: Mutex<Option<OffsetDateTime>>,
+    /// Whether this replica leads: only the leader rotates and writes cert dirs.
+    leader: Leader,
+    /// Held while a cert dir is rewritten, so a CRL refresh never puts back
+    /// a set that a rotation just replaced.
+    dir_writes: Mutex<()>,
 }
 
 impl Scheduler {
-    /// A scheduler for `authority`; add identities with [`Scheduler::upsert`].
-    pub fn new(authority: Arc<Authority>, metrics: Arc<CaMetrics>) -> Result<Arc<Self>, CaError> {
+    /// A scheduler for `authority` that acts while `leader` leads; add
+    /// identities with [`Scheduler::upsert`].
+    pub fn new(authority: Arc<Authority>, metrics: Arc<CaMetrics>, leader: Leader) -> Result<Arc<Self>, CaError> {
         let crl = authority.crl_pem(OffsetDateTime::now_utc())?;
         Ok(Arc::new(Self {
             authority,
@@ -93,6 +101,8 @@ impl Scheduler {
             metrics,
             on_rotate: Mutex::default(),
             old_root_free_since: Mutex::default(),
+            leader,
+            dir_writes: Mutex::default(),
         }))
     }
 
@@ -118,8 +128,11 @@ impl Scheduler {
         if self.identities.read().unwrap_or_else(|e| e.into_inner()).get(&name) == Some(&managed) {
             return Ok(());
         }
-        let row = self.plan(&managed)?;
-        self.authority.store().put_schedule(&row)?;
+        // A follower only plans identities the leader has not planned yet.
+        if self.leader.is_leader() || self.authority.store().schedule(&name)?.is_none() {
+            let row = self.plan(&managed)?;
+            self.authority.store().put_schedule(&row, None)?;
+        }
         self.identities.write().unwrap_or_else(|e| e.into_inner()).insert(name, managed);
         self.kick.notify_one();
         Ok(())
@@ -177,12 +190,14 @@ impl Scheduler {
         let issued = self.authority.issue(&m.request, "managed")?;
         self.metrics.observe_signing(started.elapsed());
         let set = PemSet { crl: Some(self.crl()), ..issued.pem };
+        let _writing = self.dir_writes.lock().unwrap_or_else(|e| e.into_inner());
         m.out_dir.write(&set)?;
         Ok(issued.info)
     }
 
-    /// Renews every identity that is due; returns when the next one is.
-    fn run_due(&self) -> OffsetDateTime {
+    /// Renews every identity that is due, writing the schedule with
+    /// `fence`; returns when the next one is due.
+    fn run_due(&self, fence: &Fence) -> OffsetDateTime {
         let now = OffsetDateTime::now_utc();
         let mut next = now + time::Duration::minutes(5);
         for m in self.identities() {
@@ -216,22 +231,32 @@ impl Scheduler {
                     self.metrics.renewed(false);
                 }
             }
-            if let Err(e) = self.authority.store().put_schedule(&row) {
-                tracing::error!(identity = %name, "cannot save the schedule: {e}");
+            match self.authority.store().put_schedule(&row, Some(fence)) {
+                Ok(()) => {}
+                Err(e @ crate::store::StoreError::Fenced(_)) => {
+                    tracing::error!(identity = %name, "{e}; this replica stops rotating");
+                    return now;
+                }
+                Err(e) => tracing::error!(identity = %name, "cannot save the schedule: {e}"),
             }
             next = next.min(OffsetDateTime::from_unix_timestamp(row.next_renewal).unwrap_or(next));
         }
         next
     }
 
-    /// Re-signs the CRL and rewrites it, with the CA's trust bundle, into
-    /// every managed cert dir.
+    /// Re-signs the CRL (served at `/v1/crl` and kept in `STATE/crl.pem`)
+    /// and, on the leader, rewrites it with the CA's trust bundle into every
+    /// managed cert dir.
     pub fn refresh_crl(&self) -> Result<(), CaError> {
         let crl = self.authority.crl_pem(OffsetDateTime::now_utc())?;
         let bundle = self.authority.ca().bundle_pem().to_owned();
         *self.crl.lock().unwrap_or_else(|e| e.into_inner()) = crl.clone();
         std::fs::write(self.authority.ca().dir().join("crl.pem"), &crl)
             .map_err(|source| CaError::WriteState { path: self.authority.ca().dir().join("crl.pem"), source })?;
+        if !self.leader.is_leader() {
+            return Ok(());
+        }
+        let _writing = self.dir_writes.lock().unwrap_or_else(|e| e.into_inner());
         for m in self.identities() {
             let Ok(raw) = m.out_dir.read_raw() else { continue };
             let (Ok(cert), Some(Ok(key))) = (String::from_utf8(raw.cert), raw.key.map(String::from_utf8)) else {
@@ -252,7 +277,7 @@ impl Scheduler {
         for mut row in store.schedules()? {
             if row.serial.as_ref().is_some_and(|s| serials.contains(s)) {
                 row.next_renewal = OffsetDateTime::now_utc().unix_timestamp();
-                store.put_schedule(&row)?;
+                store.put_schedule(&row, None)?;
             }
         }
         self.kick();
@@ -272,7 +297,7 @@ impl Scheduler {
     /// cert dir first. When the issuing intermediate changed, every identity
     /// is then re-issued from it: at once after a rollover, spread over the
     /// rotation's window after `finish`.
-    pub fn keep_ca_current(&self) -> OffsetDateTime {
+    pub fn keep_ca_current(&self, fence: &Fence) -> OffsetDateTime {
         let now = OffsetDateTime::now_utc();
         let look_again = now + STATE_CHECK;
         let before = self.authority.ca();
@@ -314,7 +339,7 @@ impl Scheduler {
             let store = self.authority.store();
             for mut row in store.schedules().unwrap_or_default() {
                 row.next_renewal = now.unix_timestamp() + (spread as f64 * unit_random()) as i64;
-                if let Err(e) = store.put_schedule(&row) {
+                if let Err(e) = store.put_schedule(&row, Some(fence)) {
                     tracing::error!(identity = %row.identity, "cannot plan the re-issue: {e}");
                 }
             }
@@ -351,16 +376,33 @@ impl Scheduler {
         self.kick.notify_one();
     }
 
-    /// Runs until `stop` turns true.
+    /// Runs until `stop` turns true: the rotation loop while this replica
+    /// leads; while it follows, only the in-memory CRL is kept fresh (every
+    /// replica serves `/v1/crl`).
     pub async fn run(self: Arc<Self>, crl_refresh: Duration, mut stop: watch::Receiver<bool>) {
-        self.metrics.scheduler_running.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut crl_due = tokio::time::Instant::now() + crl_refresh;
         loop {
+            let Some(fence) = self.leader.fence() else {
+                self.metrics.scheduler_running.store(false, std::sync::atomic::Ordering::Relaxed);
+                let this = self.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || this.refresh_crl()).await {
+                    tracing::warn!("CRL refresh failed: {e}");
+                }
+                let (mut leader, mut until_stop) = (self.leader.clone(), stop.clone());
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    _ = leader.wait_until_leading(&mut until_stop) => {}
+                    _ = tokio::time::sleep(STATE_CHECK.try_into().unwrap_or(Duration::from_secs(10))) => {}
+                }
+                continue;
+            };
+            self.metrics.scheduler_running.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (this, f) = (self.clone(), fence.clone());
+            let rollover = tokio::task::spawn_blocking(move || this.keep_ca_current(&f)).await.ok();
             let this = self.clone();
-            let rollover = tokio::task::spawn_blocking(move || this.keep_ca_current()).await.ok();
-            let this = self.clone();
-            let next =
-                tokio::task::spawn_blocking(move || this.run_due()).await.unwrap_or_else(|_| OffsetDateTime::now_utc());
+            let next = tokio::task::spawn_blocking(move || this.run_due(&fence))
+                .await
+                .unwrap_or_else(|_| OffsetDateTime::now_utc());
             let next = rollover.map_or(next, |r| next.min(r));
             if tokio::time::Instant::now() >= crl_due {
                 let this = self.clone();
@@ -369,6 +411,9 @@ impl Scheduler {
                 }
                 crl_due = tokio::time::Instant::now() + crl_refresh;
             }
+            // Another replica may change the schedule (a revocation through
+            // its API): look at the store again at least every STATE_CHECK.
+            let next = next.min(OffsetDateTime::now_utc() + STATE_CHECK);
             let wait = (next - OffsetDateTime::now_utc()).try_into().unwrap_or(Duration::ZERO);
             let deadline = (tokio::time::Instant::now() + wait).min(crl_due);
             tokio::select! {

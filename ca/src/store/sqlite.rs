@@ -1,125 +1,14 @@
-//! The CA's store: issued certificates, revocations, bootstrap tokens and
-//! the renewal schedule. Behind [`Store`] so a replicated backend can follow;
-//! the default is embedded SQLite (`STATE/lanyard.db`, WAL mode).
+//! The embedded store: SQLite in `STATE/lanyard.db`, WAL mode.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+
+use super::{DocRecord, IssuedRecord, ScheduleRow, Store, StoreError, TokenRecord, TokenRefusal};
 
 /// The store's file in the state directory.
 pub const DB_FILE: &str = "lanyard.db";
-
-/// Store failures.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// SQLite failed.
-    #[error("store {path}: {source}")]
-    Sqlite {
-        /// The database file.
-        path: PathBuf,
-        /// The SQLite error.
-        source: rusqlite::Error,
-    },
-    /// A serial was recorded twice.
-    #[error("serial {0} already exists")]
-    DuplicateSerial(String),
-}
-
-/// One issued certificate.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct IssuedRecord {
-    /// Serial, lowercase hex.
-    pub serial: String,
-    /// Identity (service) name.
-    pub identity: String,
-    /// notBefore, unix seconds.
-    pub not_before: i64,
-    /// notAfter, unix seconds.
-    pub not_after: i64,
-    /// How it was issued: `cli`, `managed`, `sign`, `renew`.
-    pub source: String,
-    /// Revocation time, unix seconds.
-    pub revoked_at: Option<i64>,
-    /// SHA-256 fingerprint of the root its chain ends at; `None` for
-    /// records older than root rotation. A root rotation waits for every
-    /// live leaf under the old root to expire or be replaced.
-    pub root: Option<String>,
-}
-
-/// Why a token could not be used.
-#[derive(Debug, PartialEq, Eq)]
-pub enum TokenRefusal {
-    /// No such token.
-    Unknown,
-    /// Already used once.
-    Used,
-    /// Past its expiry.
-    Expired,
-}
-
-/// One managed identity's place in the renewal schedule.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct ScheduleRow {
-    /// Identity name.
-    pub identity: String,
-    /// Serial currently in the cert dir.
-    pub serial: Option<String>,
-    /// Its notAfter, unix seconds.
-    pub not_after: Option<i64>,
-    /// When to renew next, unix seconds.
-    pub next_renewal: i64,
-    /// Last successful renewal, unix seconds.
-    pub last_renewal: Option<i64>,
-    /// Last error, cleared on success.
-    pub last_error: Option<String>,
-    /// Consecutive failures (drives the backoff).
-    pub failures: u32,
-    /// SANs of the current certificate, comma-separated.
-    pub sans: Option<String>,
-}
-
-/// What the control plane keeps. Implementations are safe to share.
-pub trait Store: Send + Sync {
-    /// Records an issued certificate; serials are unique.
-    fn record_issued(&self, rec: &IssuedRecord) -> Result<(), StoreError>;
-    /// Looks up one certificate.
-    fn certificate(&self, serial: &str) -> Result<Option<IssuedRecord>, StoreError>;
-    /// Every certificate, newest first.
-    fn certificates(&self) -> Result<Vec<IssuedRecord>, StoreError>;
-    /// Revokes one serial; false when unknown.
-    fn revoke_serial(&self, serial: &str, at: i64) -> Result<bool, StoreError>;
-    /// Revokes every unexpired certificate of an identity; returns their serials.
-    fn revoke_identity(&self, identity: &str, at: i64) -> Result<Vec<String>, StoreError>;
-    /// Revoked and unexpired certificates, for the CRL: `(serial, revoked_at)`.
-    fn revoked(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError>;
-    /// Stores a bootstrap token (by hash) bound to an identity.
-    fn add_token(&self, hash: &str, identity: &str, expires_at: i64) -> Result<(), StoreError>;
-    /// Uses a token once; returns its identity.
-    fn use_token(&self, hash: &str, now: i64) -> Result<Result<String, TokenRefusal>, StoreError>;
-    /// One identity's schedule.
-    fn schedule(&self, identity: &str) -> Result<Option<ScheduleRow>, StoreError>;
-    /// Writes one identity's schedule.
-    fn put_schedule(&self, row: &ScheduleRow) -> Result<(), StoreError>;
-    /// Removes identities no longer managed.
-    fn retain_schedule(&self, identities: &[String]) -> Result<(), StoreError>;
-    /// The whole schedule.
-    fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError>;
-    /// Writes a JSON document under `(kind, key)` (ACME accounts, public
-    /// certificates, rate-limit events).
-    fn put_doc(&self, kind: &str, key: &str, json: &str) -> Result<(), StoreError>;
-    /// Reads one document.
-    fn doc(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError>;
-    /// Every document of a kind, by key.
-    fn docs(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError>;
-    /// Removes one document; false when there was none.
-    fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, StoreError>;
-    /// A cheap liveness query.
-    fn check(&self) -> Result<(), StoreError>;
-    /// A consistent copy of the store, taken while it is in use.
-    fn backup_to(&self, path: &Path) -> Result<(), StoreError>;
-}
 
 /// Embedded SQLite store.
 pub struct SqliteStore {
@@ -164,6 +53,7 @@ CREATE TABLE IF NOT EXISTS docs (
     kind TEXT NOT NULL,
     key TEXT NOT NULL,
     json TEXT NOT NULL,
+    expires_at INTEGER,
     PRIMARY KEY (kind, key)
 );
 ";
@@ -178,13 +68,16 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        // Stores made before root rotation lack the `root` column.
-        let has_root: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('certificates') WHERE name = 'root'")
-            .and_then(|mut s| s.exists([]))
-            .map_err(err)?;
-        if !has_root {
-            conn.execute_batch("ALTER TABLE certificates ADD COLUMN root TEXT").map_err(err)?;
+        // Stores made by earlier versions lack these columns.
+        for (table, column) in [("certificates", "root TEXT"), ("docs", "expires_at INTEGER")] {
+            let name = column.split(' ').next().expect("a column name");
+            let has: bool = conn
+                .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{name}'"))
+                .and_then(|mut s| s.exists([]))
+                .map_err(err)?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column}")).map_err(err)?;
+            }
         }
         #[cfg(unix)]
         {
@@ -228,7 +121,63 @@ fn schedule_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ScheduleRow> {
 const CERT_COLUMNS: &str = "serial, identity, not_before, not_after, source, revoked_at, root";
 const SCHEDULE_COLUMNS: &str = "identity, serial, not_after, next_renewal, last_renewal, last_error, failures, sans";
 
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
 impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT hash, identity, expires_at, used_at FROM tokens ORDER BY hash")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(TokenRecord { hash: r.get(0)?, identity: r.get(1)?, expires_at: r.get(2)?, used_at: r.get(3)? })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn put_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO tokens (hash, identity, expires_at, used_at) VALUES (?1, ?2, ?3, ?4)",
+                params![t.hash, t.identity, t.expires_at, t.used_at],
+            )
+            .map(drop)
+        })
+    }
+
+    fn put_expiring(&self, kind: &str, key: &str, json: &str, ttl: std::time::Duration) -> Result<(), StoreError> {
+        let expires_at = now() + ttl.as_secs() as i64;
+        self.with(|c| {
+            c.execute("DELETE FROM docs WHERE expires_at IS NOT NULL AND expires_at <= ?1", [now()])?;
+            c.execute(
+                "INSERT OR REPLACE INTO docs (kind, key, json, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![kind, key, json, expires_at],
+            )
+            .map(drop)
+        })
+    }
+
+    fn all_docs(&self) -> Result<Vec<DocRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT kind, key, json FROM docs WHERE expires_at IS NULL ORDER BY kind, key")?;
+            let rows = stmt.query_map([], |r| Ok(DocRecord { kind: r.get(0)?, key: r.get(1)?, json: r.get(2)? }))?;
+            rows.collect()
+        })
+    }
+
+    fn lease(&self, _holder: &str, _ttl: std::time::Duration) -> Result<Option<u64>, StoreError> {
+        Ok(Some(0))
+    }
+
+    fn release(&self, _holder: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     fn record_issued(&self, rec: &IssuedRecord) -> Result<(), StoreError> {
         let inserted = self.with(|c| {
             c.execute(
@@ -342,7 +291,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn put_schedule(&self, r: &ScheduleRow) -> Result<(), StoreError> {
+    fn put_schedule(&self, r: &ScheduleRow, _fence: Option<&super::Fence>) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "INSERT INTO schedule (identity, serial, not_after, next_renewal, last_renewal, last_error, failures, sans)
@@ -380,22 +329,31 @@ impl Store for SqliteStore {
 
     fn put_doc(&self, kind: &str, key: &str, json: &str) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute("INSERT OR REPLACE INTO docs (kind, key, json) VALUES (?1, ?2, ?3)", params![kind, key, json])
-                .map(drop)
+            c.execute(
+                "INSERT OR REPLACE INTO docs (kind, key, json, expires_at) VALUES (?1, ?2, ?3, NULL)",
+                params![kind, key, json],
+            )
+            .map(drop)
         })
     }
 
     fn doc(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
         self.with(|c| {
-            c.query_row("SELECT json FROM docs WHERE kind = ?1 AND key = ?2", params![kind, key], |r| r.get(0))
-                .optional()
+            c.query_row(
+                "SELECT json FROM docs WHERE kind = ?1 AND key = ?2 AND (expires_at IS NULL OR expires_at > ?3)",
+                params![kind, key, now()],
+                |r| r.get(0),
+            )
+            .optional()
         })
     }
 
     fn docs(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT key, json FROM docs WHERE kind = ?1 ORDER BY key")?;
-            let rows = stmt.query_map(params![kind], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let mut stmt = c.prepare(
+                "SELECT key, json FROM docs WHERE kind = ?1 AND (expires_at IS NULL OR expires_at > ?2) ORDER BY key",
+            )?;
+            let rows = stmt.query_map(params![kind, now()], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })
     }
@@ -407,61 +365,15 @@ impl Store for SqliteStore {
     fn check(&self) -> Result<(), StoreError> {
         self.with(|c| c.query_row("SELECT count(*) FROM certificates", [], |r| r.get::<_, i64>(0))).map(|_| ())
     }
+}
 
-    fn backup_to(&self, path: &Path) -> Result<(), StoreError> {
+impl SqliteStore {
+    /// A consistent copy of the database, taken while it is in use.
+    pub fn backup_to(&self, path: &Path) -> Result<(), StoreError> {
         self.with(|c| {
             let mut dst = Connection::open(path)?;
             let backup = rusqlite::backup::Backup::new(c, &mut dst)?;
             backup.run_to_completion(256, std::time::Duration::from_millis(0), None)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(serial: &str, identity: &str, not_after: i64) -> IssuedRecord {
-        IssuedRecord {
-            serial: serial.into(),
-            identity: identity.into(),
-            not_before: 0,
-            not_after,
-            source: "cli".into(),
-            revoked_at: None,
-            root: None,
-        }
-    }
-
-    #[test]
-    fn serials_tokens_revocations_and_schedule() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        store.record_issued(&rec("aa", "web", 100)).unwrap();
-        assert!(matches!(store.record_issued(&rec("aa", "web", 100)), Err(StoreError::DuplicateSerial(_))));
-        store.record_issued(&rec("bb", "web", 100)).unwrap();
-        store.record_issued(&rec("cc", "api", 100)).unwrap();
-        assert_eq!(store.revoke_identity("web", 10).unwrap().len(), 2);
-        assert!(store.revoke_serial("cc", 11).unwrap());
-        assert!(!store.revoke_serial("zz", 11).unwrap());
-        assert_eq!(store.revoked(50).unwrap().len(), 3);
-        assert_eq!(store.revoked(100).unwrap().len(), 0, "expired entries leave the CRL");
-
-        store.add_token("h1", "web", 100).unwrap();
-        assert_eq!(store.use_token("h1", 50).unwrap(), Ok("web".into()));
-        assert_eq!(store.use_token("h1", 51).unwrap(), Err(TokenRefusal::Used));
-        store.add_token("h2", "web", 100).unwrap();
-        assert_eq!(store.use_token("h2", 100).unwrap(), Err(TokenRefusal::Expired));
-        assert_eq!(store.use_token("nope", 1).unwrap(), Err(TokenRefusal::Unknown));
-
-        let row = ScheduleRow { identity: "web".into(), next_renewal: 5, ..Default::default() };
-        store.put_schedule(&row).unwrap();
-        store.put_schedule(&ScheduleRow { failures: 2, ..row.clone() }).unwrap();
-        assert_eq!(store.schedule("web").unwrap().unwrap().failures, 2);
-        store.retain_schedule(&[]).unwrap();
-        assert!(store.schedules().unwrap().is_empty());
-        let copy = dir.path().join("copy.db");
-        store.backup_to(&copy).unwrap();
-        assert!(copy.exists());
     }
 }
