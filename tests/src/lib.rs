@@ -678,3 +678,127 @@ impl Pebble {
         post("add-a", format!(r#"{{"host": "{host}", "addresses": ["{ip}"]}}"#));
     }
 }
+
+/// A real redis-server (Debian's) on its own port and directory, with AOF
+/// persistence (`appendfsync always`), killed on drop.
+pub struct RedisServer {
+    guard: Option<ChildGuard>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts one keeping its data in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("redis dir");
+        let mut server = Self { guard: None, port: free_port(), dir: dir.to_owned() };
+        server.restart();
+        server
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut g) = self.guard.take() {
+            let _ = g.child().kill();
+            let _ = g.child().wait();
+        }
+    }
+
+    /// Starts it again on the same port and data (it replays its AOF).
+    pub fn restart(&mut self) {
+        self.kill();
+        let log = self.dir.join(format!("redis-{}.log", free_port()));
+        let mut cmd = Command::new(peer("redis-server"));
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(&self.dir);
+        let mut guard = ChildGuard::spawn(cmd, &log);
+        guard.wait_for_port(SocketAddr::from(([127, 0, 0, 1], self.port)), &log);
+        poll_until(Duration::from_secs(10), Duration::from_millis(20), "redis-server loads its data", || {
+            !self.cli_on(&["PING"]).contains("LOADING")
+        });
+        self.guard = Some(guard);
+    }
+
+    fn cli_on(&self, args: &[&str]) -> String {
+        text(&run(Command::new(peer("redis-cli")).args(["-p", &self.port.to_string(), "--raw"]).args(args)).stdout)
+    }
+
+    /// `redis-cli --raw ARGS`; its output (panics when redis-cli is missing).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = run_ok(Command::new(peer("redis-cli")).args(["-p", &self.port.to_string(), "--raw"]).args(args));
+        text(&out.stdout)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP proxy on loopback that the test can cut (every open connection
+/// closed, new ones refused) and heal: a network partition it controls.
+/// `on_connect` runs before each connection is forwarded.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    /// Forwards connections to `target`.
+    pub fn start(target: SocketAddr, on_connect: impl Fn() + Send + 'static) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::net::TcpStream>::new()));
+        let (c, o) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                on_connect();
+                let Ok(server) = std::net::TcpStream::connect(target) else { continue };
+                let mut tracked = o.lock().unwrap_or_else(|e| e.into_inner());
+                for s in [&client, &server] {
+                    if let Ok(s) = s.try_clone() {
+                        tracked.push(s);
+                    }
+                }
+                for (mut from, mut to) in [(client.try_clone(), server.try_clone()), (Ok(server), Ok(client))]
+                    .into_iter()
+                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Self { addr, cut, open }
+    }
+
+    /// Closes every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.open.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Forwards again.
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}

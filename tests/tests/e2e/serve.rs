@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use lanyard_sidecar::certdir::CertDir;
 use lanyard_tests::*;
+
+mod redis;
 use serde_json::{json, Value};
 
 fn serial_of(dir: &Path) -> Option<String> {
