@@ -45,10 +45,14 @@ use serde_norway::{Mapping, Value};
 use crate::error::ComposeError;
 use crate::images::{well_known, ImagePorts, NoEngine};
 use crate::model::{Attachment, Compose, PortMapping, Service};
-use crate::options::{Defaults, Protocol, PublishedTls};
+use crate::options::{Defaults, Protocol, PublishedTls, StoreChoice};
 
 /// The CA service's name.
 pub const CA_SERVICE: &str = "lanyard-ca";
+/// The second CA replica, with a shared store.
+pub const CA_REPLICA: &str = "lanyard-ca-2";
+/// The Redis service `store: redis` adds.
+pub const REDIS_SERVICE: &str = "lanyard-redis";
 /// Prefix of every name the transform adds.
 pub const PREFIX: &str = "lanyard-";
 /// Where the sidecar reads its cert dir.
@@ -214,7 +218,16 @@ pub fn inject_with(
     let mut networks = take_mapping(&mut doc, "networks")?;
     let mut volumes = take_mapping(&mut doc, "volumes")?;
     let mut services = Mapping::new();
-    services.insert(CA_SERVICE.into(), ca_service(&defaults, &plans, compose)?);
+    let ca = ca_service(&defaults, &plans, compose)?;
+    if let Some(store) = &defaults.store {
+        // Two replicas on one store; both answer as lanyard-ca.
+        services.insert(CA_REPLICA.into(), ca.clone());
+        if *store == StoreChoice::Service {
+            services.insert(REDIS_SERVICE.into(), redis_service(&defaults));
+            volumes.insert(format!("{PREFIX}redis-data").into(), Value::Null);
+        }
+    }
+    services.insert(CA_SERVICE.into(), ca);
     let control_internal = public.is_empty();
     networks.insert(CONTROL.into(), network(&mut subnets, control_internal)?);
     volumes.insert(format!("{PREFIX}ca-state").into(), Value::Null);
@@ -1228,6 +1241,8 @@ struct CaToml {
     trust_domain: String,
     state: &'static str,
     https_listen: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store: Option<String>,
     #[serde(rename = "identity")]
     identities: Vec<IdentityToml>,
     #[serde(rename = "public", skip_serializing_if = "Vec::is_empty")]
@@ -1255,6 +1270,40 @@ struct PublicToml {
     #[serde(skip_serializing_if = "Option::is_none")]
     directory_url: Option<String>,
     out_dir: String,
+}
+
+/// The Redis service of `store: redis`: AOF on (fsync every second), its
+/// data in a volume, reachable only on the control network.
+fn redis_service(defaults: &Defaults) -> Value {
+    let mut redis = Mapping::new();
+    redis.insert("image".into(), defaults.redis_image.clone().into());
+    redis.insert(
+        "command".into(),
+        strings([
+            "redis-server",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            "/data",
+            "--protected-mode",
+            "no",
+        ]),
+    );
+    redis.insert("volumes".into(), strings([format!("{PREFIX}redis-data:/data")]));
+    redis.insert("networks".into(), strings([CONTROL]));
+    let mut check = Mapping::new();
+    check.insert("test".into(), strings(["CMD", "redis-cli", "ping"]));
+    check.insert("interval".into(), "2s".into());
+    check.insert("timeout".into(), "2s".into());
+    check.insert("retries".into(), Value::Number(30.into()));
+    redis.insert("healthcheck".into(), Value::Mapping(check));
+    hardening(&mut redis);
+    // The official image starts as root, chowns /data and drops to its
+    // user with gosu: those three capabilities, no more.
+    redis.insert("cap_add".into(), strings(["CHOWN", "SETGID", "SETUID"]));
+    Value::Mapping(redis)
 }
 
 #[derive(Serialize)]
@@ -1304,10 +1353,15 @@ fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compo
     }
     let public = !publics.is_empty();
     let acme = (public && defaults.acme_roots.is_some()).then_some(AcmeToml { directory_roots: ACME_ROOTS });
+    let store = defaults.store.as_ref().map(|s| match s {
+        StoreChoice::Service => format!("redis://{REDIS_SERVICE}:6379"),
+        StoreChoice::Url(url) => url.clone(),
+    });
     let config = CaToml {
         trust_domain: defaults.trust_domain.as_str().to_owned(),
         state: "/state",
         https_listen: format!("0.0.0.0:{CA_API_PORT}"),
+        store,
         identities,
         publics,
         acme,
@@ -1322,7 +1376,17 @@ fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compo
         volumes.push(format!("{roots}:{ACME_ROOTS}:ro"));
     }
     ca.insert("volumes".into(), strings(volumes));
-    ca.insert("networks".into(), strings([CONTROL]));
+    if defaults.store.is_some() {
+        // Both replicas answer as lanyard-ca; the sidecars' ACME forwards reach either.
+        let mut control = Mapping::new();
+        control.insert("aliases".into(), strings([CA_SERVICE]));
+        ca.insert("networks".into(), mapping([(CONTROL, Value::Mapping(control))]));
+    } else {
+        ca.insert("networks".into(), strings([CONTROL]));
+    }
+    if defaults.store == Some(StoreChoice::Service) {
+        ca.insert("depends_on".into(), mapping([(REDIS_SERVICE, mapping([("condition", "service_healthy".into())]))]));
+    }
     if public {
         // The ACME server is outside: `host.docker.internal` is the host.
         ca.insert("extra_hosts".into(), strings(["host.docker.internal:host-gateway"]));

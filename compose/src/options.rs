@@ -187,6 +187,39 @@ pub struct Defaults {
     /// large project does not exhaust dockerd's default address pools.
     #[serde(deserialize_with = "one")]
     pub subnet_pool: SubnetPool,
+    /// Where the CA keeps its state: unset for one CA with its embedded
+    /// store; `redis` for a Redis service (AOF on) and two CA replicas on
+    /// it; or a `redis://` / `rediss://` URL for two replicas on that Redis.
+    #[serde(deserialize_with = "opt_store")]
+    pub store: Option<StoreChoice>,
+    /// The image of the Redis service that `store: redis` adds.
+    pub redis_image: String,
+}
+
+/// `x-lanyard.store`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// A Redis service of the project's own.
+    Service,
+    /// A Redis outside the project.
+    Url(String),
+}
+
+impl FromStr for StoreChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "redis" => Ok(Self::Service),
+            url if url.starts_with("redis://") || url.starts_with("rediss://") => Ok(Self::Url(url.to_owned())),
+            other => Err(format!(
+                "store {other:?}: give `redis` (a Redis service and two CA replicas) or a redis:// or rediss:// URL; leave it out for one CA with its embedded store"
+            )),
+        }
+    }
+}
+
+fn opt_store<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StoreChoice>, D::Error> {
+    one(d).map(Some)
 }
 
 impl Default for Defaults {
@@ -203,6 +236,8 @@ impl Default for Defaults {
             edge_https: "443".into(),
             host_names: Vec::new(),
             subnet_pool: SubnetPool { base: u32::from(std::net::Ipv4Addr::new(10, 213, 0, 0)), prefix: 16 },
+            store: None,
+            redis_image: "redis:7".into(),
         }
     }
 }

@@ -686,20 +686,34 @@ pub struct RedisServer {
     /// Its port on 127.0.0.1.
     pub port: u16,
     dir: PathBuf,
+    /// TLS only, with the certificate in this cert dir.
+    tls: Option<PathBuf>,
 }
 
 impl RedisServer {
     /// Starts one keeping its data in `dir`.
     pub fn start(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).expect("redis dir");
-        let mut server = Self { guard: None, port: free_port(), dir: dir.to_owned() };
+        let mut server = Self { guard: None, port: free_port(), dir: dir.to_owned(), tls: None };
         server.restart();
         server
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// Starts one that speaks TLS only (`rediss://`), serving the
+    /// certificate in `cert_dir`.
+    pub fn start_tls(dir: &Path, cert_dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("redis dir");
+        let mut server = Self { guard: None, port: free_port(), dir: dir.to_owned(), tls: Some(cert_dir.to_owned()) };
+        server.restart();
+        server
+    }
+
+    /// `redis://127.0.0.1:PORT`, or `rediss://localhost:PORT` with TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://localhost:{}", self.port),
+        }
     }
 
     /// Kills it with SIGKILL, as a crash would.
@@ -715,14 +729,26 @@ impl RedisServer {
         self.kill();
         let log = self.dir.join(format!("redis-{}.log", free_port()));
         let mut cmd = Command::new(peer("redis-server"));
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+        let port = self.port.to_string();
+        match &self.tls {
+            None => cmd.args(["--port", &port]),
+            Some(certs) => cmd
+                .args(["--port", "0", "--tls-port", &port, "--tls-auth-clients", "no", "--tls-cert-file"])
+                .arg(certs.join("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(certs.join("key.pem"))
+                .arg("--tls-ca-cert-file")
+                .arg(certs.join("ca.pem")),
+        };
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir"])
             .arg(&self.dir);
         let mut guard = ChildGuard::spawn(cmd, &log);
         guard.wait_for_port(SocketAddr::from(([127, 0, 0, 1], self.port)), &log);
-        poll_until(Duration::from_secs(10), Duration::from_millis(20), "redis-server loads its data", || {
-            !self.cli_on(&["PING"]).contains("LOADING")
-        });
+        if self.tls.is_none() {
+            poll_until(Duration::from_secs(10), Duration::from_millis(20), "redis-server loads its data", || {
+                !self.cli_on(&["PING"]).contains("LOADING")
+            });
+        }
         self.guard = Some(guard);
     }
 

@@ -203,4 +203,33 @@ mod tests {
         let e = ServeConfig::parse("state = \"/s\"", "t", &bad_port).unwrap_err();
         assert!(e.to_string().contains("HTTP_PORT"), "{e}");
     }
+
+    /// Every CA config `ca inject` writes (the golden outputs) is one
+    /// `ca serve` accepts, with the store it names.
+    #[test]
+    fn every_injected_ca_config_parses() {
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/tests/golden");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&golden).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.to_string_lossy().ends_with(".out.yml") {
+                continue;
+            }
+            let compose = lanyard_compose::Compose::parse(&std::fs::read_to_string(&path).unwrap(), "golden").unwrap();
+            for name in ["lanyard-ca", "lanyard-ca-2"] {
+                let Some(ca) = compose.service(name) else { continue };
+                let toml = &ca.environment.iter().find(|(k, _)| k == "LANYARD_CONFIG").expect("LANYARD_CONFIG").1;
+                let config = ServeConfig::parse(toml, &path.display().to_string(), &HashMap::new())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                if path.ends_with("store-redis.out.yml") {
+                    assert_eq!(
+                        config.store_spec(),
+                        crate::store::StoreSpec::Redis("redis://lanyard-redis:6379".into())
+                    );
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen >= 7, "golden CA configs parsed: {seen}");
+    }
 }

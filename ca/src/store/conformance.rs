@@ -122,7 +122,7 @@ fn sqlite_and_redis_behave_alike_and_copy_into_each_other() {
     conforms(&sqlite);
     let server = RedisServer::start();
     let key = StoreKey::load_or_create(&dir.path().join("store.key")).unwrap();
-    let redis = RedisStore::open(&server.url, key).unwrap();
+    let redis = RedisStore::open(&server.url, key, None).unwrap();
     conforms(&redis);
 
     let other = tempfile::tempdir().unwrap();
@@ -130,19 +130,19 @@ fn sqlite_and_redis_behave_alike_and_copy_into_each_other() {
     copies_into(&redis, &back);
     let again = RedisServer::start();
     let key = StoreKey::load_or_create(&dir.path().join("store.key")).unwrap();
-    copies_into(&sqlite, &RedisStore::open(&again.url, key).unwrap());
+    copies_into(&sqlite, &RedisStore::open(&again.url, key, None).unwrap());
 }
 
 #[test]
 fn redis_seals_key_material_and_fences_a_stale_leader() {
     let dir = tempfile::tempdir().unwrap();
     let server = RedisServer::start();
-    let store = RedisStore::open(&server.url, StoreKey::load_or_create(&dir.path().join("k")).unwrap()).unwrap();
+    let store = RedisStore::open(&server.url, StoreKey::load_or_create(&dir.path().join("k")).unwrap(), None).unwrap();
     store.put_doc("acme_account", "dir|ops@example.test", "{\"key\":\"secret\"}").unwrap();
     let mut raw = ::redis::Client::open(server.url.as_str()).unwrap().get_connection().unwrap();
     let stored: String = ::redis::cmd("GET").arg("account:dir:ops@example.test").query(&mut raw).unwrap();
     assert!(stored.starts_with("sealed:v1:") && !stored.contains("secret"), "{stored}");
-    let other = RedisStore::open(&server.url, StoreKey::load_or_create(&dir.path().join("k2")).unwrap()).unwrap();
+    let other = RedisStore::open(&server.url, StoreKey::load_or_create(&dir.path().join("k2")).unwrap(), None).unwrap();
     let err = other.doc("acme_account", "dir|ops@example.test").unwrap_err().to_string();
     assert!(err.contains("sealed with another key"), "{err}");
 

@@ -304,7 +304,8 @@ impl std::str::FromStr for StoreSpec {
 
 /// Opens the store `spec` for the CA in `state_dir`. Redis key material is
 /// sealed with the key in `store_key` (default `STATE/store.key`, made on
-/// first use): Redis alone never hands out a key.
+/// first use): Redis alone never hands out a key. `rediss://` trusts the
+/// system's roots and the fleet's own root.
 pub fn open(spec: &StoreSpec, state_dir: &Path, store_key: Option<&Path>) -> Result<Arc<dyn Store>, StoreError> {
     if !state_dir.exists() {
         use std::os::unix::fs::DirBuilderExt;
@@ -317,7 +318,8 @@ pub fn open(spec: &StoreSpec, state_dir: &Path, store_key: Option<&Path>) -> Res
         StoreSpec::Sqlite => Arc::new(SqliteStore::open(state_dir)?),
         StoreSpec::Redis(url) => {
             let key_path = store_key.map(Path::to_owned).unwrap_or_else(|| state_dir.join(seal::DEFAULT_FILE));
-            Arc::new(RedisStore::open(url, StoreKey::load_or_create(&key_path)?)?)
+            let fleet_roots = std::fs::read_to_string(state_dir.join("root.pem")).ok();
+            Arc::new(RedisStore::open(url, StoreKey::load_or_create(&key_path)?, fleet_roots.as_deref())?)
         }
     })
 }

@@ -58,6 +58,14 @@ fn doc_key(kind: &str, key: &str) -> String {
     }
 }
 
+/// `der` as a PEM block labelled `label`.
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|l| std::str::from_utf8(l).unwrap_or_default()).collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+}
+
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
@@ -66,11 +74,23 @@ fn redact(url: &str) -> String {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://` or `rediss://`, with rustls); fails
-    /// when the server does not answer.
-    pub fn open(url: &str, key: StoreKey) -> Result<Self, StoreError> {
+    /// Connects to `url` (`redis://`, or `rediss://` with rustls on
+    /// aws-lc-rs, verifying the server against the system's roots and
+    /// `fleet_roots`, PEM: a Redis with a certificate from this CA works
+    /// as it is); fails when the server does not answer.
+    pub fn open(url: &str, key: StoreKey, fleet_roots: Option<&str>) -> Result<Self, StoreError> {
         let shown = redact(url);
-        let client = redis::Client::open(url).map_err(|source| StoreError::Redis { url: shown.clone(), source })?;
+        let err = |source| StoreError::Redis { url: shown.clone(), source };
+        let client = if url.starts_with("rediss://") {
+            let mut roots = fleet_roots.unwrap_or_default().to_owned();
+            for der in rustls_native_certs::load_native_certs().certs {
+                roots.push_str(&pem("CERTIFICATE", der.as_ref()));
+            }
+            let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(roots.into_bytes()) };
+            redis::Client::build_with_tls(url, certs).map_err(err)?
+        } else {
+            redis::Client::open(url).map_err(err)?
+        };
         let store = Self { client, url: shown, pool: (0..POOL).map(|_| Mutex::new(None)).collect(), key };
         store.check()?;
         Ok(store)

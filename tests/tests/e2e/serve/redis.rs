@@ -397,3 +397,25 @@ fn a_ca_moves_between_sqlite_and_redis_without_reissuing() {
     );
     eprintln!("copied: {copied}");
 }
+
+/// `rediss://`: a Redis serving a certificate from the fleet's own CA is
+/// trusted as it is (rustls on aws-lc-rs; no ring in the build), by the
+/// CLI and by `ca serve`; a Redis whose certificate the CA does not trust
+/// is refused with a clear error.
+#[test]
+fn rediss_with_a_certificate_from_the_fleet_ca() {
+    let pki = Pki::new(&[]);
+    let certs = pki.issue("redis", &["--dns", "localhost", "--ip", "127.0.0.1"]);
+    let redis = RedisServer::start_tls(&pki.path("redis"), &certs);
+    let token = text(&run_ok(ca().args(["token", "web", "--store", &redis.url(), "--state"]).arg(pki.state())).stdout);
+    assert!(!token.trim().is_empty());
+    let server = replica(&pki, &redis.url(), "");
+    poll_until(Duration::from_secs(20), Duration::from_millis(100), "it leads over TLS", || {
+        role(&pki, &server) == "leader"
+    });
+    assert_eq!(health(&pki, &server)["redis"], "healthy");
+
+    let stranger = Pki::new(&[]);
+    let err = run_err(ca().args(["token", "web", "--store", &redis.url(), "--state"]).arg(stranger.state()));
+    assert!(err.contains("redis store rediss://localhost") && err.contains("certificate"), "{err}");
+}
