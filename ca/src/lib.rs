@@ -3,6 +3,7 @@
 
 pub mod authority;
 pub mod compose;
+pub mod enrol;
 pub mod error;
 pub mod inspect;
 pub mod issue;
@@ -12,5 +13,6 @@ pub mod rotation;
 pub mod serve;
 pub mod state;
 pub mod store;
+pub mod token;
 
 pub use error::CaError;

@@ -44,6 +44,9 @@ enum Command {
     Serve(ServeArgs),
     /// Print a single-use bootstrap token for POST /v1/sign.
     Token(TokenArgs),
+    /// Make an enrolment credential for one identity (`sidecar run --enrol FILE`);
+    /// list or revoke them.
+    Enrol(EnrolArgs),
     /// Show every managed identity: serial, expiry, renewals, last error.
     Status(StatusArgs),
     /// Exit non-zero when an identity is in trouble.
@@ -93,6 +96,30 @@ struct CopyArgs {
     /// The key that seals key material in a shared store (default STATE/store.key).
     #[arg(long, env = "LANYARD_STORE_KEY", value_name = "FILE")]
     store_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EnrolArgs {
+    /// The identity the credential may enrol.
+    #[arg(required_unless_present_any = ["list", "revoke"])]
+    name: Option<DnsName>,
+    /// How long the credential works (the certificates it gets live as the identity's TTL).
+    #[arg(long, default_value = "30d")]
+    ttl: Span,
+    /// The CA's API as the sidecars reach it.
+    #[arg(long, value_name = "URL", default_value = "https://ca:8443")]
+    ca_url: String,
+    /// Write the credential here (mode 0600) instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// List the credentials: id, identity, expiry, uses, last caller.
+    #[arg(long, conflicts_with_all = ["name", "revoke"])]
+    list: bool,
+    /// Revoke the credential with this id (or a unique prefix of it).
+    #[arg(long, value_name = "ID", conflicts_with = "name")]
+    revoke: Option<String>,
+    #[command(flatten)]
+    state: StateArg,
 }
 
 #[derive(Args)]
@@ -625,6 +652,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let home = std::env::var_os("HOME").map(PathBuf::from);
             for line in trust::apply(&root, a.remove, home.as_deref())? {
                 println!("{line}");
+            }
+        }
+        Command::Enrol(a) => {
+            use lanyard_ca::enrol;
+            let authority = a.state.authority()?;
+            let store = authority.store().as_ref();
+            let at = |t: i64| OffsetDateTime::from_unix_timestamp(t).map(rfc3339).unwrap_or_default();
+            if a.list {
+                println!(
+                    "{:<13} {:<20} {:<21} {:>5}  {:<21} STATE",
+                    "ID", "IDENTITY", "EXPIRES", "USES", "LAST CALLER"
+                );
+                for e in enrol::list(store)? {
+                    let state = match e.revoked_at {
+                        Some(t) => format!("revoked {}", at(t)),
+                        None if e.expires_at <= OffsetDateTime::now_utc().unix_timestamp() => "expired".into(),
+                        None => "active".into(),
+                    };
+                    println!(
+                        "{:<13} {:<20} {:<21} {:>5}  {:<21} {state}",
+                        e.id,
+                        e.identity,
+                        at(e.expires_at),
+                        e.uses,
+                        e.last_caller.as_deref().unwrap_or("-")
+                    );
+                }
+            } else if let Some(id) = &a.revoke {
+                match enrol::revoke(store, id)? {
+                    Some(e) => eprintln!("revoked enrolment credential {} for {}: no new enrolment with it; certificates already issued stay valid until revoked", e.id, e.identity),
+                    None => anyhow::bail!("no single enrolment credential has an id starting with {id:?}; see `ca enrol --list`"),
+                }
+            } else if let Some(name) = &a.name {
+                let ttl = time::Duration::try_from(a.ttl.get())?;
+                let fingerprint = authority.ca().root().sha256.clone();
+                let (record, credential) = enrol::create(store, name, ttl, &a.ca_url, &fingerprint)?;
+                match &a.output {
+                    Some(path) => write_file(path, &credential.to_toml(), 0o600)?,
+                    None => stdout(&credential.to_toml()),
+                }
+                eprintln!(
+                    "enrolment credential {} for {name}, valid until {}; revoke it with `ca enrol --revoke {}`",
+                    record.id,
+                    at(record.expires_at),
+                    record.id
+                );
             }
         }
         Command::Token(a) => {

@@ -17,9 +17,10 @@ use time::OffsetDateTime;
 use crate::authority::Authority;
 use crate::issue::{KeySource, LeafRequest};
 use crate::keys::KeyType;
-use crate::serve::api::{token_hash, ADMIN_NAME};
+use crate::serve::api::ADMIN_NAME;
 use crate::state::{write_file, CaState, InitOptions};
 use crate::store::{Dump, ScheduleRow, SqliteStore, Store, StoreSpec, DB_FILE};
+use crate::token::secret_hash;
 use crate::CaError;
 
 /// Lifetime of the admin client certificate `ca init` makes.
@@ -95,7 +96,7 @@ pub fn new_token(authority: &Authority, identity: &str, ttl: Span) -> Result<Str
     aws_lc_rs::rand::fill(&mut bytes).expect("the system RNG is available");
     let token = lanyard_sidecar::certinfo::hex(&bytes);
     let expires = OffsetDateTime::now_utc() + ttl.get();
-    authority.store().add_token(&token_hash(&token), identity, expires.unix_timestamp())?;
+    authority.store().add_token(&secret_hash(&token), identity, expires.unix_timestamp())?;
     Ok(token)
 }
 

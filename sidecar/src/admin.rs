@@ -23,7 +23,7 @@ use crate::proxy::Listener;
 use crate::reload::CertStore;
 use crate::tls::{self, ClientAuth};
 
-/// A certificate is "due" once this fraction of its life has passed.
+/// A certificate is "degraded" once this fraction of its life has passed.
 pub const NOT_READY_AFTER_LIFE: f64 = 5.0 / 6.0;
 
 /// The `/readyz` body.
@@ -31,6 +31,10 @@ pub const NOT_READY_AFTER_LIFE: f64 = 5.0 / 6.0;
 pub struct Readiness {
     /// Whether the sidecar should receive traffic.
     pub ready: bool,
+    /// Ready, but in trouble: the certificate is in the last sixth of its
+    /// life and not renewed (the reason says so). Not ready only at expiry.
+    #[serde(default)]
+    pub degraded: bool,
     /// Why not, or "ok".
     pub reason: String,
     /// Serial of the served certificate.
@@ -75,6 +79,7 @@ impl Admin {
             let current = self.store.current();
             return Readiness {
                 ready: false,
+                degraded: false,
                 reason,
                 serial: current.as_ref().map(|s| s.set.leaf.serial.clone()),
                 not_after: current.as_ref().map(|s| rfc3339(s.set.leaf.not_after)),
@@ -86,6 +91,7 @@ impl Admin {
             let why = last_reload_error.clone().unwrap_or_else(|| "no certificate found yet".into());
             return Readiness {
                 ready: false,
+                degraded: false,
                 reason: format!("no valid certificate loaded: {why}"),
                 serial: None,
                 not_after: None,
@@ -98,12 +104,13 @@ impl Admin {
         let mut reason = None;
         if now > leaf.not_after {
             reason = Some(format!("certificate expired at {}", rfc3339(leaf.not_after)));
-        } else if now > leaf.life_point(NOT_READY_AFTER_LIFE) {
-            reason = Some(format!(
+        }
+        let degraded = (reason.is_none() && now > leaf.life_point(NOT_READY_AFTER_LIFE)).then(|| {
+            format!(
                 "certificate is in the last sixth of its life (expires {}); renewal is overdue",
                 rfc3339(leaf.not_after)
-            ));
-        }
+            )
+        });
         if reason.is_none() {
             for l in self.listeners.iter().filter(|l| l.config.mode == Mode::Inbound) {
                 let Some(up) = &l.config.upstream else { continue };
@@ -119,7 +126,8 @@ impl Admin {
         }
         Readiness {
             ready: reason.is_none(),
-            reason: reason.unwrap_or_else(|| "ok".into()),
+            degraded: degraded.is_some(),
+            reason: reason.or(degraded).unwrap_or_else(|| "ok".into()),
             serial: Some(leaf.serial.clone()),
             not_after: Some(rfc3339(leaf.not_after)),
             trust_roots: trust_roots(&snapshot.set),

@@ -239,6 +239,9 @@ pub struct Config {
     /// the default) or `require` (post-quantum hybrid only).
     #[serde(default)]
     pub kx: crate::tls::KxPolicy,
+    /// Network enrolment: the cert dir is kept current through the CA.
+    #[serde(default)]
+    pub enrol: Option<crate::enrol::EnrolConfig>,
 }
 
 impl Config {
@@ -407,6 +410,7 @@ mod tests {
             limits: Limits::default(),
             edges: vec![],
             kx: Default::default(),
+            enrol: None,
             listeners: vec![ListenerConfig {
                 name: String::new(),
                 mode: Mode::Outbound,

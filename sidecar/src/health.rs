@@ -68,6 +68,20 @@ pub async fn get(
     config: Arc<rustls::ClientConfig>,
     limit: Duration,
 ) -> Result<(String, String), HealthError> {
+    request(host, port, "GET", path, None, config, limit).await
+}
+
+/// One HTTP/1.1 request (`body` as JSON) to `host:port` over TLS with
+/// `config` within `limit`; the status code and the body, whatever the status.
+pub async fn request(
+    host: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    config: Arc<rustls::ClientConfig>,
+    limit: Duration,
+) -> Result<(String, String), HealthError> {
     let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
     let server_name =
         ServerName::try_from(host.to_owned()).map_err(|_| HealthError::Url(format!("https://{authority}{path}")))?;
@@ -80,8 +94,16 @@ pub async fn get(
                 "TLS to {authority} failed: {e} (the sidecar may still be serving its fallback certificate)"
             ))
         })?;
-        let request = format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n");
-        tls.write_all(request.as_bytes()).await.map_err(|e| HealthError::Unreachable(e.to_string()))?;
+        let body = body.unwrap_or_default();
+        let head = if method == "GET" {
+            format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")
+        } else {
+            format!(
+                "{method} {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+        };
+        tls.write_all((head + body).as_bytes()).await.map_err(|e| HealthError::Unreachable(e.to_string()))?;
         let mut response = Vec::new();
         let _ = (&mut tls).take(1 << 20).read_to_end(&mut response).await;
         let response = String::from_utf8_lossy(&response).into_owned();

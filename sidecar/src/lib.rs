@@ -10,6 +10,7 @@ pub mod certinfo;
 pub mod cli;
 pub mod config;
 pub mod edge;
+pub mod enrol;
 pub mod health;
 pub mod http;
 pub mod identity;
@@ -42,6 +43,9 @@ pub fn install_crypto_provider() {
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
+    /// The enrolment credential or the CA URL is unusable.
+    #[error(transparent)]
+    Enrol(#[from] enrol::EnrolError),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -188,6 +192,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(enrol) = &config.enrol {
+        let enroller = enrol::Enroller::new(enrol, &config.cert_dir)?;
+        tokio::spawn(enroller.run(stop_rx.clone()));
+    }
     let mut listeners = Vec::new();
     let mut tasks = Vec::new();
     for lc in &config.listeners {

@@ -78,6 +78,13 @@ struct RunArgs {
     /// TOML file declaring several listeners.
     #[arg(long, value_name = "FILE", conflicts_with = "config_toml")]
     config: Option<PathBuf>,
+    /// Enrol over the network with this credential (`ca enrol NAME`): the
+    /// key is made here, and the cert dir is kept current through the CA.
+    #[arg(long, value_name = "FILE")]
+    enrol: Option<PathBuf>,
+    /// With --enrol: the CA's URL, instead of the one in the credential.
+    #[arg(long, value_name = "URL", requires = "enrol")]
+    ca: Option<String>,
     /// The same TOML as text, for containers configured through the environment.
     #[arg(long, env = "LANYARD_SIDECAR_CONFIG", value_name = "TOML", hide_env_values = true)]
     config_toml: Option<String>,
@@ -155,7 +162,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigError> {
+fn config_from(mut a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigError> {
+    let enrol = a.enrol.take().map(|credential| lanyard_sidecar::enrol::EnrolConfig { credential, ca: a.ca.take() });
+    let mut config = config_from_args(a)?;
+    if enrol.is_some() {
+        config.enrol = enrol;
+    }
+    Ok(config)
+}
+
+fn config_from_args(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigError> {
     let from_toml = match (&a.config, &a.config_toml) {
         (Some(path), _) => Some(Config::from_file(path)?),
         (None, Some(text)) => Some(Config::from_toml(text, Path::new("$LANYARD_SIDECAR_CONFIG"))?),
@@ -180,6 +196,7 @@ fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigErro
                 listeners: vec![],
                 edges: vec![],
                 kx: a.kx,
+                enrol: None,
             }
             .checked("command line");
         };
@@ -201,6 +218,7 @@ fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigErro
             listeners: vec![],
             edges: vec![edge],
             kx: a.kx,
+            enrol: None,
         }
         .checked("command line");
     }
@@ -222,6 +240,6 @@ fn config_from(a: RunArgs) -> Result<Config, lanyard_sidecar::config::ConfigErro
         }],
         _ => Vec::new(),
     };
-    Config { cert_dir, admin: a.admin, limits: Limits::default(), listeners, edges: vec![], kx: a.kx }
+    Config { cert_dir, admin: a.admin, limits: Limits::default(), listeners, edges: vec![], kx: a.kx, enrol: None }
         .checked("command line")
 }

@@ -54,11 +54,6 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Reply {
     json_reply(status, json!({ "error": message.to_string() }))
 }
 
-/// SHA-256 of a bootstrap token, as stored.
-pub fn token_hash(token: &str) -> String {
-    lanyard_sidecar::certinfo::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref())
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SignBody {
@@ -201,10 +196,12 @@ async fn public_certificates(svc: &Service, method: &Method, rest: &str, req: Re
     }
 }
 
-/// Handles one request; `peer` is the verified client certificate, if any.
+/// Handles one request from `remote`; `peer` is the verified client
+/// certificate, if any.
 pub async fn handle(
     svc: Arc<Service>,
     peer: Option<Arc<CertInfo>>,
+    remote: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Reply, Infallible> {
     let path = req.uri().path().to_owned();
@@ -220,6 +217,7 @@ pub async fn handle(
         }
         (Method::GET, "/v1/crl") => reply(StatusCode::OK, "application/x-pem-file", svc.scheduler.crl()),
         (Method::POST, "/v1/sign") => sign(&svc, req).await,
+        (Method::POST, "/v1/enrol") => enrol(&svc, remote, req).await,
         (Method::POST, "/v1/renew") => renew(&svc, peer.as_deref(), req).await,
         (Method::POST, "/v1/revoke") => match admin_refusal(&svc, peer.as_deref()) {
             Some(r) => r,
@@ -318,7 +316,7 @@ fn csr_request(svc: &Service, name: lanyard_sidecar::identity::DnsName, csr: Str
         dns: None,
         ips: Vec::new(),
         spiffe: None,
-        ttl: lanyard_sidecar::span::Span::new(crate::issue::DEFAULT_TTL).expect("non-zero"),
+        ttl: svc.leaf_ttl,
         key: KeySource::Generate(KeyType::EcdsaP256),
     });
     req.key = KeySource::Csr { origin: "request body".into(), pem: csr };
@@ -331,7 +329,7 @@ async fn sign(svc: &Arc<Service>, req: Request<Incoming>) -> Reply {
         Err(r) => return r,
     };
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let identity = match svc.authority.store().use_token(&token_hash(&body.token), now) {
+    let identity = match svc.authority.store().use_token(&crate::token::secret_hash(&body.token), now) {
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
         Ok(Err(TokenRefusal::Unknown)) => return error(StatusCode::UNAUTHORIZED, "unknown token"),
         Ok(Err(TokenRefusal::Used)) => {
@@ -352,6 +350,49 @@ async fn sign(svc: &Arc<Service>, req: Request<Incoming>) -> Reply {
     issued_reply(
         svc,
         result.unwrap_or_else(|e| Err(CaError::Config { origin: "sign".into(), what: e.to_string() })),
+        started,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrolBody {
+    secret: String,
+    csr: String,
+}
+
+/// `POST /v1/enrol`: a CSR for a key the caller made, authorized by an
+/// enrolment credential for exactly one identity (`ca enrol NAME`).
+async fn enrol(svc: &Arc<Service>, remote: std::net::SocketAddr, req: Request<Incoming>) -> Reply {
+    let body: EnrolBody = match body_json(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let store = svc.authority.store().clone();
+    let caller = remote.to_string();
+    let admitted = match crate::enrol::admit(store.as_ref(), &body.secret, &caller, now) {
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Ok(Err(refusal)) => {
+            tracing::warn!(caller = %caller, "enrolment refused: {refusal}");
+            return error(StatusCode::UNAUTHORIZED, refusal);
+        }
+        Ok(Ok(record)) => record,
+    };
+    tracing::info!(identity = %admitted.identity, credential = %admitted.id, caller = %caller, uses = admitted.uses, "enrolment");
+    let Ok(name) = admitted.identity.parse() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("credential identity {:?} is not a valid name", admitted.identity),
+        );
+    };
+    let request = csr_request(svc, name, body.csr);
+    let started = std::time::Instant::now();
+    let svc2 = svc.clone();
+    let result = tokio::task::spawn_blocking(move || svc2.authority.issue(&request, "enrol")).await;
+    issued_reply(
+        svc,
+        result.unwrap_or_else(|e| Err(CaError::Config { origin: "enrol".into(), what: e.to_string() })),
         started,
     )
 }

@@ -68,6 +68,10 @@ pub struct ServeConfig {
     /// Lifetime of the API certificate.
     #[serde(default = "default_ttl", deserialize_with = "serde_str::one")]
     pub api_ttl: Span,
+    /// Lifetime of certificates the API issues (`/v1/sign`, `/v1/enrol`,
+    /// `/v1/renew`) to identities this CA does not manage itself.
+    #[serde(default = "default_ttl", deserialize_with = "serde_str::one")]
+    pub leaf_ttl: Span,
     /// How often the CRL is re-signed and redistributed.
     #[serde(default = "default_crl_refresh", deserialize_with = "serde_str::one")]
     pub crl_refresh: Span,

@@ -52,6 +52,8 @@ pub struct Service {
     pub acme: Arc<acme::Acme>,
     /// Who leads among the replicas sharing the store.
     pub leader: leader::Leader,
+    /// Lifetime of API-issued certificates of identities not managed here.
+    pub leaf_ttl: Span,
     api_certs: Arc<CertStore>,
 }
 
@@ -345,7 +347,8 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     acme.reconcile(&config.public).map_err(|e| CaError::Config { origin: "[[public]]".into(), what: e.to_string() })?;
     tokio::spawn(acme.clone().run(leader.clone(), stop_rx.clone()));
     tokio::spawn(sidecars::poll_during_rotation(authority.clone(), known_sidecars, stop_rx.clone()));
-    let service = Arc::new(Service { authority, scheduler, metrics, acme, leader, api_certs });
+    let service =
+        Arc::new(Service { authority, scheduler, metrics, acme, leader, leaf_ttl: config.leaf_ttl, api_certs });
     tokio::spawn(serve_https(service.clone(), https, stop_rx.clone()));
     tokio::spawn(serve_http(service.clone(), http, https_port, stop_rx.clone()));
 
@@ -375,7 +378,7 @@ fn known_sidecars(config: &ServeConfig, td: &TrustDomain) -> Result<Vec<sidecars
 async fn serve_https(svc: Arc<Service>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let mut cached: Option<(u64, Arc<rustls::ServerConfig>)> = None;
     loop {
-        let Some((tcp, _)) = lanyard_sidecar::next_connection(&listener, &mut stop).await else { return };
+        let Some((tcp, remote)) = lanyard_sidecar::next_connection(&listener, &mut stop).await else { return };
         let Some(snapshot) = svc.api_certs.current() else { continue };
         let config = match &cached {
             Some((generation, c)) if *generation == snapshot.generation => c.clone(),
@@ -420,7 +423,7 @@ async fn serve_https(svc: Arc<Service>, listener: TcpListener, mut stop: watch::
                 .and_then(|c| c.first())
                 .and_then(|c| CertInfo::from_der(c).ok())
                 .map(Arc::new);
-            let service = hyper::service::service_fn(move |req| api::handle(svc.clone(), peer.clone(), req));
+            let service = hyper::service::service_fn(move |req| api::handle(svc.clone(), peer.clone(), remote, req));
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
         });
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use lanyard_sidecar::certdir::CertDir;
 use lanyard_tests::*;
 
+mod enrol;
 mod redis;
 use serde_json::{json, Value};
 
