@@ -8,6 +8,7 @@ pub mod error;
 pub mod inspect;
 pub mod issue;
 pub mod keys;
+pub mod mirror;
 pub mod ops;
 pub mod rotation;
 pub mod serve;

@@ -343,6 +343,21 @@ impl StateArg {
     fn authority(&self) -> Result<Authority, CaError> {
         Authority::open_with(self.dir()?, self.store()?)
     }
+
+    /// With a shared store, runs `change` on the store's CA: the state
+    /// directory is made a copy of it first, and what `change` wrote is
+    /// published after, for every replica.
+    fn change_ca<T>(&self, change: impl FnOnce(&Path) -> Result<T, CaError>) -> Result<T, CaError> {
+        let dir = self.dir()?;
+        if self.store == StoreSpec::Sqlite {
+            return change(dir);
+        }
+        let store = self.store()?;
+        lanyard_ca::mirror::pull(dir, store.as_ref())?;
+        let out = change(dir)?;
+        lanyard_ca::mirror::push(dir, store.as_ref())?;
+        Ok(out)
+    }
 }
 
 #[derive(Args)]
@@ -562,8 +577,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Intermediate(IntermediateCommand::Roll(a)) => {
-            let dir = a.state.dir()?;
-            let ca = CaState::load(dir)?;
             let key = match &a.root_key {
                 Some(path) => Some((
                     path.as_path(),
@@ -572,8 +585,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )),
                 None => None,
             };
-            let old = ca.intermediate().serial.clone();
-            let new = ca.roll_intermediate(OffsetDateTime::now_utc(), key.as_ref().map(|(p, k)| (*p, k.as_str())))?;
+            let (old, new) = a.state.change_ca(|dir| {
+                let ca = CaState::load(dir)?;
+                let new =
+                    ca.roll_intermediate(OffsetDateTime::now_utc(), key.as_ref().map(|(p, k)| (*p, k.as_str())))?;
+                Ok((ca.intermediate().serial.clone(), new))
+            })?;
             println!(
                 "intermediate {old} replaced by {}, expires {}",
                 new.intermediate().serial,
@@ -585,12 +602,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let now = OffsetDateTime::now_utc();
             let text = match step {
                 RotateCommand::Start(a) => {
-                    let dir = a.state.dir()?;
-                    let ca = CaState::load(dir)?;
-                    if !ca.root_key_online() && a.root_key_out.is_none() {
-                        anyhow::bail!("the root key is offline, so the new root's key is not stored either: give --root-key-out FILE");
-                    }
-                    let (ca, offline_key) = rotation::start(&ca, now)?;
+                    let (ca, offline_key) = a.state.change_ca(|dir| {
+                        let ca = CaState::load(dir)?;
+                        if !ca.root_key_online() && a.root_key_out.is_none() {
+                            return Err(CaError::Rotation("the root key is offline, so the new root's key is not stored either: give --root-key-out FILE".into()));
+                        }
+                        rotation::start(&ca, now)
+                    })?;
                     if let (Some(key), Some(path)) = (offline_key, &a.root_key_out) {
                         write_file(path, &key, 0o600)?;
                         eprintln!("the new root's key is in {}; keep it offline", path.display());
@@ -603,14 +621,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     rotation::status_text(&authority.ca(), authority.store().as_ref(), now)?
                 }
                 RotateCommand::Finish(a) => {
-                    let dir = a.state.dir()?;
-                    let ca = rotation::finish(&CaState::load(dir)?, now, a.window.get(), a.force)?;
+                    let ca = a
+                        .state
+                        .change_ca(|dir| rotation::finish(&CaState::load(dir)?, now, a.window.get(), a.force))?;
                     eprintln!("finished: issuance is on the new root; a running `ca serve` re-issues every identity within {}", a.window);
                     rotation::status_text(&ca, a.state.authority()?.store().as_ref(), now)?
                 }
                 RotateCommand::Abort(a) => {
-                    let dir = a.state.dir()?;
-                    let ca = rotation::abort(&CaState::load(dir)?)?;
+                    let ca = a.state.change_ca(|dir| rotation::abort(&CaState::load(dir)?))?;
                     eprintln!("aborted: the bundles carry the old root alone again");
                     rotation::status_text(&ca, a.state.authority()?.store().as_ref(), now)?
                 }
@@ -735,6 +753,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         authority.store().as_ref(),
                         OffsetDateTime::now_utc(),
                     )?);
+                }
+                for (what, sub) in
+                    [("this replica's API certificate", "api"), ("this replica's admin credential", "admin")]
+                {
+                    if let Ok(set) = CertDir::new(a.state.dir()?.join(sub)).load(OffsetDateTime::now_utc()) {
+                        let id = set.leaf.uris.first().cloned().unwrap_or_default();
+                        stdout(&format!(
+                            "{what} {id} serial {} expires {}\n",
+                            set.leaf.serial,
+                            rfc3339(set.leaf.not_after)
+                        ));
+                    }
                 }
                 stdout(&status_table(&rows, now));
                 let acme =

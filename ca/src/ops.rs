@@ -255,6 +255,15 @@ pub fn restore(
     target: &StoreSpec,
     store_key: Option<&Path>,
 ) -> Result<(), CaError> {
+    if let Some(records) = restore_files(state, file, force)? {
+        let store = crate::store::open(target, state, store_key)?;
+        import_checked(&records, store.as_ref())?;
+    }
+    CaState::load(state).map(|_| ())
+}
+
+/// Writes a backup's files into `state`; returns a shared store's records.
+fn restore_files(state: &Path, file: &Path, force: bool) -> Result<Option<Dump>, CaError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let text = std::fs::read_to_string(file).map_err(|source| CaError::ReadState { path: file.to_owned(), source })?;
     let corrupt = |what: String| CaError::CorruptState { path: file.to_owned(), what };
@@ -296,9 +305,15 @@ pub fn restore(
         let text = String::from_utf8(bytes).map_err(|_| corrupt(format!("{name} is not text")))?;
         write_file(&state.join(&name), &text, mode)?;
     }
-    if let Some(records) = &doc.records {
-        let store = crate::store::open(target, state, store_key)?;
-        import_checked(records, store.as_ref())?;
+    Ok(doc.records)
+}
+
+/// Seeds an empty shared store from a backup (`ca stack` writes one as the
+/// `lanyard-ca-seed` secret): the CA's files into `state`, the records into
+/// `store`.
+pub fn seed(state: &Path, file: &Path, store: &dyn Store) -> Result<(), CaError> {
+    if let Some(records) = restore_files(state, file, true)? {
+        store.import(&records)?;
     }
     CaState::load(state).map(|_| ())
 }

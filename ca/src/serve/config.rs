@@ -100,6 +100,11 @@ pub struct ServeConfig {
     /// needs the same one (default `STATE/store.key`, made on first use).
     #[serde(default)]
     pub store_key: Option<PathBuf>,
+    /// A backup (`ca backup`, or the `lanyard-ca-seed` secret `ca inject
+    /// --target swarm` writes) that seeds an empty shared store: its CA and
+    /// its records (enrolment credentials).
+    #[serde(default)]
+    pub seed: Option<PathBuf>,
     /// How long the leader's lease lasts in a shared store: a dead leader
     /// is replaced within this plus a fifth of it.
     #[serde(default = "default_lease_ttl", deserialize_with = "serde_str::one")]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod docker;
 pub mod leader;
 pub mod metrics;
+pub mod own;
 pub mod rfc2136;
 pub mod schedule;
 pub mod sidecars;
@@ -52,6 +53,8 @@ pub struct Service {
     pub acme: Arc<acme::Acme>,
     /// Who leads among the replicas sharing the store.
     pub leader: leader::Leader,
+    /// This replica's API certificate and admin credential.
+    pub own: Arc<own::OwnCredentials>,
     /// Lifetime of API-issued certificates of identities not managed here.
     pub leaf_ttl: Span,
     api_certs: Arc<CertStore>,
@@ -190,7 +193,9 @@ impl Service {
     pub fn metrics_text(&self) -> String {
         let now = OffsetDateTime::now_utc();
         let ca = self.authority.ca();
-        self.metrics.render(&self.authority.store().schedules().unwrap_or_default())
+        let mut rows = self.authority.store().schedules().unwrap_or_default();
+        rows.extend(self.own.rows());
+        self.metrics.render(&rows)
             + &metrics::ca_certificates(&ca.expiry(now), now)
             + &metrics::root_rotation(&ca)
             + &metrics::leadership(&self.leader)
@@ -267,18 +272,60 @@ fn ensure_ca(
     Ok(())
 }
 
+/// With a shared store, the store holds the CA: a replica copies it into
+/// its state directory. The first leader puts it there: from `seed`, from
+/// the state directory, or made for `trust_domain`. Other replicas wait.
+async fn share_ca(
+    dir: &std::path::Path,
+    store: &Arc<dyn crate::store::Store>,
+    leader: &leader::Leader,
+    config: &ServeConfig,
+) -> Result<(), CaError> {
+    let started = std::time::Instant::now();
+    loop {
+        let (d, s) = (dir.to_owned(), store.clone());
+        if tokio::task::spawn_blocking(move || crate::mirror::pull(&d, s.as_ref())).await.unwrap_or(Ok(false))? {
+            tracing::info!(state = %dir.display(), "copied the CA from the store");
+            return Ok(());
+        }
+        if leader.is_leader() {
+            if let Some(seed) = &config.seed {
+                crate::ops::seed(dir, seed, store.as_ref())?;
+                tracing::info!(seed = %seed.display(), "seeded the store with the CA and its records");
+            } else if let Some(td) = &config.trust_domain {
+                ensure_ca(dir, td, store)?;
+            }
+            crate::state::CaState::load(dir)?;
+            crate::mirror::push(dir, store.as_ref())?;
+            tracing::info!(state = %dir.display(), "published the CA to the store");
+            return Ok(());
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            return Err(CaError::Config {
+                origin: "store".into(),
+                what: "the store holds no CA and no replica has published one in 2 minutes; give the leader `seed` or `trust_domain`".into(),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs the service until `shutdown` resolves.
 pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), CaError> {
     tls::set_kx_policy(config.kx);
     let dir = config.state_dir().to_owned();
     let store = crate::store::open(&config.store_spec(), &dir, config.store_key.as_deref())?;
-    if let Some(td) = &config.trust_domain {
-        ensure_ca(&dir, td, &store)?;
-    }
-    let authority = Arc::new(Authority::open_with(&dir, store.clone())?);
-    let metrics = Arc::new(CaMetrics::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let leader = leader::start(store, config.lease_ttl.get(), stop_rx.clone()).await;
+    let leader = leader::start(store.clone(), config.lease_ttl.get(), stop_rx.clone()).await;
+    if store.backend() == "sqlite" {
+        if let Some(td) = &config.trust_domain {
+            ensure_ca(&dir, td, &store)?;
+        }
+    } else {
+        share_ca(&dir, &store, &leader, &config).await?;
+    }
+    let authority = Arc::new(Authority::open_with(&dir, store)?);
+    let metrics = Arc::new(CaMetrics::default());
     tracing::info!(store = authority.store().backend(), holder = %leader.holder, role = if leader.is_leader() { "leader" } else { "follower" }, "store opened");
     let scheduler = Scheduler::new(authority.clone(), metrics.clone(), leader.clone())?;
 
@@ -301,15 +348,20 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
         },
         out_dir: api_dir.clone(),
     };
-    scheduler.upsert(api)?;
-    // The admin credential in STATE/admin is renewed like any identity.
-    let admin = crate::ops::admin_request(None, own_ttl_cap)?;
-    scheduler.upsert(Managed { request: admin, out_dir: CertDir::new(dir.join("admin")) })?;
+    // The admin credential in STATE/admin is renewed like the API's.
+    let admin =
+        Managed { request: crate::ops::admin_request(None, own_ttl_cap)?, out_dir: CertDir::new(dir.join("admin")) };
     for id in &config.identities {
         scheduler.upsert(managed_from_config(id))?;
     }
     scheduler.prune()?;
     scheduler.refresh_crl()?;
+    let own = own::OwnCredentials::new(authority.clone(), scheduler.clone(), vec![api, admin]);
+    let first = own.clone();
+    tokio::task::spawn_blocking(move || first.tick())
+        .await
+        .map_err(|e| CaError::Config { origin: "own credentials".into(), what: e.to_string() })?;
+    tokio::spawn(own.clone().run(stop_rx.clone()));
     let known_sidecars = known_sidecars(&config, authority.ca().trust_domain())?;
 
     let crl_refresh = config.crl_refresh.get();
@@ -348,7 +400,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     tokio::spawn(acme.clone().run(leader.clone(), stop_rx.clone()));
     tokio::spawn(sidecars::poll_during_rotation(authority.clone(), known_sidecars, stop_rx.clone()));
     let service =
-        Arc::new(Service { authority, scheduler, metrics, acme, leader, leaf_ttl: config.leaf_ttl, api_certs });
+        Arc::new(Service { authority, scheduler, metrics, acme, leader, own, leaf_ttl: config.leaf_ttl, api_certs });
     tokio::spawn(serve_https(service.clone(), https, stop_rx.clone()));
     tokio::spawn(serve_http(service.clone(), http, https_port, stop_rx.clone()));
 

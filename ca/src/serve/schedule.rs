@@ -300,6 +300,7 @@ impl Scheduler {
     pub fn keep_ca_current(&self, fence: &Fence) -> OffsetDateTime {
         let now = OffsetDateTime::now_utc();
         let look_again = now + STATE_CHECK;
+        self.sync_from_store();
         let before = self.authority.ca();
         if before.rotation().is_some_and(|r| r.phase == RotationPhase::Finished) {
             self.drop_old_root_when_free(&before, now);
@@ -328,6 +329,11 @@ impl Scheduler {
         if ca.bundle_pem() != before.bundle_pem() {
             tracing::info!(roots = ca.bundle_pem().matches("BEGIN CERTIFICATE").count(), "trust bundle changed");
         }
+        if self.authority.store().backend() != "sqlite" {
+            if let Err(e) = crate::mirror::push(ca.dir(), self.authority.store().as_ref()) {
+                tracing::error!("cannot publish the CA's files to the store: {e}");
+            }
+        }
         if let Err(e) = self.refresh_crl() {
             tracing::error!("CRL and bundle refresh after the CA changed failed: {e}");
         }
@@ -345,6 +351,30 @@ impl Scheduler {
             }
         }
         now
+    }
+
+    /// With a shared store, makes this replica's state directory a copy of
+    /// the store's CA when that changed (another replica rolled it over, or
+    /// `ca root rotate` ran elsewhere), and loads it.
+    pub fn sync_from_store(&self) {
+        let store = self.authority.store();
+        if store.backend() == "sqlite" {
+            return;
+        }
+        let dir = self.authority.ca().dir().to_owned();
+        match crate::mirror::differs(&dir, store.as_ref()) {
+            Ok(false) => {}
+            Ok(true) => {
+                match crate::mirror::pull(&dir, store.as_ref()).and_then(|_| self.authority.reload_if_changed()) {
+                    Ok(Some(ca)) => {
+                        tracing::info!(intermediate = %ca.intermediate().serial, root = %ca.root().sha256, "loaded the CA from the store")
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("cannot load the CA from the store: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!("cannot compare the CA with the store's: {e}"),
+        }
     }
 
     /// Drops the old root from the bundles once no live leaf has needed it
@@ -385,7 +415,12 @@ impl Scheduler {
             let Some(fence) = self.leader.fence() else {
                 self.metrics.scheduler_running.store(false, std::sync::atomic::Ordering::Relaxed);
                 let this = self.clone();
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || this.refresh_crl()).await {
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || {
+                    this.sync_from_store();
+                    this.refresh_crl()
+                })
+                .await
+                {
                     tracing::warn!("CRL refresh failed: {e}");
                 }
                 let (mut leader, mut until_stop) = (self.leader.clone(), stop.clone());

@@ -6,6 +6,7 @@
 //! account:{directory}:{email} an ACME account: credentials, sealed
 //! challenge:{token}           an HTTP-01 answer, expiring by itself (TTL)
 //! challenge-alpn:{name}       a TLS-ALPN-01 validation certificate and key, sealed, expiring
+//! ca_file:{name}, ca_key:{name}  the CA's own files (keys sealed), see `mirror`
 //! issued:{serial}             an issued certificate (JSON of `IssuedRecord`)
 //! issued                      sorted set of serials by notBefore
 //! identity:{name}:issued      set of an identity's serials
@@ -30,7 +31,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections kept open (one command at a time on each).
 const POOL: usize = 4;
 /// Document kinds whose JSON carries key material.
-const SEALED_KINDS: [&str; 2] = ["acme_account", "challenge_alpn"];
+const SEALED_KINDS: [&str; 3] = ["acme_account", "challenge_alpn", "ca_key"];
 
 /// The Redis store.
 pub struct RedisStore {

@@ -11,12 +11,16 @@ fn replica(pki: &Pki, store: &str, extra: &str) -> CaServer {
 }
 
 fn replica_on(pki: &Pki, store: &str, https: u16, http: u16, extra: &str) -> CaServer {
+    replica_in(pki, &pki.state(), store, https, http, extra)
+}
+
+/// A replica with its own state directory `state`.
+fn replica_in(pki: &Pki, state: &Path, store: &str, https: u16, http: u16, extra: &str) -> CaServer {
     let config = pki.path(&format!("replica-{https}.toml"));
     std::fs::write(
         &config,
         format!(
-            "state = {:?}\nhttps_listen = \"127.0.0.1:{https}\"\nhttp_listen = \"127.0.0.1:{http}\"\nstore = \"{store}\"\nlease_ttl = \"3s\"\n{extra}",
-            pki.state()
+            "state = {state:?}\nhttps_listen = \"127.0.0.1:{https}\"\nhttp_listen = \"127.0.0.1:{http}\"\nstore = \"{store}\"\nlease_ttl = \"3s\"\n{extra}"
         ),
     )
     .unwrap();
@@ -418,4 +422,47 @@ fn rediss_with_a_certificate_from_the_fleet_ca() {
     let stranger = Pki::new(&[]);
     let err = run_err(ca().args(["token", "web", "--store", &redis.url(), "--state"]).arg(stranger.state()));
     assert!(err.contains("redis store rediss://localhost") && err.contains("certificate"), "{err}");
+}
+
+/// Replicas on different hosts share no state directory: the store holds
+/// the CA (keys sealed), a new replica copies it, and an intermediate
+/// rolled over through one replica reaches the others.
+#[test]
+fn replicas_without_a_shared_directory_share_the_ca_through_the_store() {
+    let pki = Pki::new(&[]);
+    let redis = RedisServer::start(&pki.path("redis"));
+    let a = replica(&pki, &redis.url(), "");
+    poll_until(Duration::from_secs(20), Duration::from_millis(100), "a leads", || role(&pki, &a) == "leader");
+    let elsewhere = pki.path("host-b/state");
+    // The one thing the replicas share besides Redis: the store key (a secret).
+    let key = format!("store_key = {:?}\n", pki.state().join("store.key"));
+    let b = replica_in(&pki, &elsewhere, &redis.url(), free_port(), free_port(), &key);
+    poll_until(Duration::from_secs(20), Duration::from_millis(100), "b follows", || role(&pki, &b) == "follower");
+    let read = |dir: &Path, f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    assert_eq!(read(&elsewhere, "root.pem"), read(&pki.state(), "root.pem"), "b copied the CA");
+    assert_eq!(read(&elsewhere, "intermediate-key.pem"), read(&pki.state(), "intermediate-key.pem"));
+    let sealed = redis.cli(&["GET", "ca_key:intermediate-key.pem"]);
+    assert!(sealed.starts_with("sealed:v1:") && !sealed.contains("PRIVATE"), "the CA's keys are sealed: {sealed}");
+
+    run_ok(ca().args(["intermediate", "roll", "--store", &redis.url(), "--state"]).arg(pki.state()));
+    let rolled = read(&pki.state(), "intermediate.pem");
+    wait_until(Duration::from_secs(30), "the new intermediate reaches b", || {
+        read(&elsewhere, "intermediate.pem") == rolled
+    });
+    let work = pki.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let token =
+        text(&run_ok(ca().args(["token", "burst", "--store", &redis.url(), "--state"]).arg(pki.state())).stdout);
+    let csr_pem = csr(&work, "burst", "DNS:burst");
+    let (status, body) = curl_api(
+        &pki,
+        "POST",
+        &b.url("/v1/sign"),
+        Some(&json!({"token": token.trim(), "csr": csr_pem}).to_string()),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    let chain = reply["certificate"].as_str().unwrap();
+    assert!(chain.contains(rolled.trim().lines().nth(1).unwrap()), "b signs from the rolled intermediate");
 }
