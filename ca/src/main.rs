@@ -158,6 +158,22 @@ struct InjectArgs {
     /// The Docker engine asked for the ports of images the file does not describe.
     #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
     docker_socket: String,
+    /// `compose` (the default) or `swarm`: a stack for `docker stack deploy`,
+    /// with its secrets in `lanyard-secrets/` beside the output; needs --output
+    /// and --state (the CA the stack starts from, made when missing).
+    #[arg(long, value_enum, default_value_t = Target::Compose)]
+    target: Target,
+    /// With --target swarm: the CA's state directory.
+    #[arg(long, env = "LANYARD_STATE", value_name = "DIR")]
+    state: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Target {
+    /// A docker-compose file.
+    Compose,
+    /// A Docker Swarm stack.
+    Swarm,
 }
 
 #[derive(Subcommand)]
@@ -550,8 +566,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &a.docker_socket,
                 compose.services.iter().filter_map(|s| s.image.as_deref()),
             );
-            let overrides = lanyard_compose::inject::Overrides { ttl: a.ttl, image: a.image };
+            let swarm = (a.target == Target::Swarm).then(|| {
+                let now = OffsetDateTime::now_utc();
+                format!(
+                    "{:04}{:02}{:02}{:02}{:02}{:02}",
+                    now.year(),
+                    u8::from(now.month()),
+                    now.day(),
+                    now.hour(),
+                    now.minute(),
+                    now.second()
+                )
+            });
+            let overrides = lanyard_compose::inject::Overrides { ttl: a.ttl, image: a.image, swarm };
             let injected = lanyard_compose::inject_with(&compose, &overrides, &images)?;
+            if a.target == Target::Swarm {
+                let (Some(out), Some(state)) = (&a.output, &a.state) else {
+                    anyhow::bail!("--target swarm writes its secrets beside the stack and starts from a CA: give --output FILE and --state DIR");
+                };
+                let dir = out
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .join(lanyard_compose::inject::SWARM_SECRETS_DIR);
+                let trust_domain = compose.defaults.trust_domain.clone();
+                let lines = lanyard_ca::ops::swarm_secrets(state, &trust_domain, &injected.enrolled, &dir)?;
+                for line in lines {
+                    eprintln!("{line}");
+                }
+            }
             let yaml = injected.compose.to_yaml();
             match &a.output {
                 Some(path) => {

@@ -317,3 +317,88 @@ pub fn seed(state: &Path, file: &Path, store: &dyn Store) -> Result<(), CaError>
     }
     CaState::load(state).map(|_| ())
 }
+
+/// The secrets of a stack from `ca inject --target swarm`, written into
+/// `dir` (mode 0700, files 0600): the store key, the seed (the CA in
+/// `state`, made for `trust_domain` when missing, with the credentials'
+/// records), and one enrolment credential per service of `enrolled`.
+/// Returns what was done, for the operator.
+pub fn swarm_secrets(
+    state: &Path,
+    trust_domain: &lanyard_sidecar::identity::TrustDomain,
+    enrolled: &[String],
+    dir: &Path,
+) -> Result<Vec<String>, CaError> {
+    let mut said = Vec::new();
+    let store = crate::store::open(&StoreSpec::Sqlite, state, None)?;
+    if !state.join(crate::state::META_FILE).exists() {
+        let opts = InitOptions {
+            trust_domain: trust_domain.clone(),
+            permit_dns: Vec::new(),
+            offline_root: false,
+            force: false,
+            intermediate_lifetime: crate::state::INTERMEDIATE_LIFETIME,
+        };
+        init_ca(state, &opts, store.clone())?;
+        said.push(format!("created a CA for {trust_domain} in {}", state.display()));
+    }
+    let ca = CaState::load(state)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| CaError::WriteState { path: dir.to_owned(), source })?;
+    }
+    crate::store::StoreKey::load_or_create(&state.join("store.key"))?;
+    let key = std::fs::read_to_string(state.join("store.key"))
+        .map_err(|source| CaError::ReadState { path: state.join("store.key"), source })?;
+    write_file(&dir.join("store.key"), &key, 0o600)?;
+    let ca_url = format!("https://{}:8443", lanyard_compose::inject::CA_SERVICE);
+    let mut docs = Vec::new();
+    for name in enrolled {
+        let identity: DnsName = name.parse()?;
+        let (record, credential) =
+            crate::enrol::create(store.as_ref(), &identity, time::Duration::days(365), &ca_url, &ca.root().sha256)?;
+        write_file(&dir.join(format!("enrol-{name}.toml")), &credential.to_toml(), 0o600)?;
+        said.push(format!(
+            "{name}: enrolment credential {} (revoke with `ca enrol --revoke {} --state {}` and the store's URL)",
+            record.id,
+            record.id,
+            state.display()
+        ));
+    }
+    for d in store.all_docs()?.into_iter().filter(|d| d.kind == "enrolment") {
+        docs.push(d);
+    }
+    let seed = dir.join("ca-seed.json");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut files = BTreeMap::new();
+    for name in STATE_FILES.iter().chain(&OPTIONAL_STATE_FILES).filter(|n| **n != "store.key") {
+        if let Ok(bytes) = std::fs::read(state.join(name)) {
+            files.insert((*name).to_owned(), b64.encode(bytes));
+        }
+    }
+    let doc =
+        Backup { format: BACKUP_FORMAT.into(), files, store: None, records: Some(Dump { docs, ..Dump::default() }) };
+    write_file(&seed, &serde_json::to_string(&doc).expect("serializes"), 0o600)?;
+    said.push(format!("secrets in {}: deploy with `docker stack deploy -c STACK NAME`", dir.display()));
+    Ok(said)
+}
+
+/// Adds the records of the seed backup `file` that `store` lacks (the
+/// enrolment credentials of a re-run `ca inject --target swarm`).
+pub fn merge_seed_records(file: &Path, store: &dyn Store) -> Result<usize, CaError> {
+    let text = std::fs::read_to_string(file).map_err(|source| CaError::ReadState { path: file.to_owned(), source })?;
+    let doc: Backup = serde_json::from_str(&text)
+        .map_err(|e| CaError::CorruptState { path: file.to_owned(), what: format!("not a Lanyard backup ({e})") })?;
+    let mut added = 0;
+    for d in doc.records.map(|r| r.docs).unwrap_or_default() {
+        if store.doc(&d.kind, &d.key)?.is_none() {
+            store.put_doc(&d.kind, &d.key, &d.json)?;
+            added += 1;
+        }
+    }
+    Ok(added)
+}

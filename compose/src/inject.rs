@@ -81,6 +81,22 @@ pub struct Overrides {
     pub ttl: Option<Span>,
     /// The Lanyard image.
     pub image: Option<String>,
+    /// A Docker Swarm stack instead of a compose file, with its secrets
+    /// named with this version (secrets are immutable: a new version is a
+    /// new secret).
+    pub swarm: Option<String>,
+}
+
+/// The secrets a stack from `--target swarm` needs, as files beside it.
+pub const SWARM_SECRETS_DIR: &str = "lanyard-secrets";
+/// The secret holding the store's sealing key.
+pub const STORE_KEY_SECRET: &str = "lanyard-store-key";
+/// The secret that seeds the store with the CA and the credentials.
+pub const SEED_SECRET: &str = "lanyard-ca-seed";
+
+/// The secret holding service `name`'s enrolment credential.
+pub fn enrol_secret(name: &str) -> String {
+    format!("{PREFIX}enrol-{name}")
 }
 
 /// The result of [`inject`].
@@ -94,6 +110,9 @@ pub struct Injected {
     pub paths: Vec<PathLine>,
     /// What the user should know: calls left in plaintext, UDP ports, ...
     pub warnings: Vec<String>,
+    /// With `--target swarm`: the services whose sidecars enrol over the
+    /// network, each needing its enrolment credential as a secret.
+    pub enrolled: Vec<String>,
 }
 
 impl Injected {
@@ -177,6 +196,11 @@ pub fn inject_with(
     if let Some(image) = &overrides.image {
         defaults.image = image.clone();
     }
+    let swarm = overrides.swarm.as_deref();
+    if swarm.is_some() && defaults.store.is_none() {
+        // Replicas on several nodes share their state through Redis.
+        defaults.store = Some(StoreChoice::Service);
+    }
     let fleet = Fleet::read(compose, images)?;
     let mut warnings = compose.notes.clone();
     let mut plans: BTreeMap<&str, Plan> = BTreeMap::new();
@@ -193,6 +217,13 @@ pub fn inject_with(
             public[1],
             "x-lanyard.public",
             format!("{} already takes the host's edge ports; put every public name on one service", public[0]),
+        ));
+    }
+    if let (Some(name), Some(_)) = (public.first(), swarm) {
+        return Err(ComposeError::service(
+            name,
+            "x-lanyard.public",
+            "public names (the edge) are not supported with --target swarm yet; publish the port instead",
         ));
     }
     if !public.is_empty() && defaults.acme_email.is_none() {
@@ -218,10 +249,13 @@ pub fn inject_with(
     let mut networks = take_mapping(&mut doc, "networks")?;
     let mut volumes = take_mapping(&mut doc, "volumes")?;
     let mut services = Mapping::new();
-    let ca = ca_service(&defaults, &plans, compose)?;
+    let ca = ca_service(&defaults, &plans, compose, swarm)?;
     if let Some(store) = &defaults.store {
-        // Two replicas on one store; both answer as lanyard-ca.
-        services.insert(CA_REPLICA.into(), ca.clone());
+        // Two replicas on one store; both answer as lanyard-ca (a stack has
+        // `deploy.replicas: 2` instead).
+        if swarm.is_none() {
+            services.insert(CA_REPLICA.into(), ca.clone());
+        }
         if *store == StoreChoice::Service {
             services.insert(REDIS_SERVICE.into(), redis_service(&defaults));
             volumes.insert(format!("{PREFIX}redis-data").into(), Value::Null);
@@ -253,8 +287,10 @@ pub fn inject_with(
             volumes.insert(public_volume(&s.name).into(), Value::Null);
         }
         services.insert(s.name.clone().into(), app_service(s, plan));
-        services
-            .insert(format!("{PREFIX}{}", s.name).into(), sidecar_service(s, plan, &defaults, compose.services.len())?);
+        services.insert(
+            format!("{PREFIX}{}", s.name).into(),
+            sidecar_service(s, plan, &defaults, compose.services.len(), swarm.is_some())?,
+        );
     }
     if services.len() > V1_PARALLEL_LIMIT / 2 {
         warnings.push(format!(
@@ -266,9 +302,14 @@ pub fn inject_with(
     doc.insert("services".into(), Value::Mapping(services));
     doc.insert("networks".into(), Value::Mapping(networks));
     doc.insert("volumes".into(), Value::Mapping(volumes));
+    let enrolled: Vec<String> = plans.keys().map(|n| n.to_string()).collect();
+    if let Some(version) = swarm {
+        crate::stack::rewrite(&mut doc, &defaults, &enrolled, version, &mut warnings);
+    }
     let text = crate::yaml::to_string(&Value::Mapping(doc));
     let compose = Compose::parse(&text, "injected output")?;
-    Ok(Injected { compose, report, paths, warnings })
+    let enrolled = if swarm.is_some() { enrolled } else { Vec::new() };
+    Ok(Injected { compose, report, paths, warnings, enrolled })
 }
 
 /// Every service with what the transform knows of it.
@@ -922,11 +963,11 @@ fn app_alias(service: &str) -> String {
     format!("{PREFIX}app-{service}")
 }
 
-fn mapping<const N: usize>(pairs: [(&str, Value); N]) -> Value {
+pub(crate) fn mapping<const N: usize>(pairs: [(&str, Value); N]) -> Value {
     Value::Mapping(pairs.into_iter().map(|(k, v)| (Value::from(k), v)).collect())
 }
 
-fn strings<I: IntoIterator<Item = S>, S: Into<String>>(items: I) -> Value {
+pub(crate) fn strings<I: IntoIterator<Item = S>, S: Into<String>>(items: I) -> Value {
     Value::Sequence(items.into_iter().map(|s| Value::String(s.into())).collect())
 }
 
@@ -972,6 +1013,11 @@ fn https_healthcheck(cert_dir: &str, url: String, services: usize) -> Value {
         ("retries", Value::from(30)),
         ("start_period", "5s".into()),
     ])
+}
+
+/// A tmpfs mount (long volume syntax).
+fn tmpfs(target: &str) -> Value {
+    mapping([("type", "tmpfs".into()), ("target", target.into())])
 }
 
 fn hardening(service: &mut Mapping) {
@@ -1027,6 +1073,15 @@ struct SidecarToml {
     listeners: Vec<ListenerToml>,
     #[serde(rename = "edge", skip_serializing_if = "Vec::is_empty")]
     edges: Vec<EdgeToml>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enrol: Option<EnrolToml>,
+}
+
+/// `[enrol]`: the sidecar makes its key and enrols with its credential.
+#[derive(Serialize)]
+struct EnrolToml {
+    credential: String,
+    ca: String,
 }
 
 #[derive(Serialize, Default)]
@@ -1071,7 +1126,13 @@ struct EdgeToml {
     acme_forward: String,
 }
 
-fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults, project_size: usize) -> Result<Value, ComposeError> {
+fn sidecar_service(
+    s: &Service,
+    plan: &Plan,
+    defaults: &Defaults,
+    project_size: usize,
+    swarm: bool,
+) -> Result<Value, ComposeError> {
     let allow = s
         .options
         .allow
@@ -1173,8 +1234,17 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults, project_size: 
         })
         .into_iter()
         .collect();
-    let config =
-        SidecarToml { cert_dir: SIDECAR_CERTS, admin: format!("127.0.0.1:{}", defaults.admin_port), listeners, edges };
+    let enrol = swarm.then(|| EnrolToml {
+        credential: format!("/run/secrets/{}", enrol_secret(&s.name)),
+        ca: format!("https://{CA_SERVICE}:{CA_API_PORT}"),
+    });
+    let config = SidecarToml {
+        cert_dir: SIDECAR_CERTS,
+        admin: format!("127.0.0.1:{}", defaults.admin_port),
+        listeners,
+        edges,
+        enrol,
+    };
     let config = toml::to_string(&config).expect("the sidecar config serializes");
 
     let mut shared = attachments_or_default(s);
@@ -1187,8 +1257,8 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults, project_size: 
             a.aliases = names.into_iter().filter(|n| seen.insert(n.clone())).collect();
         }
     }
-    if public {
-        // To forward ACME HTTP-01 requests to the CA.
+    if public || swarm {
+        // To forward ACME HTTP-01 requests to the CA; to enrol.
         shared.push(Attachment { network: CONTROL.into(), aliases: vec![], extra: Mapping::new() });
     }
     for k in 0..plan.networks {
@@ -1207,11 +1277,21 @@ fn sidecar_service(s: &Service, plan: &Plan, defaults: &Defaults, project_size: 
     side.insert("image".into(), defaults.image.clone().into());
     side.insert("command".into(), strings(["/sidecar", "run"]));
     side.insert("environment".into(), mapping([("LANYARD_SIDECAR_CONFIG", config.into())]));
-    let mut volumes = vec![format!("{}:{SIDECAR_CERTS}:ro", certs_volume(&s.name))];
-    if public {
-        volumes.push(format!("{}:{SIDECAR_PUBLIC}:ro", public_volume(&s.name)));
+    if swarm {
+        // Its own key, in memory, for `sidecar health` too.
+        side.insert("volumes".into(), Value::Sequence(vec![tmpfs(SIDECAR_CERTS)]));
+        side.insert("secrets".into(), strings([enrol_secret(&s.name)]));
+        let replicas = s.raw.get("deploy").and_then(|d| d.get("replicas")).cloned();
+        if let Some(replicas) = replicas {
+            side.insert("deploy".into(), mapping([("replicas", replicas)]));
+        }
+    } else {
+        let mut volumes = vec![format!("{}:{SIDECAR_CERTS}:ro", certs_volume(&s.name))];
+        if public {
+            volumes.push(format!("{}:{SIDECAR_PUBLIC}:ro", public_volume(&s.name)));
+        }
+        side.insert("volumes".into(), strings(volumes));
     }
-    side.insert("volumes".into(), strings(volumes));
     side.insert("networks".into(), networks_value(&shared));
     let mut ports: Vec<Value> = plan.published.iter().map(|p| p.mapping.with_target(p.listen)).collect();
     if public {
@@ -1243,12 +1323,23 @@ struct CaToml {
     https_listen: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     store: Option<String>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    swarm: Option<SwarmCaToml>,
     #[serde(rename = "identity")]
     identities: Vec<IdentityToml>,
     #[serde(rename = "public", skip_serializing_if = "Vec::is_empty")]
     publics: Vec<PublicToml>,
     #[serde(skip_serializing_if = "Option::is_none")]
     acme: Option<AcmeToml>,
+}
+
+/// What a CA replica of a stack adds to its configuration.
+#[derive(Serialize)]
+struct SwarmCaToml {
+    api_names: Vec<String>,
+    store_key: String,
+    seed: String,
+    leaf_ttl: String,
 }
 
 #[derive(Serialize)]
@@ -1311,7 +1402,12 @@ struct AcmeToml {
     directory_roots: &'static str,
 }
 
-fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compose) -> Result<Value, ComposeError> {
+fn ca_service(
+    defaults: &Defaults,
+    plans: &BTreeMap<&str, Plan>,
+    compose: &Compose,
+    swarm: Option<&str>,
+) -> Result<Value, ComposeError> {
     let mut identities = Vec::new();
     let mut volumes = vec![format!("{PREFIX}ca-state:/state")];
     let mut publics = Vec::new();
@@ -1357,11 +1453,23 @@ fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compo
         StoreChoice::Service => format!("redis://{REDIS_SERVICE}:6379"),
         StoreChoice::Url(url) => url.clone(),
     });
+    let swarm_settings = swarm.map(|_| SwarmCaToml {
+        api_names: vec![CA_SERVICE.into(), "localhost".into()],
+        store_key: format!("/run/secrets/{STORE_KEY_SECRET}"),
+        seed: format!("/run/secrets/{SEED_SECRET}"),
+        leaf_ttl: format!("{}s", defaults.ttl.get().as_secs().max(1)),
+    });
+    if swarm.is_some() {
+        // Sidecars enrol over the network: the CA keeps no cert dirs.
+        identities.clear();
+        volumes = vec![];
+    }
     let config = CaToml {
         trust_domain: defaults.trust_domain.as_str().to_owned(),
         state: "/state",
         https_listen: format!("0.0.0.0:{CA_API_PORT}"),
         store,
+        swarm: swarm_settings,
         identities,
         publics,
         acme,
@@ -1375,7 +1483,16 @@ fn ca_service(defaults: &Defaults, plans: &BTreeMap<&str, Plan>, compose: &Compo
     if let Some(roots) = defaults.acme_roots.as_ref().filter(|_| public) {
         volumes.push(format!("{roots}:{ACME_ROOTS}:ro"));
     }
-    ca.insert("volumes".into(), strings(volumes));
+    match swarm {
+        None => {
+            ca.insert("volumes".into(), strings(volumes));
+        }
+        Some(_) => {
+            ca.insert("volumes".into(), Value::Sequence(vec![tmpfs("/state")]));
+            ca.insert("secrets".into(), strings([STORE_KEY_SECRET, SEED_SECRET]));
+            ca.insert("deploy".into(), mapping([("replicas", Value::from(2))]));
+        }
+    }
     if defaults.store.is_some() {
         // Both replicas answer as lanyard-ca; the sidecars' ACME forwards reach either.
         let mut control = Mapping::new();

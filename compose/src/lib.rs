@@ -13,6 +13,7 @@ pub mod inject;
 pub mod interpolate;
 pub mod model;
 pub mod options;
+pub mod stack;
 pub mod yaml;
 
 pub use error::ComposeError;

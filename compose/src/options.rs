@@ -194,6 +194,41 @@ pub struct Defaults {
     pub store: Option<StoreChoice>,
     /// The image of the Redis service that `store: redis` adds.
     pub redis_image: String,
+    /// Docker Swarm (`ca inject --target swarm`): how services are reached,
+    /// `vip` (a virtual IP, the default) or `dnsrr` (DNS round robin, for
+    /// engines without IPVS).
+    #[serde(deserialize_with = "one")]
+    pub endpoint_mode: EndpointMode,
+}
+
+/// `deploy.endpoint_mode` of every service of a stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EndpointMode {
+    /// A virtual IP per service.
+    #[default]
+    Vip,
+    /// DNS round robin over the tasks.
+    Dnsrr,
+}
+
+impl FromStr for EndpointMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vip" => Ok(Self::Vip),
+            "dnsrr" => Ok(Self::Dnsrr),
+            other => Err(format!("endpoint_mode {other:?}: give vip or dnsrr")),
+        }
+    }
+}
+
+impl fmt::Display for EndpointMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Vip => "vip",
+            Self::Dnsrr => "dnsrr",
+        })
+    }
 }
 
 /// `x-lanyard.store`.
@@ -238,6 +273,7 @@ impl Default for Defaults {
             subnet_pool: SubnetPool { base: u32::from(std::net::Ipv4Addr::new(10, 213, 0, 0)), prefix: 16 },
             store: None,
             redis_image: "redis:7".into(),
+            endpoint_mode: EndpointMode::Vip,
         }
     }
 }

@@ -84,18 +84,63 @@ pub enum SidecarError {
 /// How long a listen name may take to resolve at start (container DNS can lag).
 const RESOLVE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Whether `ip` is one of this host's addresses (or a wildcard).
+fn is_local(ip: std::net::IpAddr) -> bool {
+    ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+/// This host's addresses in the IPv4 subnet `cidr` (`10.213.7.16/28`),
+/// for subnets of at most 256 addresses; `None` when `cidr` is not one.
+fn local_in_subnet(cidr: &str) -> Option<Vec<std::net::IpAddr>> {
+    let (base, prefix) = cidr.split_once('/')?;
+    let base: std::net::Ipv4Addr = base.parse().ok()?;
+    let prefix: u32 = prefix.parse().ok().filter(|p| (24..=32).contains(p))?;
+    let first = u32::from(base) & (u32::MAX << (32 - prefix));
+    Some(
+        (0..1u32 << (32 - prefix))
+            .map(|i| std::net::IpAddr::V4((first + i).into()))
+            .filter(|ip| is_local(*ip))
+            .collect(),
+    )
+}
+
+/// The addresses to listen on for `addr`: an IP, a name (this host's
+/// addresses among those it resolves to), or `SUBNET/PREFIX` (this host's
+/// address on that network: a Swarm task cannot resolve its own aliases
+/// before it is healthy).
 async fn resolve(addr: &config::HostPort, what: &str) -> Result<Vec<SocketAddr>, SidecarError> {
     let deadline = tokio::time::Instant::now() + RESOLVE_PATIENCE;
+    if addr.host().contains('/') {
+        loop {
+            match local_in_subnet(addr.host()) {
+                Some(ips) if !ips.is_empty() => {
+                    return Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, addr.port())).collect())
+                }
+                Some(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await
+                }
+                found => {
+                    let reason = match found {
+                        None => "not an IPv4 subnet of /24 to /32".to_owned(),
+                        Some(_) => "this host has no address in that subnet".to_owned(),
+                    };
+                    return Err(SidecarError::Resolve { addr: addr.clone(), what: what.to_owned(), reason });
+                }
+            }
+        }
+    }
     loop {
         let reason = match tokio::net::lookup_host((addr.host(), addr.port())).await {
             Ok(found) => {
-                let mut found: Vec<SocketAddr> = found.collect();
+                // A name may also stand for other hosts (a Swarm service's
+                // other tasks): only this host's own addresses can be bound.
+                let mut found: Vec<SocketAddr> = found.filter(|a| is_local(a.ip())).collect();
                 found.sort();
                 found.dedup();
                 if !found.is_empty() {
                     return Ok(found);
                 }
-                "no addresses".to_owned()
+                "no address of this host".to_owned()
             }
             Err(e) => e.to_string(),
         };

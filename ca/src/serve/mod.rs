@@ -286,6 +286,12 @@ async fn share_ca(
         let (d, s) = (dir.to_owned(), store.clone());
         if tokio::task::spawn_blocking(move || crate::mirror::pull(&d, s.as_ref())).await.unwrap_or(Ok(false))? {
             tracing::info!(state = %dir.display(), "copied the CA from the store");
+            if let Some(seed) = &config.seed {
+                let added = crate::ops::merge_seed_records(seed, store.as_ref())?;
+                if added > 0 {
+                    tracing::info!(seed = %seed.display(), added, "added the seed's new records to the store");
+                }
+            }
             return Ok(());
         }
         if leader.is_leader() {

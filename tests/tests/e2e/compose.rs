@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use lanyard_tests::*;
 
+mod swarm;
+
 /// Image tag for the test build, so a user's `lanyard:latest` is not replaced.
 const TAG: &str = "e2e";
 const TRUST_DOMAIN: &str = "fleet.internal";
