@@ -150,3 +150,50 @@ fn host_mode_port(port: &Value) -> Option<Value> {
         ("mode", "host".into()),
     ]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inject::Overrides;
+
+    #[test]
+    fn a_stack_has_overlays_secrets_enrolment_and_no_compose_only_keys() {
+        let compose = crate::Compose::parse(
+            "x-lanyard: {endpoint_mode: dnsrr}\nservices:\n  web:\n    image: nginx\n    container_name: web1\n    ports: [\"8080:80\"]\n    depends_on: [api]\n  api:\n    image: app\n    expose: [\"3000\"]\n    deploy: {replicas: 3}\n",
+            "t",
+        )
+        .unwrap();
+        let overrides = Overrides { swarm: Some("v7".into()), ..Default::default() };
+        let out = crate::inject(&compose, &overrides).unwrap();
+        assert_eq!(out.enrolled, ["api", "web"]);
+        let yaml = out.compose.to_yaml();
+        let doc: Value = serde_norway::from_str(&yaml).unwrap();
+        assert_eq!(doc["version"], "3.8");
+        assert_eq!(doc["networks"]["lanyard-api"]["driver_opts"]["encrypted"], "true", "{yaml}");
+        assert_eq!(doc["networks"]["default"]["attachable"], true);
+        assert_eq!(doc["secrets"]["lanyard-enrol-api"]["name"], "lanyard-enrol-api-v7");
+        let web = &doc["services"]["web"];
+        assert!(web.get("container_name").is_none() && web.get("depends_on").is_none());
+        let sidecar = &doc["services"]["lanyard-web"];
+        assert_eq!(sidecar["deploy"]["endpoint_mode"], "dnsrr");
+        assert_eq!(sidecar["ports"][0]["mode"], "host");
+        assert_eq!(doc["services"]["lanyard-api"]["deploy"]["replicas"], 3, "each app replica gets a sidecar replica");
+        let config = doc["services"]["lanyard-web"]["environment"]["LANYARD_SIDECAR_CONFIG"].as_str().unwrap();
+        assert!(config.contains("[enrol]") && config.contains("/run/secrets/lanyard-enrol-web"), "{config}");
+        assert!(!config.contains("lanyard-out-web:"), "outbound listeners bind by subnet: {config}");
+        assert_eq!(doc["services"]["lanyard-ca"]["deploy"]["replicas"], 2);
+        assert!(doc["services"].get("lanyard-ca-2").is_none());
+        assert!(doc["services"].get("lanyard-redis").is_some(), "a stack needs the shared store");
+    }
+
+    #[test]
+    fn public_names_are_refused_in_a_stack() {
+        let compose = crate::Compose::parse(
+            "x-lanyard: {acme_email: a@example.com}\nservices:\n  web:\n    image: app\n    expose: [\"80\"]\n    x-lanyard: {public: [www.example.com]}\n",
+            "t",
+        )
+        .unwrap();
+        let err = crate::inject(&compose, &Overrides { swarm: Some("v1".into()), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("--target swarm"), "{err}");
+    }
+}

@@ -41,13 +41,24 @@ impl Stack {
         stack
     }
 
+    /// `docker stack rm`, then the stack's volumes (which it leaves behind:
+    /// an old Redis volume would hold another CA).
     fn remove(name: &str) {
         let _ = run(docker().args(["stack", "rm", name]));
-        poll_until(Duration::from_secs(60), Duration::from_millis(500), "the stack's networks are gone", || {
-            !text(&run(docker().args(["network", "ls", "--format", "{{.Name}}"])).stdout)
-                .lines()
-                .any(|n| n.starts_with(&format!("{name}_")))
-        });
+        let label = format!("label=com.docker.stack.namespace={name}");
+        poll_until(
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            "the stack's containers and networks are gone",
+            || {
+                let containers = text(&run(docker().args(["ps", "-aq", "--filter", &label])).stdout);
+                let networks = text(&run(docker().args(["network", "ls", "-q", "--filter", &label])).stdout);
+                containers.trim().is_empty() && networks.trim().is_empty()
+            },
+        );
+        for volume in text(&run(docker().args(["volume", "ls", "-q", "--filter", &label])).stdout).lines() {
+            run_ok(docker().args(["volume", "rm", "-f", volume]));
+        }
     }
 
     /// Every service's `RUNNING/DESIRED`.
