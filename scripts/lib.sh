@@ -30,3 +30,22 @@ venv_requirements() {
     "$ROOT/.venv/bin/pip" install -q -r "$1"
     echo "$want" >"$stamp"
 }
+
+# need_rust: the build needs a rustup toolchain of at least the workspace's
+# rust-version (Debian's cargo is too old), a C compiler and libc headers
+# (aws-lc-sys), and CA roots (curl is installed without recommends).
+need_rust() {
+    apt_need ca-certificates gcc libc6-dev
+    local want have
+    want=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -1)
+    if ! command -v cargo >/dev/null || ! command -v rustc >/dev/null; then
+        echo "error: cargo is missing: install a Rust toolchain >= $want with rustup (https://rustup.rs), with the rustfmt and clippy components" >&2
+        exit 1
+    fi
+    have=$(rustc --version | awk '{print $2}')
+    if [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -1)" != "$want" ]; then
+        echo "error: rustc $have is older than the workspace's rust-version $want: \`rustup update\`, or install rustup (https://rustup.rs)" >&2
+        exit 1
+    fi
+}
+need_rust

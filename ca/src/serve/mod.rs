@@ -136,7 +136,7 @@ impl Service {
             Err(e) => e.to_string(),
         };
         let (mut loaded, mut overdue) = (0, Vec::new());
-        for m in self.scheduler.identities() {
+        for m in self.scheduler.identities().iter().chain(self.own.managed()) {
             match m.out_dir.load(now) {
                 Ok(set) => {
                     loaded += 1;

@@ -73,6 +73,11 @@ impl OwnCredentials {
         }
     }
 
+    /// The credentials.
+    pub fn managed(&self) -> &[Managed] {
+        &self.credentials
+    }
+
     /// The credentials as schedule rows, for `/metrics`.
     pub fn rows(&self) -> Vec<ScheduleRow> {
         let now = OffsetDateTime::now_utc();
