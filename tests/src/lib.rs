@@ -505,6 +505,10 @@ pub fn http_upstream() -> SocketAddr {
 pub struct Pebble {
     server: Option<ChildGuard>,
     _dns: ChildGuard,
+    /// One Pebble at a time in this process: concurrent ones shared ports
+    /// (the TCP probe of `free_port` says nothing of the mock DNS's UDP
+    /// port) and so each other's DNS answers.
+    _alone: std::sync::MutexGuard<'static, ()>,
     work: PathBuf,
     listen: String,
     acme: u16,
@@ -537,6 +541,8 @@ impl Pebble {
         validity: u64,
         env: &[(&str, &str)],
     ) -> Self {
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let work = work.join(format!("pebble-{}", free_port()));
         std::fs::create_dir_all(&work).expect("pebble dir");
         // Debian's package ships no test certificates: make a CA and a localhost cert.
@@ -568,6 +574,7 @@ impl Pebble {
         let mut p = Self {
             server: None,
             _dns: dns_guard,
+            _alone: alone,
             work,
             listen: listen.to_owned(),
             acme: free_port(),
