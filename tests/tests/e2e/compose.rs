@@ -628,7 +628,12 @@ fn a_hundred_services_come_up_and_reach_their_callees() {
 
     // docker-compose v1 deadlocks with more services ready at once than its
     // thread budget (`ca inject` warns and says this).
-    let env = vec![("COMPOSE_PARALLEL_LIMIT".to_owned(), (4 * N + 2).to_string())];
+    // Its API calls time out after 60 s by default, which a busy dockerd
+    // creating 200 containers at once can exceed.
+    let env = vec![
+        ("COMPOSE_PARALLEL_LIMIT".to_owned(), (4 * N + 2).to_string()),
+        ("COMPOSE_HTTP_TIMEOUT".to_owned(), "300".to_owned()),
+    ];
     let project = Project { name: format!("lanyardscale{}", std::process::id()), file, env };
     project.up_clean("lanyardscale");
     let with_health = project.wait_healthy_n(2 * N + 1, Duration::from_secs(600));
