@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::certdir::{parse_certs, CertDir, PemSet};
 use crate::certinfo::CertInfo;
+use crate::renewal::{backoff, renewal_point, MAX_BACKOFF};
 
 /// `[enrol]` in the sidecar's TOML (or `--enrol FILE [--ca URL]`).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -171,8 +172,6 @@ impl CaUrl {
 
 /// How long one request to the CA may take.
 const REQUEST_LIMIT: Duration = Duration::from_secs(10);
-/// Longest wait between retries.
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// Keeps `dir` current through the CA named in `credential`.
 pub struct Enroller {
@@ -377,10 +376,8 @@ impl Enroller {
     }
 }
 
-/// At 2/3 of the life, minus up to 5 % of it in jitter.
 fn renewal_at(leaf: &CertInfo) -> OffsetDateTime {
-    let life = leaf.not_after - leaf.not_before;
-    leaf.not_before + life * (2.0 / 3.0) - life * (0.05 * unit_random())
+    renewal_point(leaf.not_before, leaf.not_after)
 }
 
 /// How often the bundle and CRL are fetched: a sixth of the certificate's
@@ -392,16 +389,4 @@ fn refresh_every(dir: &CertDir) -> Duration {
         .and_then(|s| Duration::try_from(s.leaf.not_after - s.leaf.not_before).ok())
         .unwrap_or(MAX_BACKOFF);
     (life / 6).clamp(Duration::from_secs(2), MAX_BACKOFF)
-}
-
-fn unit_random() -> f64 {
-    let mut b = [0u8; 8];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// 1 s doubling to 5 minutes, with jitter.
-fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_secs(1).saturating_mul(1 << failures.min(16)).min(MAX_BACKOFF);
-    base.mul_f64(0.5 + 0.5 * unit_random())
 }

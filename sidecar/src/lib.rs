@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
+pub mod renewal;
 pub mod span;
 pub mod tls;
 pub mod verify;
