@@ -310,6 +310,25 @@ fn issued_reply(
 }
 
 /// The issuance template for `name` with the requester's CSR.
+/// Signs `csr` for identity `name` off the runtime, recorded as `source`,
+/// and answers with the chain.
+async fn sign_csr(
+    svc: &Arc<Service>,
+    name: lanyard_sidecar::identity::DnsName,
+    csr: String,
+    source: &'static str,
+) -> Reply {
+    let request = csr_request(svc, name, csr);
+    let started = std::time::Instant::now();
+    let svc2 = svc.clone();
+    let result = tokio::task::spawn_blocking(move || svc2.authority.issue(&request, source)).await;
+    issued_reply(
+        svc,
+        result.unwrap_or_else(|e| Err(CaError::Config { origin: source.into(), what: e.to_string() })),
+        started,
+    )
+}
+
 fn csr_request(svc: &Service, name: lanyard_sidecar::identity::DnsName, csr: String) -> LeafRequest {
     let mut req = svc.template(&name).unwrap_or(LeafRequest {
         name,
@@ -343,15 +362,7 @@ async fn sign(svc: &Arc<Service>, req: Request<Incoming>) -> Reply {
     let Ok(name) = identity.parse() else {
         return error(StatusCode::BAD_REQUEST, format!("token identity {identity:?} is not a valid name"));
     };
-    let request = csr_request(svc, name, body.csr);
-    let started = std::time::Instant::now();
-    let svc2 = svc.clone();
-    let result = tokio::task::spawn_blocking(move || svc2.authority.issue(&request, "sign")).await;
-    issued_reply(
-        svc,
-        result.unwrap_or_else(|e| Err(CaError::Config { origin: "sign".into(), what: e.to_string() })),
-        started,
-    )
+    sign_csr(svc, name, body.csr, "sign").await
 }
 
 #[derive(Deserialize)]
@@ -386,15 +397,7 @@ async fn enrol(svc: &Arc<Service>, remote: std::net::SocketAddr, req: Request<In
             format!("credential identity {:?} is not a valid name", admitted.identity),
         );
     };
-    let request = csr_request(svc, name, body.csr);
-    let started = std::time::Instant::now();
-    let svc2 = svc.clone();
-    let result = tokio::task::spawn_blocking(move || svc2.authority.issue(&request, "enrol")).await;
-    issued_reply(
-        svc,
-        result.unwrap_or_else(|e| Err(CaError::Config { origin: "enrol".into(), what: e.to_string() })),
-        started,
-    )
+    sign_csr(svc, name, body.csr, "enrol").await
 }
 
 async fn renew(svc: &Arc<Service>, peer: Option<&CertInfo>, req: Request<Incoming>) -> Reply {
@@ -415,15 +418,7 @@ async fn renew(svc: &Arc<Service>, peer: Option<&CertInfo>, req: Request<Incomin
         Ok(b) => b,
         Err(r) => return r,
     };
-    let request = csr_request(svc, name, body.csr);
-    let started = std::time::Instant::now();
-    let svc2 = svc.clone();
-    let result = tokio::task::spawn_blocking(move || svc2.authority.issue(&request, "renew")).await;
-    issued_reply(
-        svc,
-        result.unwrap_or_else(|e| Err(CaError::Config { origin: "renew".into(), what: e.to_string() })),
-        started,
-    )
+    sign_csr(svc, name, body.csr, "renew").await
 }
 
 async fn revoke(svc: &Arc<Service>, req: Request<Incoming>) -> Reply {
