@@ -44,14 +44,7 @@ fn kind_of(name: &str) -> &'static str {
 
 /// A digest of the CA's files in `dir`.
 fn local_generation(dir: &Path) -> String {
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    for name in MIRRORED {
-        let bytes = std::fs::read(dir.join(name)).unwrap_or_default();
-        ctx.update(name.as_bytes());
-        ctx.update(&(bytes.len() as u64).to_be_bytes());
-        ctx.update(&bytes);
-    }
-    lanyard_sidecar::certinfo::hex(ctx.finish().as_ref())
+    lanyard_sidecar::certinfo::hex(&state::files_digest(dir, &MIRRORED))
 }
 
 /// The generation the store holds; `None` when it holds no CA.

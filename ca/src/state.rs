@@ -503,11 +503,18 @@ pub(crate) fn remove_state_file(path: &Path) -> Result<(), CaError> {
 
 /// A digest of every file that defines the CA (a missing file counts).
 fn disk_signature(dir: &Path) -> Vec<u8> {
+    files_digest(dir, &DEFINING_FILES)
+}
+
+/// SHA-256 over the names and contents of `names` in `dir` (a missing file
+/// counts as empty): what tells one state of the CA's files from another.
+pub(crate) fn files_digest(dir: &Path, names: &[&str]) -> Vec<u8> {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    for name in DEFINING_FILES {
-        let text = fs::read(dir.join(name)).unwrap_or_default();
-        ctx.update(&(text.len() as u64).to_be_bytes());
-        ctx.update(&text);
+    for name in names {
+        let bytes = fs::read(dir.join(name)).unwrap_or_default();
+        ctx.update(name.as_bytes());
+        ctx.update(&(bytes.len() as u64).to_be_bytes());
+        ctx.update(&bytes);
     }
     ctx.finish().as_ref().to_vec()
 }
