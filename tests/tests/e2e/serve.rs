@@ -115,10 +115,19 @@ impl Traffic {
         Self { stop, thread: Some(thread) }
     }
 
-    /// Stops; the successes and the failures.
-    fn finish(mut self) -> (usize, Vec<String>) {
+    /// Stops, and asserts that no request failed; the number answered.
+    fn finish(mut self) -> usize {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.take().expect("running").join().expect("the traffic thread does not panic")
+        let (requests, failures) =
+            self.thread.take().expect("running").join().expect("the traffic thread does not panic");
+        assert!(
+            failures.is_empty(),
+            "{} of {} requests failed: {:?}",
+            failures.len(),
+            requests + failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        requests
     }
 }
 
@@ -924,14 +933,7 @@ fn the_root_rotates_in_phases_under_traffic_and_a_frozen_sidecar_blocks_finish()
     wait_until(Duration::from_secs(40), "a renewal under the new root alone", || chain_serial(&api, 0) != leaf);
     while ping(addr).is_err() {}
 
-    let (requests, failures) = traffic.finish();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failures.len(),
-        requests + failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    let requests = traffic.finish();
     assert!(requests > 0, "traffic flowed");
     assert_eq!(
         rejected_handshakes(&inb, &format!("inbound-{inbound}")),
