@@ -27,6 +27,15 @@ fn build_images() {
     ]));
 }
 
+/// Held by the tests that probe network isolation with a rogue container,
+/// and by the Swarm test: `docker swarm init` and `leave` rewrite dockerd's
+/// iptables chains, and a rogue probe meanwhile once reached an app across
+/// bridge networks.
+fn networks_alone() -> std::sync::MutexGuard<'static, ()> {
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ALONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A docker-compose project, taken down with its volumes on drop.
 struct Project {
     name: String,
@@ -269,6 +278,7 @@ fn golden_outputs_pass_docker_compose_config() {
 
 #[test]
 fn injected_fleet_is_mtls_on_every_hop() {
+    let _alone = networks_alone();
     build_images();
     let tmp = tempfile::tempdir().unwrap();
     let example = std::fs::read_to_string(workspace_root().join("compose/examples/fleet/docker-compose.yml")).unwrap();
@@ -473,6 +483,7 @@ impl Drop for Trusted {
 /// before, and a rogue container gets nothing.
 #[test]
 fn real_peers_keep_working_behind_sidecars_and_people_get_https() {
+    let _alone = networks_alone();
     build_images();
     build_peer_images();
     peer("chromium");
