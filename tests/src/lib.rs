@@ -500,6 +500,58 @@ pub fn http_upstream() -> SocketAddr {
     local
 }
 
+/// A port on 127.0.0.1 free for both UDP and TCP at the time of asking.
+pub fn free_udp_and_tcp_port() -> u16 {
+    for _ in 0..50 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP port 0");
+        let port = udp.local_addr().expect("UDP local address").port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port on 127.0.0.1 was free for both UDP and TCP in 50 tries");
+}
+
+/// Whether a DNS server answers an A query on UDP 127.0.0.1:`port` within 3 s.
+fn answers_dns(port: u16) -> bool {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP port 0");
+    socket.connect(("127.0.0.1", port)).expect("connect UDP");
+    socket.set_read_timeout(Some(Duration::from_millis(300))).expect("UDP read timeout");
+    // ID 0x4c59, recursion desired, one question: probe.test. A IN.
+    let query = b"\x4c\x59\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05probe\x04test\x00\x00\x01\x00\x01";
+    let mut answer = [0u8; 512];
+    (0..10).any(|_| {
+        let _ = socket.send(query);
+        matches!(socket.recv(&mut answer), Ok(n) if n >= 12 && answer[..2] == query[..2])
+    })
+}
+
+/// Starts pebble-challtestsrv in `work`; returns (DNS port, management port,
+/// guard). A DNS port taken meanwhile by someone else is not fatal to
+/// challtestsrv (it logs and serves on without DNS, so Pebble would ask the
+/// port's holder), so that case is detected and retried on other ports.
+fn start_challtestsrv(work: &Path) -> (u16, u16, ChildGuard) {
+    for attempt in 1..=5 {
+        let (dns, dns_mgmt) = (free_udp_and_tcp_port(), free_port());
+        let dns_log = work.join(format!("challtestsrv-{attempt}.log"));
+        let mut cts = Command::new(peer("pebble-challtestsrv"));
+        cts.args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", "", "-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .arg("-dns01")
+            .arg(format!("127.0.0.1:{dns}"))
+            .arg("-management")
+            .arg(format!("127.0.0.1:{dns_mgmt}"));
+        let mut guard = ChildGuard::spawn(cts, &dns_log);
+        guard.wait_for_port(SocketAddr::from(([127, 0, 0, 1], dns_mgmt)), &dns_log);
+        let answers = answers_dns(dns);
+        let log = std::fs::read_to_string(&dns_log).unwrap_or_default();
+        if answers && !log.contains("address already in use") {
+            return (dns, dns_mgmt, guard);
+        }
+        eprintln!("challtestsrv could not bind DNS port {dns} (attempt {attempt}), trying another");
+    }
+    panic!("pebble-challtestsrv could not bind a DNS port in 5 attempts; see {}", work.display());
+}
+
 /// Pebble plus pebble-challtestsrv as its DNS (every name -> 127.0.0.1),
 /// on free ports, killed on drop.
 pub struct Pebble {
@@ -561,16 +613,7 @@ impl Pebble {
         openssl(
             "x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 -out cert.pem -extfile ext.cnf",
         );
-        let (dns, dns_mgmt) = (free_port(), free_port());
-        let dns_log = work.join("challtestsrv.log");
-        let mut cts = Command::new(peer("pebble-challtestsrv"));
-        cts.args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", "", "-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .arg("-dns01")
-            .arg(format!("127.0.0.1:{dns}"))
-            .arg("-management")
-            .arg(format!("127.0.0.1:{dns_mgmt}"));
-        let mut dns_guard = ChildGuard::spawn(cts, &dns_log);
-        dns_guard.wait_for_port(SocketAddr::from(([127, 0, 0, 1], dns_mgmt)), &dns_log);
+        let (dns, dns_mgmt, dns_guard) = start_challtestsrv(&work);
         let mut p = Self {
             server: None,
             _dns: dns_guard,
