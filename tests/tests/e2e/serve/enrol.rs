@@ -85,7 +85,8 @@ fn a_sidecar_enrols_with_its_own_key_renews_and_rides_out_a_ca_outage() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(dir.join("key.pem")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the key is private to the sidecar");
-    assert!(text(&std::fs::read(inbound.log.clone()).unwrap()).contains("enrolled"));
+    // The log line follows the cert dir's swap: wait for it, do not race it.
+    wait_for_log(&inbound.log, "enrolled");
 
     let web = pki.issue("web", &[]);
     let outbound = free_port();
