@@ -5,23 +5,28 @@
 //! serves a throwaway self-signed one, so `/readyz` can still say why the
 //! sidecar is not ready.
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::certinfo::rfc3339;
-use crate::config::Mode;
+use crate::config::{Limits, Mode};
 use crate::metrics::{header, render_listeners};
 use crate::proxy::Listener;
 use crate::reload::CertStore;
-use crate::tls::{self, ClientAuth};
+use crate::serving::{Gate, HttpsConfig};
+use crate::tls;
 
 /// A certificate is "degraded" once this fraction of its life has passed.
 pub const NOT_READY_AFTER_LIFE: f64 = 5.0 / 6.0;
@@ -59,7 +64,12 @@ pub struct Admin {
     store: Arc<CertStore>,
     listeners: Vec<Arc<Listener>>,
     edges: Vec<Arc<crate::edge::Edge>>,
+    /// The sidecar's certificate, as served here.
+    tls: HttpsConfig,
+    /// Served before the first valid certificate.
     fallback: Arc<rustls::ServerConfig>,
+    /// Its own connection counters (not rendered: they are not traffic).
+    connections: Arc<crate::metrics::ListenerMetrics>,
 }
 
 impl Admin {
@@ -69,7 +79,14 @@ impl Admin {
         listeners: Vec<Arc<Listener>>,
         edges: Vec<Arc<crate::edge::Edge>>,
     ) -> Result<Self, tls::TlsConfigError> {
-        Ok(Self { store, listeners, edges, fallback: Arc::new(fallback_config()?) })
+        Ok(Self {
+            tls: HttpsConfig::new(store.clone()),
+            store,
+            listeners,
+            edges,
+            fallback: Arc::new(fallback_config()?),
+            connections: Arc::default(),
+        })
     }
 
     /// Computes readiness now; checks that each inbound upstream accepts TCP.
@@ -193,64 +210,50 @@ impl Admin {
         header(&mut out, &format!("{p}_cert_loaded"), "gauge", "1 once a valid certificate is served.");
         let _ = writeln!(out, "{p}_cert_loaded {}", u8::from(self.store.current().is_some()));
         let listeners = self.listeners.iter().map(|l| (l.config.name.as_str(), &*l.metrics));
-        render_listeners(&mut out, listeners.chain(self.edges.iter().map(|e| (e.metrics_label.as_str(), &e.metrics))));
+        render_listeners(&mut out, listeners.chain(self.edges.iter().map(|e| (e.metrics_label.as_str(), &*e.metrics))));
         out
     }
 
     fn tls_config(&self) -> Arc<rustls::ServerConfig> {
-        self.store
-            .current()
-            .and_then(|s| tls::server_config(&s.set, &ClientAuth::Optional, None).ok())
-            .map(|mut c| {
-                c.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Arc::new(c)
-            })
-            .unwrap_or_else(|| self.fallback.clone())
+        self.tls.current().unwrap_or_else(|| self.fallback.clone())
     }
 
-    /// Serves until `stop` turns true.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-        loop {
-            let Some((tcp, _)) = crate::next_connection(&listener, &mut stop).await else { return };
+    /// Serves until `stop` turns true, within `limits`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, limits: Limits, stop: watch::Receiver<bool>) {
+        let gate = Gate::new("admin", limits, self.connections.clone());
+        gate.serve(listener, stop, |tcp, session| {
             let this = self.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(10), this.handle(tcp)).await;
-            });
-        }
+            async move {
+                let accept = tokio_rustls::TlsAcceptor::from(this.tls_config()).accept(tcp);
+                let Some(tls) = session.handshake(accept).await else { return };
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.respond(req.method(), req.uri().path()).await) }
+                });
+                session.http1(tls, service).await;
+            }
+        })
+        .await;
     }
 
-    async fn handle(&self, tcp: TcpStream) -> std::io::Result<()> {
-        let mut tls = tokio_rustls::TlsAcceptor::from(self.tls_config()).accept(tcp).await?;
-        let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 1024];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = tls.read(&mut chunk).await?;
-            if n == 0 || buf.len() > 8192 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let line = String::from_utf8_lossy(&buf);
-        let mut parts = line.split_whitespace();
-        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    async fn respond(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
         let (status, kind, body) = match (method, path) {
-            ("GET", "/healthz") => ("200 OK", "application/json", "{\"status\":\"alive\"}\n".to_owned()),
-            ("GET", "/readyz") => {
+            (&Method::GET, "/healthz") => (StatusCode::OK, "application/json", "{\"status\":\"alive\"}\n".to_owned()),
+            (&Method::GET, "/readyz") => {
                 let r = self.readiness().await;
                 let body = serde_json::to_string(&r).unwrap_or_default() + "\n";
-                (if r.ready { "200 OK" } else { "503 Service Unavailable" }, "application/json", body)
+                (if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, "application/json", body)
             }
-            ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", self.metrics()),
-            ("GET", _) => ("404 Not Found", "text/plain", "not found: try /healthz, /readyz or /metrics\n".into()),
-            _ => ("405 Method Not Allowed", "text/plain", "only GET is served\n".into()),
+            (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
+            (&Method::GET, _) => {
+                (StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz, /readyz or /metrics\n".into())
+            }
+            _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is served\n".into()),
         };
-        let head = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        );
-        tls.write_all(head.as_bytes()).await?;
-        tls.write_all(body.as_bytes()).await?;
-        tls.shutdown().await
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+        response
     }
 }
 

@@ -191,6 +191,10 @@ pub struct Limits {
     /// Longest TLS handshake.
     #[serde(deserialize_with = "serde_str::one")]
     pub handshake_timeout: Span,
+    /// Longest wait for an HTTP request's headers, from the connection's
+    /// start or the previous response (HTTP listeners: edge, admin, CA).
+    #[serde(deserialize_with = "serde_str::one")]
+    pub header_timeout: Span,
     /// Close a connection with no traffic in either direction for this long.
     #[serde(deserialize_with = "serde_str::one")]
     pub idle_timeout: Span,
@@ -200,7 +204,7 @@ pub struct Limits {
     /// How long SIGTERM waits for open connections.
     #[serde(deserialize_with = "serde_str::one")]
     pub drain_timeout: Span,
-    /// Most open connections per listener.
+    /// Most open connections per listener; more are refused at accept.
     pub max_connections: usize,
 }
 
@@ -209,6 +213,7 @@ impl Default for Limits {
         let span = |s: u64| Span::new(std::time::Duration::from_secs(s)).expect("non-zero");
         Self {
             handshake_timeout: span(10),
+            header_timeout: span(10),
             idle_timeout: span(300),
             connect_timeout: span(5),
             drain_timeout: span(15),

@@ -26,7 +26,7 @@ use hyper::header::{HeaderName, HeaderValue, HOST, LOCATION};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -37,8 +37,9 @@ use tokio::sync::watch;
 
 use crate::certdir::CertDir;
 use crate::cli::serde_str;
-use crate::config::HostPort;
+use crate::config::{HostPort, Limits};
 use crate::reload::{CertStore, Snapshot};
+use crate::serving::{Gate, Session};
 use crate::span::Span;
 use crate::tls::{self, TlsConfigError};
 
@@ -227,7 +228,7 @@ pub struct Edge {
     client: Client<HttpConnector, Incoming>,
     fetch: Client<HttpConnector, http_body_util::Empty<Bytes>>,
     /// Handshakes of the HTTPS listener, as `edge-<name>` in the metrics.
-    pub metrics: crate::metrics::ListenerMetrics,
+    pub metrics: Arc<crate::metrics::ListenerMetrics>,
     /// The `listener` label of those metrics.
     pub metrics_label: String,
 }
@@ -282,30 +283,27 @@ impl Edge {
         })
     }
 
-    /// Serves HTTPS until `stop` turns true.
-    pub async fn serve_https(self: Arc<Self>, socket: TcpListener, mut stop: watch::Receiver<bool>) {
-        while let Some((tcp, peer)) = crate::next_connection(&socket, &mut stop).await {
-            let this = self.clone();
-            tokio::spawn(async move {
-                this.metrics.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                this.clone().serve_connection(tcp, peer).await;
-                this.metrics.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            });
-        }
+    /// Serves HTTPS until `stop` turns true, within `limits`.
+    pub async fn serve_https(self: Arc<Self>, socket: TcpListener, limits: Limits, stop: watch::Receiver<bool>) {
+        let gate = Gate::new(self.metrics_label.clone(), limits, self.metrics.clone());
+        gate.serve(socket, stop, |tcp, session| self.clone().serve_connection(tcp, session)).await;
     }
 
-    /// One HTTPS connection: handshake, then HTTP/1.1 or HTTP/2.
-    async fn serve_connection(self: Arc<Self>, tcp: TcpStream, peer: std::net::SocketAddr) {
-        let Ok(Some(tls)) = tokio::time::timeout(Duration::from_secs(10), self.handshake(tcp)).await else {
-            return;
+    /// One HTTPS connection: handshake, then HTTP/2 or HTTP/1.1 by ALPN.
+    async fn serve_connection(self: Arc<Self>, tcp: TcpStream, session: Session) {
+        let handshake = tokio::time::timeout(session.limits().handshake_timeout.get(), self.handshake(tcp)).await;
+        let tls = match handshake {
+            Ok(Some(tls)) => tls,
+            Ok(None) => return,
+            Err(_) => return self.metrics.reject(crate::metrics::Rejection::Timeout),
         };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let peer = session.peer.ip();
         let service = hyper::service::service_fn(move |req| {
             let this = self.clone();
-            async move { Ok::<_, Infallible>(this.forward(req, peer.ip()).await) }
+            async move { Ok::<_, Infallible>(this.forward(req, peer).await) }
         });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(tls), service)
-            .await;
+        session.http(tls, h2, service).await;
     }
 
     /// The TLS handshake; `None` when it fails, or when it was an ACME
@@ -442,19 +440,24 @@ impl Edge {
         response
     }
 
-    /// Serves the plain-HTTP listener until `stop` turns true.
-    pub async fn serve_http(self: Arc<Self>, socket: TcpListener, https_port: u16, mut stop: watch::Receiver<bool>) {
-        loop {
-            let Some((tcp, _)) = crate::next_connection(&socket, &mut stop).await else { return };
+    /// Serves the plain-HTTP listener until `stop` turns true, within `limits`.
+    pub async fn serve_http(
+        self: Arc<Self>,
+        socket: TcpListener,
+        https_port: u16,
+        limits: Limits,
+        stop: watch::Receiver<bool>,
+    ) {
+        let gate = Gate::new(format!("{}-http", self.metrics_label), limits, self.metrics.clone());
+        gate.serve(socket, stop, |tcp, session| {
             let this = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.plain(req, https_port).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+            let service = hyper::service::service_fn(move |req| {
+                let this = this.clone();
+                async move { Ok::<_, Infallible>(this.plain(req, https_port).await) }
             });
-        }
+            session.http1(tcp, service)
+        })
+        .await;
     }
 
     /// Plain HTTP: ACME challenges go to the CA, everything else to HTTPS.

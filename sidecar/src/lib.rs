@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod renewal;
+pub mod serving;
 pub mod span;
 pub mod tls;
 pub mod verify;
@@ -223,7 +224,7 @@ pub async fn next_connection(
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, SidecarError> {
-    TcpListener::bind(addr).await.map_err(|source| SidecarError::Bind { addr, what: what.to_owned(), source })
+    serving::bind(addr).map_err(|source| SidecarError::Bind { addr, what: what.to_owned(), source })
 }
 
 /// Runs the sidecar until `shutdown` resolves, then stops accepting and
@@ -275,13 +276,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         for addr in https_addrs {
             let socket = bind(addr, &ec.name).await?;
             tracing::info!(edge = %ec.name, %addr, upstream = %ec.upstream, "edge serving HTTPS");
-            tokio::spawn(edge.clone().serve_https(socket, stop_rx.clone()));
+            tasks.push(tokio::spawn(edge.clone().serve_https(socket, config.limits.clone(), stop_rx.clone())));
         }
         if let Some(http) = &ec.http_listen {
             for addr in resolve(http, &ec.name).await? {
                 let socket = bind(addr, &ec.name).await?;
                 tracing::info!(edge = %ec.name, %addr, "edge redirecting HTTP to HTTPS");
-                tokio::spawn(edge.clone().serve_http(socket, https_port, stop_rx.clone()));
+                tasks.push(tokio::spawn(edge.clone().serve_http(
+                    socket,
+                    https_port,
+                    config.limits.clone(),
+                    stop_rx.clone(),
+                )));
             }
         }
         edges.push(edge);
@@ -290,7 +296,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let socket = bind(addr, "admin").await?;
         tracing::info!(%addr, "admin endpoint on https://{addr}/readyz");
         let admin = Arc::new(admin::Admin::new(store.clone(), listeners.clone(), edges.clone())?);
-        tokio::spawn(admin.serve(socket, stop_rx.clone()));
+        tasks.push(tokio::spawn(admin.serve(socket, config.limits.clone(), stop_rx.clone())));
     }
     let watcher = store.spawn_watch(stop_rx.clone());
 

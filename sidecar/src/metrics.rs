@@ -84,6 +84,8 @@ pub struct ListenerMetrics {
     pub active: AtomicI64,
     /// Connections refused because the cap was reached.
     pub over_cap: AtomicU64,
+    /// Connections closed by the header-read or idle timeout.
+    pub timeouts: AtomicU64,
     /// Upstream connections that failed.
     pub upstream_errors: AtomicU64,
     /// Bytes from the client side to the upstream.
@@ -180,13 +182,10 @@ pub fn render_handshakes<'a>(
 pub fn render_listeners<'a>(out: &mut String, listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone) {
     let p = "lanyard_sidecar";
     render_handshakes(out, p, listeners.clone());
-    let families: [Family; 6] = [
+    render_connections(out, p, listeners.clone());
+    let families: [Family; 4] = [
         ("handshakes_resumed_total", "counter", "Handshakes that resumed a TLS session.", |m| {
             m.handshakes_resumed.load(Ordering::Relaxed) as i64
-        }),
-        ("active_connections", "gauge", "Open connections.", |m| m.active.load(Ordering::Relaxed)),
-        ("connections_over_cap_total", "counter", "Connections refused at the connection cap.", |m| {
-            m.over_cap.load(Ordering::Relaxed) as i64
         }),
         ("upstream_errors_total", "counter", "Failed upstream connections.", |m| {
             m.upstream_errors.load(Ordering::Relaxed) as i64
@@ -198,6 +197,34 @@ pub fn render_listeners<'a>(out: &mut String, listeners: impl Iterator<Item = (&
             m.bytes_out.load(Ordering::Relaxed) as i64
         }),
     ];
+    render_families(out, p, &families, listeners);
+}
+
+/// Renders the connection families every server has (open connections,
+/// refusals at the cap, closes by timeout), named `<prefix>_…`.
+pub fn render_connections<'a>(
+    out: &mut String,
+    p: &str,
+    listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone,
+) {
+    let families: [Family; 3] = [
+        ("active_connections", "gauge", "Open connections.", |m| m.active.load(Ordering::Relaxed)),
+        ("connections_over_cap_total", "counter", "Connections refused at the connection cap.", |m| {
+            m.over_cap.load(Ordering::Relaxed) as i64
+        }),
+        ("connection_timeouts_total", "counter", "Connections closed by the header-read or idle timeout.", |m| {
+            m.timeouts.load(Ordering::Relaxed) as i64
+        }),
+    ];
+    render_families(out, p, &families, listeners);
+}
+
+fn render_families<'a>(
+    out: &mut String,
+    p: &str,
+    families: &[Family],
+    listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone,
+) {
     for (name, kind, help, get) in families {
         header(out, &format!("{p}_{name}"), kind, help);
         for (l, m) in listeners.clone() {

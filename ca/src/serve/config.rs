@@ -109,6 +109,11 @@ pub struct ServeConfig {
     /// is replaced within this plus a fifth of it.
     #[serde(default = "default_lease_ttl", deserialize_with = "serde_str::one")]
     pub lease_ttl: Span,
+    /// Timeouts and the connection cap of the API and HTTP listeners
+    /// (`handshake_timeout`, `header_timeout`, `idle_timeout`,
+    /// `drain_timeout`, `max_connections`), as in the sidecar's `[limits]`.
+    #[serde(default)]
+    pub limits: lanyard_sidecar::config::Limits,
 }
 
 /// `[docker]`: discovery of containers labelled `lanyard.identity`.

@@ -2,9 +2,10 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use lanyard_sidecar::metrics::header;
+use lanyard_sidecar::metrics::{header, ListenerMetrics};
 
 use crate::store::ScheduleRow;
 
@@ -24,7 +25,9 @@ pub struct CaMetrics {
     /// Whether the scheduler loop is running.
     pub scheduler_running: AtomicBool,
     /// Handshakes of the HTTPS API, by result, reason and key-exchange group.
-    pub api_handshakes: lanyard_sidecar::metrics::ListenerMetrics,
+    pub api_handshakes: Arc<ListenerMetrics>,
+    /// Connections of the plain-HTTP listener.
+    pub http_connections: Arc<ListenerMetrics>,
 }
 
 impl CaMetrics {
@@ -121,7 +124,9 @@ impl CaMetrics {
         for row in schedule {
             let _ = writeln!(out, "{p}_renewal_failures{{identity=\"{}\"}} {}", row.identity, row.failures);
         }
-        lanyard_sidecar::metrics::render_handshakes(&mut out, p, std::iter::once(("api", &self.api_handshakes)));
+        lanyard_sidecar::metrics::render_handshakes(&mut out, p, std::iter::once(("api", &*self.api_handshakes)));
+        let listeners = [("api", &*self.api_handshakes), ("http", &*self.http_connections)];
+        lanyard_sidecar::metrics::render_connections(&mut out, p, listeners.into_iter());
         out
     }
 }

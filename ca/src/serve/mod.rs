@@ -18,13 +18,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper_util::rt::TokioIo;
 use lanyard_sidecar::certdir::CertDir;
 use lanyard_sidecar::certinfo::{rfc3339, CertInfo};
+use lanyard_sidecar::config::Limits;
 use lanyard_sidecar::identity::{DnsName, TrustDomain};
 use lanyard_sidecar::reload::CertStore;
+use lanyard_sidecar::serving::{Gate, HttpsConfig};
 use lanyard_sidecar::span::Span;
-use lanyard_sidecar::tls::{self, ClientAuth};
+use lanyard_sidecar::tls;
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -204,8 +205,7 @@ impl Service {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, CaError> {
-    TcpListener::bind(addr)
-        .await
+    lanyard_sidecar::serving::bind(addr)
         .map_err(|e| CaError::Config { origin: what.to_owned(), what: format!("cannot listen on {addr}: {e}") })
 }
 
@@ -407,12 +407,13 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     tokio::spawn(sidecars::poll_during_rotation(authority.clone(), known_sidecars, stop_rx.clone()));
     let service =
         Arc::new(Service { authority, scheduler, metrics, acme, leader, own, leaf_ttl: config.leaf_ttl, api_certs });
-    tokio::spawn(serve_https(service.clone(), https, stop_rx.clone()));
-    tokio::spawn(serve_http(service.clone(), http, https_port, stop_rx.clone()));
+    let https = tokio::spawn(serve_https(service.clone(), https, config.limits.clone(), stop_rx.clone()));
+    let http = tokio::spawn(serve_http(service.clone(), http, https_port, config.limits.clone(), stop_rx.clone()));
 
     shutdown.await;
-    tracing::info!("ca serve shutting down");
+    tracing::info!("ca serve shutting down: no new connections, draining open ones");
     let _ = stop_tx.send(true);
+    let _ = tokio::join!(https, http);
     let _ = sched_task.await;
     Ok(())
 }
@@ -433,47 +434,17 @@ fn known_sidecars(config: &ServeConfig, td: &TrustDomain) -> Result<Vec<sidecars
         .collect()
 }
 
-async fn serve_https(svc: Arc<Service>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let mut cached: Option<(u64, Arc<rustls::ServerConfig>)> = None;
-    loop {
-        let Some((tcp, remote)) = lanyard_sidecar::next_connection(&listener, &mut stop).await else { return };
-        let Some(snapshot) = svc.api_certs.current() else { continue };
-        let config = match &cached {
-            Some((generation, c)) if *generation == snapshot.generation => c.clone(),
-            _ => match tls::server_config(&snapshot.set, &ClientAuth::Optional, None) {
-                Ok(mut c) => {
-                    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-                    let c = Arc::new(c);
-                    cached = Some((snapshot.generation, c.clone()));
-                    c
-                }
-                Err(e) => {
-                    tracing::error!("API TLS config: {e}");
-                    continue;
-                }
-            },
-        };
-        let svc = svc.clone();
-        tokio::spawn(async move {
-            let accepted = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                tokio_rustls::TlsAcceptor::from(config).accept(tcp),
-            )
-            .await;
-            let api = &svc.metrics.api_handshakes;
-            let tls = match accepted {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    let why = api.handshake_failed(&e);
-                    tracing::debug!(reason = why.label(), "API handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    api.reject(lanyard_sidecar::metrics::Rejection::Timeout);
-                    return;
-                }
-            };
-            api.handshake_done(tls.get_ref().1);
+/// The HTTPS API listener, within `limits`.
+async fn serve_https(svc: Arc<Service>, listener: TcpListener, limits: Limits, stop: watch::Receiver<bool>) {
+    let configs = Arc::new(HttpsConfig::new(svc.api_certs.clone()));
+    let gate = Gate::new("api", limits, svc.metrics.api_handshakes.clone());
+    gate.serve(listener, stop, |tcp, session| {
+        let (svc, configs) = (svc.clone(), configs.clone());
+        async move {
+            let Some(config) = configs.current() else { return };
+            let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+            let Some(tls) = session.handshake(accept).await else { return };
+            session.metrics().handshake_done(tls.get_ref().1);
             let peer = tls
                 .get_ref()
                 .1
@@ -481,19 +452,27 @@ async fn serve_https(svc: Arc<Service>, listener: TcpListener, mut stop: watch::
                 .and_then(|c| c.first())
                 .and_then(|c| CertInfo::from_der(c).ok())
                 .map(Arc::new);
+            let remote = session.peer;
             let service = hyper::service::service_fn(move |req| api::handle(svc.clone(), peer.clone(), remote, req));
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
-        });
-    }
+            session.http1(tls, service).await;
+        }
+    })
+    .await;
 }
 
 /// The plain-HTTP listener: ACME HTTP-01 answers, and a redirect to HTTPS
 /// for everything else.
-async fn serve_http(svc: Arc<Service>, listener: TcpListener, https_port: u16, mut stop: watch::Receiver<bool>) {
-    loop {
-        let Some((tcp, _)) = lanyard_sidecar::next_connection(&listener, &mut stop).await else { return };
+async fn serve_http(
+    svc: Arc<Service>,
+    listener: TcpListener,
+    https_port: u16,
+    limits: Limits,
+    stop: watch::Receiver<bool>,
+) {
+    let gate = Gate::new("http", limits, svc.metrics.http_connections.clone());
+    gate.serve(listener, stop, |tcp, session| {
         let svc = svc.clone();
-        tokio::spawn(async move {
+        {
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let svc = svc.clone();
                 async move {
@@ -516,7 +495,8 @@ async fn serve_http(svc: Arc<Service>, listener: TcpListener, https_port: u16, m
                     Ok(r)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
-        });
-    }
+            session.http1(tcp, service)
+        }
+    })
+    .await;
 }

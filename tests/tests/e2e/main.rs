@@ -4,6 +4,7 @@
 mod acme;
 mod compose;
 mod docker;
+mod flood;
 mod pki;
 mod serve;
 mod sidecar;

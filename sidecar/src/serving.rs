@@ -1,0 +1,380 @@
+//! The serving layer every listener shares: the mesh's, the edge's HTTPS
+//! and HTTP, the admin endpoint, and the CA's API and HTTP listeners.
+//!
+//! A [`Gate`] accepts within a connection cap (logging when the cap is
+//! reached), tracks every connection's task, and drains them when the
+//! listener stops. A [`Session`] runs one connection's TLS handshake within
+//! the handshake timeout and its HTTP with header-read and idle timeouts.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::{Body, Incoming};
+use hyper::service::HttpService;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::Limits;
+use crate::metrics::{ListenerMetrics, Rejection};
+use crate::reload::CertStore;
+use crate::tls::{self, ClientAuth};
+
+/// Accept queue asked of the kernel (capped by `net.core.somaxconn`). A
+/// burst beyond tokio's default of 1024 is queued rather than dropped: a
+/// dropped handshake that a SYN cookie completed leaves the client
+/// believing it is connected to a server that never saw it.
+const BACKLOG: u32 = 4096;
+
+/// Binds a listening socket on `addr` with a deep accept queue.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// How often a full cap is logged while it stays full.
+const CAP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Admits connections to one named listener within its cap.
+pub struct Gate {
+    name: String,
+    limits: Limits,
+    metrics: Arc<ListenerMetrics>,
+    slots: Arc<Semaphore>,
+    /// When a full cap was last logged.
+    cap_logged: Mutex<Option<Instant>>,
+}
+
+impl Gate {
+    /// A gate for the listener `name`, counting into `metrics`.
+    pub fn new(name: impl Into<String>, limits: Limits, metrics: Arc<ListenerMetrics>) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.into(),
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            metrics,
+            cap_logged: Mutex::new(None),
+        })
+    }
+
+    /// Accepts on `listener` until `stop` turns true, running `handle` on
+    /// its own task for each connection the cap admits. Then it asks open
+    /// HTTP connections to finish their requests and close, and waits for
+    /// every task up to the drain timeout before closing what is left.
+    pub async fn serve<H, F>(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>, mut handle: H)
+    where
+        H: FnMut(TcpStream, Session) -> F,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let graceful = GracefulShutdown::new();
+        let mut tasks = JoinSet::new();
+        while let Some((tcp, peer)) = crate::next_connection(&listener, &mut stop).await {
+            while tasks.try_join_next().is_some() {}
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.refuse(peer);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let open = Open::new(self.metrics.clone());
+            let work = handle(tcp, Session { peer, gate: self.clone(), watcher: graceful.watcher() });
+            tasks.spawn(async move {
+                let _held = (permit, open);
+                work.await;
+            });
+        }
+        drop(listener);
+        let drained = tokio::time::timeout(self.limits.drain_timeout.get(), async {
+            graceful.shutdown().await;
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(listener = %self.name, open = tasks.len(), "drain timeout: closing open connections");
+        }
+    }
+
+    /// The limits this gate applies.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn refuse(&self, peer: SocketAddr) {
+        self.metrics.over_cap.fetch_add(1, Ordering::Relaxed);
+        let mut logged = self.cap_logged.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.is_none_or(|at| at.elapsed() >= CAP_LOG_INTERVAL) {
+            *logged = Some(Instant::now());
+            tracing::warn!(
+                listener = %self.name,
+                cap = self.limits.max_connections,
+                %peer,
+                "connection cap reached: refusing new connections until open ones close (raise limits.max_connections if this is real load)"
+            );
+        }
+    }
+
+    /// Counts how an HTTP connection ended when it ended by a timeout.
+    fn closed(&self, out: Option<Result<(), BoxError>>, peer: SocketAddr) {
+        let timed_out = match &out {
+            None => true,
+            Some(Err(e)) => e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout),
+            Some(Ok(())) => false,
+        };
+        if timed_out {
+            self.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(listener = %self.name, %peer, "closed by the header-read or idle timeout");
+        }
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct Open(Arc<ListenerMetrics>);
+
+impl Open {
+    fn new(metrics: Arc<ListenerMetrics>) -> Self {
+        metrics.active.fetch_add(1, Ordering::Relaxed);
+        Self(metrics)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One admitted connection's context.
+pub struct Session {
+    /// The client's address.
+    pub peer: SocketAddr,
+    gate: Arc<Gate>,
+    watcher: Watcher,
+}
+
+impl Session {
+    /// The listener's limits.
+    pub fn limits(&self) -> &Limits {
+        &self.gate.limits
+    }
+
+    /// The listener's counters.
+    pub fn metrics(&self) -> &ListenerMetrics {
+        &self.gate.metrics
+    }
+
+    /// Runs a TLS handshake within the handshake timeout, counting a failure
+    /// by reason; `None` when it failed or timed out.
+    pub async fn handshake<T>(&self, accept: impl Future<Output = io::Result<T>>) -> Option<T> {
+        match tokio::time::timeout(self.limits().handshake_timeout.get(), accept).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err(e)) => {
+                let why = self.metrics().handshake_failed(&e);
+                tracing::debug!(listener = %self.gate.name, peer = %self.peer, reason = why.label(), "handshake failed: {e}");
+                None
+            }
+            Err(_) => {
+                self.metrics().reject(Rejection::Timeout);
+                tracing::debug!(listener = %self.gate.name, peer = %self.peer, "handshake timed out");
+                None
+            }
+        }
+    }
+
+    /// Serves HTTP/1.1 on `io` until the client is done, the header-read or
+    /// idle timeout passes, or the listener drains.
+    pub async fn http1<I, S, B>(self, io: I, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: HttpService<Incoming, ResBody = B> + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let activity = Arc::new(Activity::default());
+        let io = TokioIo::new(Metered::new(io, None, activity.clone()));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits().header_timeout.get())
+            .serve_connection(io, service);
+        let Self { peer, gate, watcher } = self;
+        let out = until_idle(watcher.watch(conn), gate.limits.idle_timeout.get(), &activity).await;
+        gate.closed(out.map(|r| r.map_err(Into::into)), peer);
+    }
+
+    /// Serves HTTP/2 when `h2` (negotiated by ALPN), HTTP/1.1 otherwise,
+    /// with the same timeouts as [`Session::http1`].
+    pub async fn http<I, S, B>(self, io: I, h2: bool, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let activity = Arc::new(Activity::default());
+        let io = TokioIo::new(Metered::new(io, None, activity.clone()));
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(self.limits().header_timeout.get());
+        builder.http2().timer(TokioTimer::new()).max_concurrent_streams(250);
+        let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
+        let Self { peer, gate, watcher } = self;
+        let out =
+            until_idle(watcher.watch(builder.serve_connection(io, service)), gate.limits.idle_timeout.get(), &activity)
+                .await;
+        gate.closed(out, peer);
+    }
+}
+
+/// When a connection last moved bytes either way.
+#[derive(Debug)]
+pub struct Activity {
+    start: Instant,
+    /// Milliseconds since `start` of the last read or write.
+    last: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self { start: Instant::now(), last: AtomicU64::new(0) }
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_until(&self, idle: Duration) -> Instant {
+        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
+    }
+}
+
+/// Runs `work` until it ends, or until nothing moved for `idle`; `None`
+/// on the timeout.
+pub async fn until_idle<F: Future>(work: F, idle: Duration, activity: &Activity) -> Option<F::Output> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return Some(out),
+            _ = tokio::time::sleep_until(activity.idle_until(idle).into()) => {
+                if activity.idle_until(idle) <= Instant::now() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// A stream that notes its activity and counts the bytes it reads.
+pub struct Metered<S> {
+    inner: S,
+    bytes: Option<Arc<AtomicU64>>,
+    activity: Arc<Activity>,
+}
+
+impl<S> Metered<S> {
+    /// Wraps `inner`, adding what it reads to `bytes` when given.
+    pub fn new(inner: S, bytes: Option<Arc<AtomicU64>>, activity: Arc<Activity>) -> Self {
+        Self { inner, bytes, activity }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            if let Some(bytes) = &self.bytes {
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The TLS config of an HTTPS endpoint serving a cert store's certificate
+/// over HTTP/1.1, client certificates optional (the admin endpoint, the
+/// CA's API). Built once per reload, not per connection.
+pub struct HttpsConfig {
+    store: Arc<CertStore>,
+    built: Mutex<Option<(u64, Arc<rustls::ServerConfig>)>>,
+}
+
+impl HttpsConfig {
+    /// For `store`'s certificates.
+    pub fn new(store: Arc<CertStore>) -> Self {
+        Self { store, built: Mutex::new(None) }
+    }
+
+    /// The config for the current certificate; `None` before the first
+    /// valid one, or when it cannot be built (logged).
+    pub fn current(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let snapshot = self.store.current()?;
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, config)) = built.as_ref().filter(|(generation, _)| *generation == snapshot.generation) {
+            return Some(config.clone());
+        }
+        match tls::server_config(&snapshot.set, &ClientAuth::Optional, None) {
+            Ok(mut config) => {
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let config = Arc::new(config);
+                *built = Some((snapshot.generation, config.clone()));
+                Some(config)
+            }
+            Err(e) => {
+                tracing::error!(dir = %self.store.dir().path().display(), "TLS config: {e}");
+                None
+            }
+        }
+    }
+}
