@@ -194,8 +194,7 @@ fn check(what: &str, mut o: Outcome) {
         o.rss_peak_kib,
     );
     assert_eq!(
-        o.closed,
-        CONNECTIONS,
+        o.closed, CONNECTIONS,
         "{what}: every slow connection is closed by the server; still open by kind of attack: {:?}",
         o.still_open
     );
