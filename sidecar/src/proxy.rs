@@ -51,7 +51,7 @@ impl Routes {
 /// Accepts on `socket` until `stop` turns true, then drains every listener
 /// it served.
 pub async fn serve(socket: TcpListener, routes: Routes, mut stop: watch::Receiver<bool>) {
-    while let Some((tcp, peer)) = crate::next_connection(&socket, &mut stop).await {
+    while let Some((tcp, peer)) = crate::serving::next_connection(&socket, &mut stop).await {
         match routes.pick(tcp.local_addr().ok().map(|a| a.ip().to_canonical())) {
             Some(listener) => listener.accept(tcp, peer),
             None => tracing::debug!(%peer, "no listener for this local address; closed"),

@@ -43,6 +43,29 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// The next accepted connection, or `None` once `stop` turns true. Accept
+/// errors (such as running out of file descriptors) are logged and retried
+/// after a pause.
+pub async fn next_connection(
+    socket: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => None,
+            a = socket.accept() => Some(a),
+        };
+        match accepted {
+            None => return None,
+            Some(Ok(a)) => return Some(a),
+            Some(Err(e)) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// How often a full cap is logged while it stays full.
 const CAP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -81,7 +104,7 @@ impl Gate {
     {
         let graceful = GracefulShutdown::new();
         let mut tasks = JoinSet::new();
-        while let Some((tcp, peer)) = crate::next_connection(&listener, &mut stop).await {
+        while let Some((tcp, peer)) = next_connection(&listener, &mut stop).await {
             while tasks.try_join_next().is_some() {}
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 self.refuse(peer);

@@ -221,3 +221,10 @@ pub fn client_config_with(
 pub fn client_config(set: &CertSet, check: &ServerCheck) -> Result<ClientConfig, TlsConfigError> {
     client_config_with(root_store(set)?, check, Some(set))
 }
+
+/// Installs aws-lc-rs as the process-wide rustls crypto provider.
+///
+/// Binaries call this once at start; it is idempotent.
+pub fn install_crypto_provider() {
+    let _ = crypto_provider().install_default();
+}

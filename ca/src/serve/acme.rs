@@ -857,7 +857,7 @@ impl Acme {
         config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         loop {
-            let Some((tcp, _)) = lanyard_sidecar::next_connection(&socket, &mut stop).await else { return };
+            let Some((tcp, _)) = lanyard_sidecar::serving::next_connection(&socket, &mut stop).await else { return };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(Ok(mut tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
