@@ -9,10 +9,8 @@ use serde_norway::{Mapping, Value};
 
 use crate::error::ComposeError;
 use crate::interpolate::{parse_env_file, Env};
-use crate::options::{Defaults, ServiceOptions};
-
-/// The extension key Lanyard reads, at the top level and in services.
-pub const EXTENSION: &str = "x-lanyard";
+use crate::options::{Defaults, ServiceOptions, EXTENSION};
+use crate::yaml::scalar;
 
 /// Largest port range expanded into single ports.
 const MAX_RANGE: u16 = 1000;
@@ -399,16 +397,6 @@ impl Service {
     /// The value of `key` as written.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.raw.get(key)
-    }
-}
-
-/// A scalar as text (strings, numbers and booleans); `None` for the rest.
-pub fn scalar(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
     }
 }
 

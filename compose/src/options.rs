@@ -9,7 +9,10 @@ use serde::Deserialize;
 use serde_norway::Value;
 
 use crate::error::ComposeError;
-use crate::model::EXTENSION;
+use crate::yaml::scalar;
+
+/// The extension key Lanyard reads, at the top level and in services.
+pub const EXTENSION: &str = "x-lanyard";
 
 /// How a protected port is proxied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -309,7 +312,7 @@ where
     let list = Vec::<Value>::deserialize(d)?;
     list.iter()
         .map(|v| {
-            let text = crate::model::scalar(v).ok_or_else(|| serde::de::Error::custom("expected a list of strings"))?;
+            let text = scalar(v).ok_or_else(|| serde::de::Error::custom("expected a list of strings"))?;
             text.parse().map_err(serde::de::Error::custom)
         })
         .collect()
@@ -317,5 +320,5 @@ where
 
 fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let v = Value::deserialize(d)?;
-    crate::model::scalar(&v).ok_or_else(|| serde::de::Error::custom("expected a string"))
+    scalar(&v).ok_or_else(|| serde::de::Error::custom("expected a string"))
 }

@@ -14,6 +14,16 @@ use std::fmt::Write;
 
 use serde_norway::Value;
 
+/// A scalar as text (strings, numbers and booleans); `None` for the rest.
+pub fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
 /// `value` as a YAML document.
 pub fn to_string(value: &Value) -> String {
     let mut out = String::new();
