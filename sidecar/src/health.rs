@@ -5,19 +5,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::certdir::{self, CertDir, CA_FILE};
 use crate::tls::{self, ServerCheck};
 
+/// Largest answer body read.
+const MAX_BODY: usize = 1 << 20;
+
 /// Why the probe failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
     /// The URL is not `https://host:port/path`.
-    #[error("invalid --url {0:?}: expected https://HOST:PORT/PATH")]
+    #[error("invalid --url {0:?}: expected https://HOST[:PORT]/PATH")]
     Url(String),
     /// The trust bundle could not be read.
     #[error("cannot load the trust bundle: {0}")]
@@ -32,11 +39,7 @@ pub enum HealthError {
 
 /// Probes `url`; returns the body on HTTP 200.
 pub async fn probe(url: &str, cert_dir: &CertDir, limit: Duration) -> Result<String, HealthError> {
-    let rest = url.strip_prefix("https://").ok_or_else(|| HealthError::Url(url.to_owned()))?;
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-    let (host, port) = authority.rsplit_once(':').ok_or_else(|| HealthError::Url(url.to_owned()))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-    let port: u16 = port.parse().map_err(|_| HealthError::Url(url.to_owned()))?;
+    let (host, port, path) = parse_url(url)?;
 
     let ca_path = cert_dir.file(CA_FILE);
     let raw = cert_dir.read_raw().map_err(|e| HealthError::Bundle(e.to_string()))?;
@@ -57,6 +60,20 @@ pub async fn probe(url: &str, cert_dir: &CertDir, limit: Duration) -> Result<Str
         .and_then(|v| v["reason"].as_str().map(str::to_owned))
         .unwrap_or(if body.is_empty() { format!("HTTP status {status:?}") } else { body });
     Err(HealthError::NotReady(reason))
+}
+
+/// The host (an IPv6 address without its brackets), port (443 when none
+/// is given) and path of an `https://` URL.
+fn parse_url(url: &str) -> Result<(String, u16, String), HealthError> {
+    let bad_url = || HealthError::Url(url.to_owned());
+    let uri: http::Uri = url.parse().map_err(|_| bad_url())?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad_url());
+    }
+    let authority = uri.authority().ok_or_else(bad_url)?;
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    Ok((host, authority.port_u16().unwrap_or(443), path))
 }
 
 /// GETs `path` from `host:port` over TLS with `config` within `limit`;
@@ -89,29 +106,44 @@ pub async fn request(
         let tcp = TcpStream::connect((host, port))
             .await
             .map_err(|e| HealthError::Unreachable(format!("cannot connect to {authority}: {e}")))?;
-        let mut tls = tokio_rustls::TlsConnector::from(config).connect(server_name, tcp).await.map_err(|e| {
+        let tls = tokio_rustls::TlsConnector::from(config).connect(server_name, tcp).await.map_err(|e| {
             HealthError::Unreachable(format!(
                 "TLS to {authority} failed: {e} (the sidecar may still be serving its fallback certificate)"
             ))
         })?;
-        let body = body.unwrap_or_default();
-        let head = if method == "GET" {
-            format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n")
-        } else {
-            format!(
-                "{method} {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                body.len()
-            )
-        };
-        tls.write_all((head + body).as_bytes()).await.map_err(|e| HealthError::Unreachable(e.to_string()))?;
-        let mut response = Vec::new();
-        let _ = (&mut tls).take(1 << 20).read_to_end(&mut response).await;
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let status = response.split_whitespace().nth(1).unwrap_or("").to_owned();
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_owned()).unwrap_or_default();
-        Ok((status, body))
+        let failed = |e: &dyn std::fmt::Display| HealthError::Unreachable(format!("https://{authority}{path}: {e}"));
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| failed(&e))?;
+        tokio::spawn(conn);
+        let mut req = Request::builder().method(method).uri(path).header(HOST, &authority);
+        if body.is_some() {
+            req = req.header(CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default().to_owned()))).map_err(|e| failed(&e))?;
+        let response = sender.send_request(req).await.map_err(|e| failed(&e))?;
+        let status = response.status().as_u16().to_string();
+        let bytes = Limited::new(response.into_body(), MAX_BODY).collect().await.map_err(|e| failed(&e))?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&bytes).trim().to_owned()))
     };
     tokio::time::timeout(limit, fetch)
         .await
         .map_err(|_| HealthError::Unreachable(format!("no answer from https://{authority}{path} within {limit:?}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_and_without_ports_and_brackets() {
+        let parsed = |url: &str| parse_url(url).map_err(|e| e.to_string());
+        assert_eq!(parsed("https://127.0.0.1:9901/readyz"), Ok(("127.0.0.1".into(), 9901, "/readyz".into())));
+        assert_eq!(parsed("https://[::1]:9901/readyz"), Ok(("::1".into(), 9901, "/readyz".into())));
+        assert_eq!(parsed("https://[::1]/readyz"), Ok(("::1".into(), 443, "/readyz".into())));
+        assert_eq!(parsed("https://web"), Ok(("web".into(), 443, "/".into())));
+        assert_eq!(parsed("https://web:9901/readyz?x=1"), Ok(("web".into(), 9901, "/readyz?x=1".into())));
+        for bad in ["http://web:9901/readyz", "web:9901", "https://", "https://[::1/readyz"] {
+            assert!(parsed(bad).unwrap_err().contains("expected https://HOST[:PORT]/PATH"), "{bad}");
+        }
+    }
 }
