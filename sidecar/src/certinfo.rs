@@ -88,11 +88,6 @@ impl CertInfo {
     pub fn life_point(&self, fraction: f64) -> OffsetDateTime {
         self.not_before + (self.not_after - self.not_before) * fraction
     }
-
-    /// Whether `now` lies inside the validity window.
-    pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
-        self.not_before <= now && now <= self.not_after
-    }
 }
 
 fn ip_from_bytes(raw: &[u8]) -> Option<IpAddr> {

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
+use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::cli::serde_str;
@@ -239,7 +241,7 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Public HTTPS edges.
     #[serde(rename = "edge", default)]
-    pub edges: Vec<crate::edge::EdgeConfig>,
+    pub edges: Vec<EdgeConfig>,
     /// Key exchange on every listener: `prefer` (post-quantum hybrid first,
     /// the default) or `require` (post-quantum hybrid only).
     #[serde(default)]
@@ -368,9 +370,134 @@ impl Config {
     }
 }
 
+/// A TLS profile from Mozilla's server-side TLS guidelines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// TLS 1.2 and 1.3, ECDHE with AEAD suites: for general-purpose servers.
+    #[default]
+    Intermediate,
+    /// TLS 1.3 only: for clients from 2019 on.
+    Modern,
+}
+
+/// Response headers added by the edge; an empty value turns one off.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityHeaders {
+    /// `Strict-Transport-Security` max-age.
+    #[serde(deserialize_with = "serde_str::one")]
+    pub hsts_max_age: Span,
+    /// Add `includeSubDomains` to HSTS.
+    pub hsts_include_subdomains: bool,
+    /// Add `preload` to HSTS (opt-in: it is hard to undo).
+    pub hsts_preload: bool,
+    /// `Content-Security-Policy`.
+    pub content_security_policy: String,
+    /// `X-Frame-Options`.
+    pub x_frame_options: String,
+    /// `X-Content-Type-Options`.
+    pub x_content_type_options: String,
+    /// `Referrer-Policy`.
+    pub referrer_policy: String,
+    /// `Permissions-Policy`.
+    pub permissions_policy: String,
+}
+
+impl Default for SecurityHeaders {
+    fn default() -> Self {
+        Self {
+            hsts_max_age: Span::new(Duration::from_secs(2 * 365 * 24 * 3600)).expect("non-zero"),
+            hsts_include_subdomains: true,
+            hsts_preload: false,
+            content_security_policy:
+                "default-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'; object-src 'none'"
+                    .into(),
+            x_frame_options: "DENY".into(),
+            x_content_type_options: "nosniff".into(),
+            referrer_policy: "strict-origin-when-cross-origin".into(),
+            permissions_policy: "camera=(), microphone=(), geolocation=(), payment=()".into(),
+        }
+    }
+}
+
+impl SecurityHeaders {
+    /// The headers to add, checked; a bad value is named.
+    pub fn pairs(&self) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+        let mut hsts = format!("max-age={}", self.hsts_max_age.get().as_secs());
+        if self.hsts_include_subdomains {
+            hsts.push_str("; includeSubDomains");
+        }
+        if self.hsts_preload {
+            hsts.push_str("; preload");
+        }
+        [
+            ("strict-transport-security", hsts.as_str()),
+            ("content-security-policy", &self.content_security_policy),
+            ("x-frame-options", &self.x_frame_options),
+            ("x-content-type-options", &self.x_content_type_options),
+            ("referrer-policy", &self.referrer_policy),
+            ("permissions-policy", &self.permissions_policy),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| {
+            let value =
+                HeaderValue::from_str(v).map_err(|_| format!("headers: {k} value {v:?} is not a valid header"))?;
+            Ok((HeaderName::from_static(k), value))
+        })
+        .collect()
+    }
+}
+
+/// One edge: `[[edge]]` in the config file, or `sidecar run --mode edge`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Label in logs and health.
+    #[serde(default = "default_edge_name")]
+    pub name: String,
+    /// HTTPS address.
+    #[serde(deserialize_with = "serde_str::one")]
+    pub https_listen: HostPort,
+    /// Plain-HTTP address that redirects to HTTPS and forwards ACME challenges.
+    #[serde(default, deserialize_with = "serde_str::opt")]
+    pub http_listen: Option<HostPort>,
+    /// The app's HTTP address.
+    #[serde(deserialize_with = "serde_str::one")]
+    pub upstream: HostPort,
+    /// Cert dirs of the public certificates, chosen by SNI; the first is the default.
+    pub cert_dirs: Vec<PathBuf>,
+    /// Where `/.well-known/acme-challenge/` requests go (the CA's HTTP listener).
+    #[serde(default, deserialize_with = "serde_str::opt")]
+    pub acme_forward: Option<HostPort>,
+    /// Mozilla TLS profile.
+    #[serde(default)]
+    pub profile: Profile,
+    /// Security headers.
+    #[serde(default)]
+    pub headers: SecurityHeaders,
+}
+
+fn default_edge_name() -> String {
+    "edge".into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_have_safe_defaults_and_can_be_turned_off() {
+        let pairs = SecurityHeaders::default().pairs().unwrap();
+        let hsts = pairs.iter().find(|(k, _)| k == "strict-transport-security").unwrap();
+        assert_eq!(hsts.1, "max-age=63072000; includeSubDomains");
+        assert_eq!(pairs.len(), 6);
+        let off = SecurityHeaders { x_frame_options: String::new(), ..Default::default() };
+        assert_eq!(off.pairs().unwrap().len(), 5);
+        let bad = SecurityHeaders { referrer_policy: "a\nb".into(), ..Default::default() };
+        assert!(bad.pairs().unwrap_err().contains("referrer-policy"));
+    }
 
     #[test]
     fn parses_a_two_listener_file() {

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use lanyard_sidecar::certdir::CertDir;
 use lanyard_sidecar::cli;
 use lanyard_sidecar::config::{Config, HostPort, Limits, ListenerConfig, Mode};
-use lanyard_sidecar::edge::{EdgeConfig, Profile, SecurityHeaders};
+use lanyard_sidecar::config::{EdgeConfig, Profile, SecurityHeaders};
 use lanyard_sidecar::identity::PeerId;
 use lanyard_sidecar::span::Span;
 

@@ -122,11 +122,6 @@ impl ListenerMetrics {
         self.reject(why);
         why
     }
-
-    /// How many handshakes were refused for `why`.
-    pub fn rejected_for(&self, why: Rejection) -> u64 {
-        self.rejected.lock().unwrap_or_else(|e| e.into_inner()).get(&why).copied().unwrap_or(0)
-    }
 }
 
 /// Certificate reload counters.

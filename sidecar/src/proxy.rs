@@ -490,15 +490,9 @@ fn request_target(head: &[u8]) -> Option<(String, String)> {
 }
 
 /// `users` of `users:8080`, `::1` of `[::1]:8080`.
-fn host_without_port(host: &str) -> &str {
-    match host.parse::<http::uri::Authority>() {
-        Ok(a) => {
-            let h = a.host();
-            let h = &host[host.find(h).unwrap_or(0)..][..h.len()];
-            h.trim_start_matches('[').trim_end_matches(']')
-        }
-        Err(_) => host,
-    }
+fn host_without_port(host: &str) -> String {
+    serving::authority_host(host)
+        .map_or_else(|| host.to_owned(), |h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
 }
 
 /// A short plain-text HTTP answer, then close.
@@ -509,4 +503,40 @@ async fn respond(stream: &mut TcpStream, status: &str, body: &str) {
     );
     let _ = stream.write_all(reply.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certdir::CertDir;
+
+    fn listener(name: &str, store: &Arc<CertStore>) -> Arc<Listener> {
+        let config: ListenerConfig = toml::from_str(&format!(
+            "name = \"{name}\"\nmode = \"inbound\"\nlisten = \"0.0.0.0:1\"\nupstream = \"127.0.0.1:2\"\n"
+        ))
+        .expect("listener config");
+        Listener::new(config, Limits::default(), store.clone()).expect("listener")
+    }
+
+    #[test]
+    fn routes_pick_the_exact_address_then_the_wildcard() {
+        let store = CertStore::new(CertDir::new("/nonexistent"));
+        let private: IpAddr = "10.213.0.2".parse().unwrap();
+        let name = |routes: &Routes, local: Option<IpAddr>| routes.pick(local).map(|l| l.config.name.clone());
+        let routes = Routes { exact: vec![(private, listener("out", &store))], wildcard: Some(listener("in", &store)) };
+        assert_eq!(name(&routes, Some(private)).as_deref(), Some("out"));
+        assert_eq!(name(&routes, Some("10.213.0.3".parse().unwrap())).as_deref(), Some("in"));
+        assert_eq!(name(&routes, None).as_deref(), Some("in"));
+        let exact_only = Routes { exact: vec![(private, listener("out", &store))], wildcard: None };
+        assert_eq!(name(&exact_only, Some("127.0.0.1".parse().unwrap())), None);
+        assert_eq!(routes.all().count(), 2);
+    }
+
+    #[test]
+    fn hosts_lose_their_port_and_brackets_for_routing() {
+        assert_eq!(host_without_port("users:8080"), "users");
+        assert_eq!(host_without_port("[::1]:8080"), "::1");
+        assert_eq!(host_without_port("[::1]"), "::1");
+        assert_eq!(host_without_port("users"), "users");
+    }
 }

@@ -70,11 +70,6 @@ impl CertStore {
         &self.dir
     }
 
-    /// Follows publications.
-    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
-        self.tx.subscribe()
-    }
-
     /// The current snapshot, if a valid set was ever loaded.
     pub fn current(&self) -> Option<Arc<Snapshot>> {
         self.tx.borrow().clone()

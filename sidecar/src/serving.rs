@@ -66,6 +66,19 @@ pub async fn next_connection(
     }
 }
 
+/// The host of a `Host` header or URL authority, with an IPv6 address's
+/// brackets kept (`[::1]` of `[::1]` or `[::1]:8443`, `web` of `web:80`);
+/// `None` when it is not an authority.
+pub fn authority_host(authority: &str) -> Option<String> {
+    let parsed = authority.parse::<http::uri::Authority>().ok()?;
+    // The parser takes any text after the last colon; a port is digits.
+    let has_port = parsed.as_str().len() > parsed.host().len();
+    if parsed.host().is_empty() || has_port && parsed.port_u16().is_none() {
+        return None;
+    }
+    Some(parsed.host().to_owned())
+}
+
 /// How often a full cap is logged while it stays full.
 const CAP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -398,6 +411,23 @@ impl HttpsConfig {
                 tracing::error!(dir = %self.store.dir().path().display(), "TLS config: {e}");
                 None
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_hosts_keep_ipv6_brackets_and_drop_ports() {
+        assert_eq!(authority_host("[::1]").as_deref(), Some("[::1]"));
+        assert_eq!(authority_host("[::1]:8443").as_deref(), Some("[::1]"));
+        assert_eq!(authority_host("web:80").as_deref(), Some("web"));
+        assert_eq!(authority_host("Shop.Example.com").as_deref(), Some("Shop.Example.com"));
+        assert_eq!(authority_host("127.0.0.1:8080").as_deref(), Some("127.0.0.1"));
+        for bad in ["", "web:port", "a b", "[::1"] {
+            assert_eq!(authority_host(bad), None, "{bad:?}");
         }
     }
 }

@@ -79,8 +79,6 @@ pub enum ClientAuth {
     Required(Arc<[PeerId]>),
     /// Requested and verified when sent, but not required.
     Optional,
-    /// Not requested.
-    None,
 }
 
 /// Session-resumption state that outlives certificate reloads.
@@ -136,7 +134,6 @@ pub fn server_config(
         ClientAuth::Optional => builder.with_client_cert_verifier(
             webpki().allow_unauthenticated().build().map_err(|e| TlsConfigError::Verifier(e.to_string()))?,
         ),
-        ClientAuth::None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_single_cert(set.chain.clone(), set.key.clone_key())?;
     if let Some(r) = resumption {
