@@ -321,11 +321,6 @@ impl CaState {
         &self.dir
     }
 
-    /// What the CA was created with.
-    pub fn meta(&self) -> &CaMeta {
-        &self.meta
-    }
-
     /// The SPIFFE trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain

@@ -26,18 +26,13 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
 
+use super::domain::registered_domain;
 use crate::store::Store;
 
 /// Let's Encrypt's production directory, the default.
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 /// Let's Encrypt's staging directory (`staging = true`).
 pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
-
-/// Where HTTP-01 validations ask.
-pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
-/// Where edge sidecars fetch TLS-ALPN-01 validation certificates, on the
-/// CA's plain-HTTP listener (`lanyard_sidecar::edge::TLS_ALPN_PREFIX`).
-pub const TLS_ALPN_PREFIX: &str = lanyard_sidecar::edge::TLS_ALPN_PREFIX;
 
 const KIND_CERT: &str = "public_cert";
 const KIND_ACCOUNT: &str = "acme_account";
@@ -213,6 +208,9 @@ pub struct Acme {
     alpn: Mutex<HashMap<String, AlpnCert>>,
     eab: Mutex<HashMap<String, (String, String)>>,
     wake: Notify,
+    /// Next attempts the store refused to record (a full disk, Redis
+    /// down), kept here so that the backoff still holds.
+    unrecorded: Mutex<HashMap<String, i64>>,
     /// Orders that ended with a certificate, and orders that failed.
     orders: [std::sync::atomic::AtomicU64; 2],
 }
@@ -221,11 +219,23 @@ fn now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
 
-/// The registered domain of a name, for rate limits: its last two labels
-/// (an approximation of the public suffix list).
-pub(crate) fn registered_domain(name: &str) -> String {
-    let labels: Vec<&str> = name.trim_start_matches("*.").trim_end_matches('.').rsplitn(3, '.').collect();
-    labels.iter().take(2).rev().copied().collect::<Vec<_>>().join(".")
+/// Why an order failed, by stage. Only a failed validation counts against
+/// the failed-validation limit.
+#[derive(Debug, thiserror::Error)]
+enum OrderError {
+    /// The account or the new order.
+    #[error("{0}")]
+    Setup(String),
+    /// Fetching an authorization or publishing its answer (HTTP-01 token,
+    /// TLS-ALPN-01 certificate, DNS-01 record).
+    #[error("{0}")]
+    Challenge(String),
+    /// The ACME server did not validate.
+    #[error("validation: {0}")]
+    Validation(String),
+    /// Finalizing, downloading or writing the certificate.
+    #[error("{0}")]
+    Issue(String),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -246,6 +256,7 @@ impl Acme {
             alpn: Mutex::default(),
             eab: Mutex::default(),
             wake: Notify::new(),
+            unrecorded: Mutex::default(),
             orders: Default::default(),
         })
     }
@@ -325,9 +336,12 @@ impl Acme {
         Ok(self.store.doc(KIND_CERT, name)?.and_then(|json| serde_json::from_str(&json).ok()))
     }
 
+    /// Stores `cert`; once stored, no next attempt waits in memory for it.
     fn put(&self, cert: &PublicCert) -> Result<(), PublicError> {
         let json = serde_json::to_string(cert).map_err(|e| PublicError::Invalid(e.to_string()))?;
-        Ok(self.store.put_doc(KIND_CERT, &cert.cert_name, &json)?)
+        self.store.put_doc(KIND_CERT, &cert.cert_name, &json)?;
+        self.unrecorded.lock().unwrap_or_else(|e| e.into_inner()).remove(&cert.cert_name);
+        Ok(())
     }
 
     /// Removes a certificate, its state and its cert dir.
@@ -505,7 +519,11 @@ impl Acme {
                 continue;
             }
             let due: Vec<PublicCert> = match self.list() {
-                Ok(list) => list.into_iter().filter(|c| c.next_attempt <= now()).collect(),
+                Ok(list) => {
+                    let unrecorded = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+                    let due = |c: &PublicCert| c.next_attempt.max(unrecorded.get(&c.cert_name).copied().unwrap_or(0));
+                    list.into_iter().filter(|c| due(c) <= now()).collect()
+                }
                 Err(e) => {
                     tracing::error!("cannot read public certificates: {e}");
                     Vec::new()
@@ -533,8 +551,7 @@ impl Acme {
             }
             cert.held_back = Some(reason.0);
             cert.next_attempt = reason.1;
-            let _ = self.put(&cert);
-            return;
+            return self.record_attempt(&cert);
         }
         cert.held_back = None;
         let started = std::time::Instant::now();
@@ -577,14 +594,24 @@ impl Acme {
                 if latest.chain.is_none() {
                     latest.status = "failed".into();
                 }
-                latest.last_error = Some(e);
+                latest.last_error = Some(e.to_string());
                 latest.next_attempt = now() + wait.as_secs() as i64;
             }
         }
         if let Some(at) = requested {
             latest.next_attempt = latest.next_attempt.min(at);
         }
-        let _ = self.put(&latest);
+        self.record_attempt(&latest);
+    }
+
+    /// Stores an attempt's outcome; when the store refuses, its next attempt
+    /// is kept in memory so that a failing store does not turn the backoff
+    /// into one order per second.
+    fn record_attempt(&self, cert: &PublicCert) {
+        if let Err(e) = self.put(cert) {
+            tracing::error!(cert = %cert.cert_name, next_attempt = cert.next_attempt, "cannot record the attempt in the store: {e}; the next one waits in memory");
+            self.unrecorded.lock().unwrap_or_else(|e| e.into_inner()).insert(cert.cert_name.clone(), cert.next_attempt);
+        }
     }
 
     /// Whether an order now would break a published limit: the reason and
@@ -700,8 +727,8 @@ impl Acme {
     }
 
     /// Orders, validates, finalizes and writes the cert dir.
-    async fn order(&self, cert: &PublicCert) -> Result<Issued, String> {
-        let account = self.account(cert).await?;
+    async fn order(&self, cert: &PublicCert) -> Result<Issued, OrderError> {
+        let account = self.account(cert).await.map_err(OrderError::Setup)?;
         for d in &cert.domains {
             self.record_event("order", d);
         }
@@ -727,11 +754,11 @@ impl Acme {
             {
                 tracing::warn!(directory = %cert.acme_directory_url, "the ACME server does not know the stored account; registering again");
                 let key = format!("{}|{}", cert.acme_directory_url, cert.email);
-                self.store.delete_doc(KIND_ACCOUNT, &key).map_err(|e| e.to_string())?;
-                let account = self.account(cert).await?;
-                account.new_order(&new_order()).await.map_err(|e| format!("new order: {e}"))?
+                self.store.delete_doc(KIND_ACCOUNT, &key).map_err(|e| OrderError::Setup(e.to_string()))?;
+                let account = self.account(cert).await.map_err(OrderError::Setup)?;
+                account.new_order(&new_order()).await.map_err(|e| OrderError::Setup(format!("new order: {e}")))?
             }
-            Err(e) => return Err(format!("new order: {}", causes(&e))),
+            Err(e) => return Err(OrderError::Setup(format!("new order: {}", causes(&e)))),
         };
         let mut tokens = Vec::new();
         let mut names = Vec::new();
@@ -739,7 +766,7 @@ impl Acme {
         let outcome = async {
             let mut authzs = order.authorizations();
             while let Some(authz) = authzs.next().await {
-                let mut authz = authz.map_err(|e| format!("authorization: {e}"))?;
+                let mut authz = authz.map_err(|e| OrderError::Challenge(format!("authorization: {e}")))?;
                 if authz.status != AuthorizationStatus::Pending {
                     continue;
                 }
@@ -752,46 +779,50 @@ impl Acme {
                     Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
                     Challenge::Dns01 => ChallengeType::Dns01,
                 };
-                let mut challenge = authz
-                    .challenge(kind.clone())
-                    .ok_or_else(|| format!("{name}: the ACME server offers no {:?} challenge", cert.challenge))?;
+                let mut challenge = authz.challenge(kind.clone()).ok_or_else(|| {
+                    OrderError::Challenge(format!("{name}: the ACME server offers no {:?} challenge", cert.challenge))
+                })?;
                 let key_auth = challenge.key_authorization();
                 match cert.challenge {
                     Challenge::Http01 => {
                         let answer = key_auth.as_str().to_owned();
-                        self.store
-                            .put_expiring(KIND_CHALLENGE, &challenge.token, &answer, CHALLENGE_TTL)
-                            .map_err(|e| format!("{name}: cannot store the HTTP-01 answer: {e}"))?;
+                        self.store.put_expiring(KIND_CHALLENGE, &challenge.token, &answer, CHALLENGE_TTL).map_err(
+                            |e| OrderError::Challenge(format!("{name}: cannot store the HTTP-01 answer: {e}")),
+                        )?;
                         self.http01.lock().unwrap_or_else(|e| e.into_inner()).insert(challenge.token.clone(), answer);
                         tokens.push(challenge.token.clone());
                     }
                     Challenge::TlsAlpn01 => {
-                        let key = alpn_certificate(&name, key_auth.digest().as_ref())?;
-                        self.store
-                            .put_expiring(KIND_CHALLENGE_ALPN, &name, &key.pem, CHALLENGE_TTL)
-                            .map_err(|e| format!("{name}: cannot store the TLS-ALPN-01 certificate: {e}"))?;
+                        let key = alpn_certificate(&name, key_auth.digest().as_ref()).map_err(OrderError::Challenge)?;
+                        self.store.put_expiring(KIND_CHALLENGE_ALPN, &name, &key.pem, CHALLENGE_TTL).map_err(|e| {
+                            OrderError::Challenge(format!("{name}: cannot store the TLS-ALPN-01 certificate: {e}"))
+                        })?;
                         self.alpn.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), key);
                         names.push(name.clone());
                     }
                     Challenge::Dns01 => {
                         let dns = self.settings.dns.as_ref().ok_or_else(|| {
-                            format!("{name}: dns-01 needs [acme.dns] (an RFC 2136 server and its TSIG key)")
+                            OrderError::Challenge(format!(
+                                "{name}: dns-01 needs [acme.dns] (an RFC 2136 server and its TSIG key)"
+                            ))
                         })?;
                         let record = format!("_acme-challenge.{}", name.trim_start_matches("*."));
                         let value = key_auth.dns_value();
-                        dns.update(super::rfc2136::Change::Add, &record, &value).await?;
+                        dns.update(super::rfc2136::Change::Add, &record, &value)
+                            .await
+                            .map_err(OrderError::Challenge)?;
                         records.push((record, value));
                     }
                 }
-                challenge.set_ready().await.map_err(|e| format!("{name}: {e}"))?;
+                challenge.set_ready().await.map_err(|e| OrderError::Challenge(format!("{name}: {e}")))?;
             }
             let timeout = self.settings.order_timeout.map_or(Duration::from_secs(60), |s| s.get());
             let status = order
                 .poll_ready(&RetryPolicy::new().initial_delay(Duration::from_millis(50)).backoff(1.5).timeout(timeout))
                 .await
-                .map_err(|e| format!("validation: {e}"))?;
+                .map_err(|e| OrderError::Validation(e.to_string()))?;
             if status != OrderStatus::Ready {
-                return Err(format!("validation failed: the order is {status:?}"));
+                return Err(OrderError::Validation(format!("the order is {status:?}")));
             }
             Ok(())
         }
@@ -817,27 +848,29 @@ impl Acme {
             }
         }
         if let Err(e) = outcome {
-            if e.starts_with("validation") {
+            if matches!(e, OrderError::Validation(_)) {
                 cert.domains.iter().for_each(|d| self.record_event("failed", d));
             }
             return Err(e);
         }
         // A new key for every order.
-        let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-        let params = rcgen::CertificateParams::new(cert.domains.clone()).map_err(|e| e.to_string())?;
-        let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
-        order.finalize_csr(csr.der()).await.map_err(|e| format!("finalize: {e}"))?;
+        let issue = |e: &dyn std::fmt::Display| OrderError::Issue(e.to_string());
+        let key = rcgen::KeyPair::generate().map_err(|e| issue(&e))?;
+        let params = rcgen::CertificateParams::new(cert.domains.clone()).map_err(|e| issue(&e))?;
+        let csr = params.serialize_request(&key).map_err(|e| issue(&e))?;
+        order.finalize_csr(csr.der()).await.map_err(|e| issue(&format!("finalize: {e}")))?;
         let chain = order
             .poll_certificate(
                 &RetryPolicy::new().initial_delay(Duration::from_millis(50)).timeout(Duration::from_secs(60)),
             )
             .await
-            .map_err(|e| format!("certificate download: {e}"))?;
+            .map_err(|e| issue(&format!("certificate download: {e}")))?;
         // Validation and the fsyncs of the cert-dir swap are blocking work.
         let (out_dir, chain_copy, key_pem) = (cert.out_dir.clone(), chain.clone(), key.serialize_pem());
         let info = tokio::task::spawn_blocking(move || write_public(&out_dir, &chain_copy, &key_pem))
             .await
-            .map_err(|e| format!("cert dir writer: {e}"))??;
+            .map_err(|e| issue(&format!("cert dir writer: {e}")))?
+            .map_err(OrderError::Issue)?;
         let window = match leaf_identifier(&chain) {
             Some(id) => {
                 account.renewal_info(&id).await.ok().map(|(r, _)| (r.suggested_window.start, r.suggested_window.end))
@@ -1048,10 +1081,7 @@ mod tests {
     }
 
     #[test]
-    fn registered_domains_and_backoff() {
-        assert_eq!(registered_domain("a.b.example.com"), "example.com");
-        assert_eq!(registered_domain("*.example.com"), "example.com");
-        assert_eq!(registered_domain("example.com"), "example.com");
+    fn backoff_doubles_with_jitter_up_to_its_cap() {
         let b = backoff(3);
         assert!(b >= Duration::from_millis(7200) && b <= Duration::from_millis(8800), "{b:?}");
         assert!(backoff(40) <= MAX_BACKOFF.mul_f64(1.1));

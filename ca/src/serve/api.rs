@@ -99,7 +99,7 @@ async fn body_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
 
 /// The answer to an ACME HTTP-01 validation, when `path` asks for one.
 pub fn acme_challenge(svc: &Service, path: &str) -> Option<Reply> {
-    let token = path.strip_prefix(crate::serve::acme::CHALLENGE_PREFIX)?;
+    let token = path.strip_prefix(lanyard_sidecar::edge::ACME_CHALLENGE_PREFIX)?;
     Some(match svc.acme.http01(token) {
         Some(key_auth) => reply(StatusCode::OK, "application/octet-stream", key_auth),
         None => error(StatusCode::NOT_FOUND, "no pending challenge with this token"),
@@ -109,7 +109,7 @@ pub fn acme_challenge(svc: &Service, path: &str) -> Option<Reply> {
 /// A TLS-ALPN-01 validation certificate for an edge sidecar, when `path` asks
 /// for one (plain-HTTP listener only).
 pub fn tls_alpn_challenge(svc: &Service, path: &str) -> Option<Reply> {
-    let name = path.strip_prefix(crate::serve::acme::TLS_ALPN_PREFIX)?;
+    let name = path.strip_prefix(lanyard_sidecar::edge::TLS_ALPN_PREFIX)?;
     Some(match svc.acme.tls_alpn01(name) {
         Some(pem) => reply(StatusCode::OK, "application/x-pem-file", pem),
         None => error(StatusCode::NOT_FOUND, "no pending TLS-ALPN-01 challenge for this name"),
@@ -237,7 +237,7 @@ pub async fn handle(
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
             },
         },
-        (Method::GET, p) if p.starts_with(crate::serve::acme::CHALLENGE_PREFIX) => {
+        (Method::GET, p) if p.starts_with(lanyard_sidecar::edge::ACME_CHALLENGE_PREFIX) => {
             acme_challenge(&svc, p).unwrap_or_else(|| error(StatusCode::NOT_FOUND, "no such challenge"))
         }
         (m, p) if p == "/certificates" || p.starts_with("/certificates/") => match admin_refusal(&svc, peer.as_deref())

@@ -7,6 +7,7 @@ pub mod acme;
 pub mod api;
 pub mod config;
 pub mod docker;
+pub mod domain;
 pub mod leader;
 pub mod metrics;
 pub mod own;
@@ -484,7 +485,7 @@ async fn serve_http(
                         .headers()
                         .get(hyper::header::HOST)
                         .and_then(|h| h.to_str().ok())
-                        .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
+                        .and_then(lanyard_sidecar::serving::authority_host)
                         .unwrap_or_else(|| "localhost".into());
                     let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
                     let mut r = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::new()));

@@ -72,7 +72,7 @@ fn put_name(out: &mut Vec<u8>, name: &str) -> Result<(), String> {
 
 impl DnsUpdateConfig {
     fn zone_for(&self, name: &str) -> String {
-        self.zone.clone().unwrap_or_else(|| super::acme::registered_domain(name))
+        self.zone.clone().unwrap_or_else(|| super::domain::registered_domain(name))
     }
 
     fn algorithm(&self) -> Result<&'static aws_lc_rs::hmac::Algorithm, String> {
