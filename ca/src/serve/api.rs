@@ -13,6 +13,9 @@
 //! | `GET, PUT /certificates/{name}` | admin certificate | one certificate; upload one from another provider |
 //! | `POST /certificates/{name}/renew` | admin certificate | order again now |
 //! | `DELETE /certificates/{name}/domains/{domain}` | admin certificate | re-issue without a domain |
+//! | `GET /openapi.yaml` | anyone | this table as an OpenAPI document (`ca/openapi.yaml`) |
+//!
+//! A known path asked with another method gets 405 with `Allow`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,6 +33,9 @@ use crate::keys::KeyType;
 use crate::serve::Service;
 use crate::store::TokenRefusal;
 use crate::CaError;
+
+/// This API's OpenAPI document, served at `/openapi.yaml`.
+const OPENAPI: &str = include_str!("../../openapi.yaml");
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -206,12 +212,19 @@ pub async fn handle(
 ) -> Result<Reply, Infallible> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    if let Some(allowed) = allowed_methods(&path).filter(|allowed| !allowed.contains(&method)) {
+        let list = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} accepts {list} only"));
+        r.headers_mut().insert(hyper::header::ALLOW, list.parse().expect("method names are valid header text"));
+        return Ok(r);
+    }
     let response = match (method.clone(), path.as_str()) {
         (Method::GET, "/health") => {
             let h = svc.health().await;
             json_reply(StatusCode::OK, serde_json::to_value(h).unwrap_or_default())
         }
         (Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", svc.metrics_text()),
+        (Method::GET, "/openapi.yaml") => reply(StatusCode::OK, "application/yaml", OPENAPI),
         (Method::GET, "/v1/roots") => {
             reply(StatusCode::OK, "application/x-pem-file", svc.authority.ca().bundle_pem().to_owned())
         }
@@ -245,15 +258,34 @@ pub async fn handle(
             Some(r) => r,
             None => public_certificates(&svc, &m, &p["/certificates".len()..], req).await,
         },
-        (_, "/health" | "/metrics" | "/v1/roots" | "/v1/crl" | "/v1/certificates" | "/v1/status") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} accepts GET only"))
-        }
-        (_, "/v1/sign" | "/v1/renew" | "/v1/revoke") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} accepts POST only"))
-        }
         _ => error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
     };
     Ok(response)
+}
+
+/// The methods a known path answers (for 405 and its `Allow` header);
+/// `None` for a path no method answers.
+fn allowed_methods(path: &str) -> Option<&'static [Method]> {
+    const GET: &[Method] = &[Method::GET];
+    const POST: &[Method] = &[Method::POST];
+    match path {
+        "/health" | "/metrics" | "/openapi.yaml" | "/v1/roots" | "/v1/crl" | "/v1/certificates" | "/v1/status" => {
+            Some(GET)
+        }
+        "/v1/sign" | "/v1/enrol" | "/v1/renew" | "/v1/revoke" => Some(POST),
+        p if p.starts_with(lanyard_sidecar::edge::ACME_CHALLENGE_PREFIX) => Some(GET),
+        p if p == "/certificates" || p.starts_with("/certificates/") => {
+            let parts: Vec<&str> = p["/certificates".len()..].split('/').filter(|p| !p.is_empty()).collect();
+            match parts.as_slice() {
+                [] => Some(&[Method::GET, Method::POST]),
+                [_] => Some(&[Method::GET, Method::PUT]),
+                [_, "renew"] => Some(POST),
+                [_, "domains", _] => Some(&[Method::DELETE]),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 /// The refusal for a caller that is not the (unrevoked) admin, if it is not.
