@@ -84,8 +84,8 @@ struct RevokeBody {
 /// so that the client sees the answer instead of a reset connection.
 const MAX_DRAIN: usize = 8 * 1024 * 1024;
 
-async fn body_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
-    let mut body = req.into_body();
+/// Reads a request body of at most `MAX_BODY` bytes; 413 beyond.
+async fn read_body(mut body: Incoming) -> Result<Vec<u8>, Reply> {
     let (mut bytes, mut seen) = (Vec::new(), 0usize);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")))?;
@@ -100,7 +100,12 @@ async fn body_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     if seen > MAX_BODY {
         return Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {MAX_BODY} bytes")));
     }
-    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+    Ok(bytes)
+}
+
+fn body_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Reply>> {
+    serde_json::from_slice(body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}"))))
 }
 
 /// The answer to an ACME HTTP-01 validation, when `path` asks for one.
@@ -155,16 +160,16 @@ fn to_json<T: serde::Serialize>(v: T) -> serde_json::Value {
 }
 
 /// `/certificates...`: public certificates, for the admin only.
-async fn public_certificates(svc: &Service, method: &Method, rest: &str, req: Request<Incoming>) -> Reply {
+fn public_certificates(svc: &Service, method: &Method, rest: &str, body: &[u8]) -> Reply {
     use crate::serve::acme::PublicError;
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
     let not_found = |name: &str| Err::<serde_json::Value, _>(PublicError::Unknown(name.to_owned()));
     match (method, parts.as_slice()) {
         (&Method::GET, []) => public_reply(svc.acme.list().map(|l| json!({ "certificates": l })), StatusCode::OK),
         (&Method::POST, []) => {
-            let body: CreatePublic = match body_json(req).await {
+            let body: CreatePublic = match body_json(body) {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let domains = match (body.domain, body.domains) {
                 (Some(d), None) => vec![d],
@@ -179,16 +184,11 @@ async fn public_certificates(svc: &Service, method: &Method, rest: &str, req: Re
             StatusCode::OK,
         ),
         (&Method::PUT, [name]) => {
-            let body: UploadPublic = match body_json(req).await {
+            let body: UploadPublic = match body_json(body) {
                 Ok(b) => b,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
-            let (acme, name) = (svc.acme.clone(), name.to_string());
-            let uploaded = tokio::task::spawn_blocking(move || acme.upload(&name, &body.certificate, &body.key)).await;
-            match uploaded {
-                Ok(result) => public_reply(result.map(to_json), StatusCode::OK),
-                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-            }
+            public_reply(svc.acme.upload(name, &body.certificate, &body.key).map(to_json), StatusCode::OK)
         }
         (&Method::POST, [name, "renew"]) => public_reply(svc.acme.renew_now(name).map(to_json), StatusCode::ACCEPTED),
         (&Method::DELETE, [name, "domains", domain]) => public_reply(
@@ -203,7 +203,8 @@ async fn public_certificates(svc: &Service, method: &Method, rest: &str, req: Re
 }
 
 /// Handles one request from `remote`; `peer` is the verified client
-/// certificate, if any.
+/// certificate, if any. The body is read here; everything after it (store
+/// reads and writes, signing, cert-dir checks) runs off the async runtime.
 pub async fn handle(
     svc: Arc<Service>,
     peer: Option<Arc<CertInfo>>,
@@ -218,49 +219,58 @@ pub async fn handle(
         r.headers_mut().insert(hyper::header::ALLOW, list.parse().expect("method names are valid header text"));
         return Ok(r);
     }
-    let response = match (method.clone(), path.as_str()) {
-        (Method::GET, "/health") => {
-            let h = svc.health().await;
-            json_reply(StatusCode::OK, serde_json::to_value(h).unwrap_or_default())
-        }
-        (Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", svc.metrics_text()),
-        (Method::GET, "/openapi.yaml") => reply(StatusCode::OK, "application/yaml", OPENAPI),
-        (Method::GET, "/v1/roots") => {
+    let body = match method {
+        Method::POST | Method::PUT => match read_body(req.into_body()).await {
+            Ok(body) => body,
+            Err(r) => return Ok(r),
+        },
+        _ => Vec::new(),
+    };
+    let routed = tokio::task::spawn_blocking(move || route(&svc, peer.as_deref(), remote, &method, &path, &body));
+    Ok(routed.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+}
+
+/// Answers one request whose body was read.
+fn route(
+    svc: &Arc<Service>,
+    peer: Option<&CertInfo>,
+    remote: std::net::SocketAddr,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Reply {
+    match (method, path) {
+        (&Method::GET, "/health") => json_reply(StatusCode::OK, serde_json::to_value(svc.health()).unwrap_or_default()),
+        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", svc.metrics_text()),
+        (&Method::GET, "/openapi.yaml") => reply(StatusCode::OK, "application/yaml", OPENAPI),
+        (&Method::GET, "/v1/roots") => {
             reply(StatusCode::OK, "application/x-pem-file", svc.authority.ca().bundle_pem().to_owned())
         }
-        (Method::GET, "/v1/crl") => reply(StatusCode::OK, "application/x-pem-file", svc.scheduler.crl()),
-        (Method::POST, "/v1/sign") => sign(&svc, req).await,
-        (Method::POST, "/v1/enrol") => enrol(&svc, remote, req).await,
-        (Method::POST, "/v1/renew") => renew(&svc, peer.as_deref(), req).await,
-        (Method::POST, "/v1/revoke") => match admin_refusal(&svc, peer.as_deref()) {
-            Some(r) => r,
-            None => revoke(&svc, req).await,
-        },
-        (Method::GET, "/v1/certificates") => match admin_refusal(&svc, peer.as_deref()) {
-            Some(r) => r,
-            None => match svc.authority.store().certificates() {
+        (&Method::GET, "/v1/crl") => reply(StatusCode::OK, "application/x-pem-file", svc.scheduler.crl()),
+        (&Method::POST, "/v1/sign") => sign(svc, body),
+        (&Method::POST, "/v1/enrol") => enrol(svc, remote, body),
+        (&Method::POST, "/v1/renew") => renew(svc, peer, body),
+        (&Method::POST, "/v1/revoke") => admin_refusal(svc, peer).unwrap_or_else(|| revoke(svc, body)),
+        (&Method::GET, "/v1/certificates") => {
+            admin_refusal(svc, peer).unwrap_or_else(|| match svc.authority.store().certificates() {
                 Ok(list) => json_reply(StatusCode::OK, json!({ "certificates": list })),
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-            },
-        },
-        (Method::GET, "/v1/status") => match admin_refusal(&svc, peer.as_deref()) {
-            Some(r) => r,
-            None => match svc.authority.store().schedules() {
+            })
+        }
+        (&Method::GET, "/v1/status") => {
+            admin_refusal(svc, peer).unwrap_or_else(|| match svc.authority.store().schedules() {
                 Ok(rows) => json_reply(StatusCode::OK, json!({ "identities": rows })),
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-            },
-        },
-        (Method::GET, p) if p.starts_with(lanyard_sidecar::edge::ACME_CHALLENGE_PREFIX) => {
-            acme_challenge(&svc, p).unwrap_or_else(|| error(StatusCode::NOT_FOUND, "no such challenge"))
+            })
         }
-        (m, p) if p == "/certificates" || p.starts_with("/certificates/") => match admin_refusal(&svc, peer.as_deref())
-        {
-            Some(r) => r,
-            None => public_certificates(&svc, &m, &p["/certificates".len()..], req).await,
-        },
+        (&Method::GET, p) if p.starts_with(lanyard_sidecar::edge::ACME_CHALLENGE_PREFIX) => {
+            acme_challenge(svc, p).unwrap_or_else(|| error(StatusCode::NOT_FOUND, "no such challenge"))
+        }
+        (m, p) if p == "/certificates" || p.starts_with("/certificates/") => {
+            admin_refusal(svc, peer).unwrap_or_else(|| public_certificates(svc, m, &p["/certificates".len()..], body))
+        }
         _ => error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
-    };
-    Ok(response)
+    }
 }
 
 /// The methods a known path answers (for 405 and its `Allow` header);
@@ -344,21 +354,10 @@ fn issued_reply(
 /// The issuance template for `name` with the requester's CSR.
 /// Signs `csr` for identity `name` off the runtime, recorded as `source`,
 /// and answers with the chain.
-async fn sign_csr(
-    svc: &Arc<Service>,
-    name: lanyard_sidecar::identity::DnsName,
-    csr: String,
-    source: &'static str,
-) -> Reply {
+fn sign_csr(svc: &Arc<Service>, name: lanyard_sidecar::identity::DnsName, csr: String, source: &'static str) -> Reply {
     let request = csr_request(svc, name, csr);
     let started = std::time::Instant::now();
-    let svc2 = svc.clone();
-    let result = tokio::task::spawn_blocking(move || svc2.authority.issue(&request, source)).await;
-    issued_reply(
-        svc,
-        result.unwrap_or_else(|e| Err(CaError::Config { origin: source.into(), what: e.to_string() })),
-        started,
-    )
+    issued_reply(svc, svc.authority.issue(&request, source), started)
 }
 
 fn csr_request(svc: &Service, name: lanyard_sidecar::identity::DnsName, csr: String) -> LeafRequest {
@@ -374,10 +373,10 @@ fn csr_request(svc: &Service, name: lanyard_sidecar::identity::DnsName, csr: Str
     req
 }
 
-async fn sign(svc: &Arc<Service>, req: Request<Incoming>) -> Reply {
-    let body: SignBody = match body_json(req).await {
+fn sign(svc: &Arc<Service>, body: &[u8]) -> Reply {
+    let body: SignBody = match body_json(body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let identity = match svc.authority.store().use_token(&crate::token::secret_hash(&body.token), now) {
@@ -394,7 +393,7 @@ async fn sign(svc: &Arc<Service>, req: Request<Incoming>) -> Reply {
     let Ok(name) = identity.parse() else {
         return error(StatusCode::BAD_REQUEST, format!("token identity {identity:?} is not a valid name"));
     };
-    sign_csr(svc, name, body.csr, "sign").await
+    sign_csr(svc, name, body.csr, "sign")
 }
 
 #[derive(Deserialize)]
@@ -406,10 +405,10 @@ struct EnrolBody {
 
 /// `POST /v1/enrol`: a CSR for a key the caller made, authorized by an
 /// enrolment credential for exactly one identity (`ca enrol NAME`).
-async fn enrol(svc: &Arc<Service>, remote: std::net::SocketAddr, req: Request<Incoming>) -> Reply {
-    let body: EnrolBody = match body_json(req).await {
+fn enrol(svc: &Arc<Service>, remote: std::net::SocketAddr, body: &[u8]) -> Reply {
+    let body: EnrolBody = match body_json(body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let store = svc.authority.store().clone();
@@ -429,10 +428,10 @@ async fn enrol(svc: &Arc<Service>, remote: std::net::SocketAddr, req: Request<In
             format!("credential identity {:?} is not a valid name", admitted.identity),
         );
     };
-    sign_csr(svc, name, body.csr, "enrol").await
+    sign_csr(svc, name, body.csr, "enrol")
 }
 
-async fn renew(svc: &Arc<Service>, peer: Option<&CertInfo>, req: Request<Incoming>) -> Reply {
+fn renew(svc: &Arc<Service>, peer: Option<&CertInfo>, body: &[u8]) -> Reply {
     let Some(peer) = peer else {
         return error(
             StatusCode::UNAUTHORIZED,
@@ -446,17 +445,17 @@ async fn renew(svc: &Arc<Service>, peer: Option<&CertInfo>, req: Request<Incomin
     let Some(name) = peer.uris.iter().find_map(|u| u.strip_prefix(&prefix)).and_then(|n| n.parse().ok()) else {
         return error(StatusCode::FORBIDDEN, format!("{} has no SPIFFE ID in trust domain {prefix}", peer_name(peer)));
     };
-    let body: RenewBody = match body_json(req).await {
+    let body: RenewBody = match body_json(body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
-    sign_csr(svc, name, body.csr, "renew").await
+    sign_csr(svc, name, body.csr, "renew")
 }
 
-async fn revoke(svc: &Arc<Service>, req: Request<Incoming>) -> Reply {
-    let body: RevokeBody = match body_json(req).await {
+fn revoke(svc: &Arc<Service>, body: &[u8]) -> Reply {
+    let body: RevokeBody = match body_json(body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let store = svc.authority.store();
@@ -478,16 +477,10 @@ async fn revoke(svc: &Arc<Service>, req: Request<Incoming>) -> Reply {
         },
         _ => return error(StatusCode::BAD_REQUEST, "give exactly one of \"serial\" or \"identity\""),
     };
-    let revoked_clone = revoked.clone();
-    let scheduler = svc.scheduler.clone();
-    let refreshed = tokio::task::spawn_blocking(move || {
-        // A managed identity whose served certificate was revoked gets a new key and certificate now.
-        scheduler.reissue_if_serving(&revoked_clone)?;
-        scheduler.refresh_crl()
-    });
-    match refreshed.await {
-        Ok(Ok(())) => json_reply(StatusCode::OK, json!({ "revoked": revoked })),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("revoked, but the CRL could not be written: {e}")),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    // A managed identity whose served certificate was revoked gets a new key and certificate now.
+    let refreshed = svc.scheduler.reissue_if_serving(&revoked).and_then(|()| svc.scheduler.refresh_crl());
+    match refreshed {
+        Ok(()) => json_reply(StatusCode::OK, json!({ "revoked": revoked })),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("revoked, but the CRL could not be written: {e}")),
     }
 }

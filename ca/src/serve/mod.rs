@@ -131,7 +131,7 @@ impl Service {
     }
 
     /// Health as operators expect it.
-    pub async fn health(&self) -> Health {
+    pub fn health(&self) -> Health {
         let now = OffsetDateTime::now_utc();
         let store = match self.authority.store().check() {
             Ok(()) => "healthy".to_owned(),
