@@ -68,15 +68,23 @@ pub async fn next_connection(
 
 /// The host of a `Host` header or URL authority, with an IPv6 address's
 /// brackets kept (`[::1]` of `[::1]` or `[::1]:8443`, `web` of `web:80`);
-/// `None` when it is not an authority.
+/// `None` when it is not one: user info, a port that is not a number, or a
+/// host that is neither a DNS name, an IPv4 address nor a bracketed IPv6 one.
 pub fn authority_host(authority: &str) -> Option<String> {
-    let parsed = authority.parse::<http::uri::Authority>().ok()?;
-    // The parser takes any text after the last colon; a port is digits.
-    let has_port = parsed.as_str().len() > parsed.host().len();
-    if parsed.host().is_empty() || has_port && parsed.port_u16().is_none() {
+    if authority.contains('@') {
         return None;
     }
-    Some(parsed.host().to_owned())
+    let parsed = authority.parse::<http::uri::Authority>().ok()?;
+    let host = parsed.host();
+    // The parser takes any text after the last colon; a port is digits.
+    if parsed.as_str().len() > host.len() && parsed.port_u16().is_none() {
+        return None;
+    }
+    let valid = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')),
+    };
+    valid.then(|| host.to_owned())
 }
 
 /// How often a full cap is logged while it stays full.
@@ -426,7 +434,8 @@ mod tests {
         assert_eq!(authority_host("web:80").as_deref(), Some("web"));
         assert_eq!(authority_host("Shop.Example.com").as_deref(), Some("Shop.Example.com"));
         assert_eq!(authority_host("127.0.0.1:8080").as_deref(), Some("127.0.0.1"));
-        for bad in ["", "web:port", "a b", "[::1"] {
+        // The first was found by fuzzing (sidecar/fuzz, authority_host).
+        for bad in ["@llllll[llA+*$lA+*:*]1(:4", "user@web", "", "web:port", "web:", "a b", "[::1", "[web]", "w*b"] {
             assert_eq!(authority_host(bad), None, "{bad:?}");
         }
     }
