@@ -73,7 +73,7 @@ impl Env {
             }
             return Ok(value.unwrap_or("").to_owned());
         };
-        let arg = &op[1..];
+        let arg = &op[kind.len_utf8()..];
         match kind {
             '-' if present => Ok(value.unwrap_or("").to_owned()),
             '-' => self.interpolate(arg),
@@ -126,6 +126,17 @@ pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_non_ascii_character_after_a_name_is_an_error_not_a_panic() {
+        // Found by fuzzing (compose/fuzz, compose_inject).
+        let env = Env::new(None, [("VAR".to_owned(), "1".to_owned())]);
+        let err = env.interpolate("${VARÏ}").unwrap_err();
+        assert!(err.contains("unknown substitution ${VARÏ}"), "{err}");
+        assert!(env.interpolate("${VAR:Ï}").is_err());
+        assert_eq!(env.interpolate("${VAR:-é}"), Ok("1".to_owned()));
+        assert_eq!(env.interpolate("${NOPE:-é}"), Ok("é".to_owned()));
+    }
 
     #[test]
     fn substitutes_like_compose() {
