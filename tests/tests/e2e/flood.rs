@@ -200,10 +200,6 @@ fn check(what: &str, mut o: Outcome) {
     );
     assert!(o.normal_failed.is_empty(), "{what}: the normal client failed: {:?}", &o.normal_failed[..1]);
     assert!(o.normal_ok >= 5, "{what}: only {} normal calls", o.normal_ok);
-    // A closed connection lived at least its timeout: it was the timeout
-    // that closed it, not an error.
-    let early = o.lifetimes.iter().filter(|l| **l < TIMEOUT.as_secs_f64() * 0.9).count();
-    assert_eq!(early, 0, "{what}: {early} connections were closed before the timeout");
     assert!(grown < 256 * 1024, "{what}: memory grew by {grown} KiB under {CONNECTIONS} slow connections");
 }
 
