@@ -122,6 +122,7 @@ fn flood(
 ) -> Outcome {
     let rss_before_kib = rss_kib(pid);
     let done = AtomicBool::new(false);
+    let calls = std::sync::atomic::AtomicUsize::new(0);
     let (outcome_normal, peak, lifetimes) = std::thread::scope(|s| {
         let normal_calls = s.spawn(|| {
             let (mut ok, mut failed) = (0, Vec::new());
@@ -130,6 +131,7 @@ fn flood(
                     Ok(()) => ok += 1,
                     Err(e) => failed.push(e),
                 }
+                calls.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(200));
             }
             (ok, failed)
@@ -156,8 +158,11 @@ fn flood(
             }
             all
         });
-        // A last normal call after the flood ended, then stop.
-        std::thread::sleep(Duration::from_millis(500));
+        // A normal call that began after the flood ended (the one in flight may not have), then stop.
+        let after_flood = calls.load(Ordering::Relaxed);
+        wait_until(Duration::from_secs(20), "a normal call after the flood", || {
+            calls.load(Ordering::Relaxed) > after_flood + 1
+        });
         done.store(true, Ordering::Relaxed);
         (normal_calls.join().unwrap(), memory.join().unwrap(), lifetimes)
     });
