@@ -3,6 +3,7 @@
 
 pub mod authority;
 pub mod compose;
+pub mod doctor;
 pub mod enrol;
 pub mod error;
 pub mod inspect;

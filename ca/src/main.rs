@@ -30,6 +30,9 @@ use time::OffsetDateTime;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log (`ca serve`) as text or as one JSON object per line.
+    #[arg(long, global = true, env = "LANYARD_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: cli::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -51,6 +54,9 @@ enum Command {
     Status(StatusArgs),
     /// Exit non-zero when an identity is in trouble.
     Check(CheckArgs),
+    /// Check a deployment end to end (same config as `serve`): one line per
+    /// finding, with what to do; exits non-zero on any error.
+    Doctor(ServeArgs),
     /// Write a consistent backup of the keys and the store.
     Backup(BackupArgs),
     /// Recreate the state directory from a backup.
@@ -73,6 +79,10 @@ enum Command {
     /// The store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Print the shell completion script (bash, zsh, fish, ...).
+    Completion(cli::CompletionArgs),
+    /// Write the manual pages into a directory.
+    Man(cli::ManArgs),
 }
 
 #[derive(Subcommand)]
@@ -283,6 +293,21 @@ struct ServeArgs {
     /// The same TOML as text, for containers configured through the environment.
     #[arg(long, env = "LANYARD_CONFIG", value_name = "TOML", hide_env_values = true)]
     config_toml: Option<String>,
+}
+
+impl ServeArgs {
+    /// The config, with the environment's overrides.
+    fn load(&self) -> anyhow::Result<ServeConfig> {
+        let env: HashMap<String, String> = ["LANYARD_STATE", "HTTPS_PORT", "HTTP_PORT", "REDIS_URL"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
+        Ok(match (&self.config, &self.config_toml) {
+            (Some(path), _) => ServeConfig::load(path, &env)?,
+            (None, Some(text)) => ServeConfig::parse(text, "$LANYARD_CONFIG", &env)?,
+            (None, None) => anyhow::bail!("give --config FILE or set LANYARD_CONFIG"),
+        })
+    }
 }
 
 #[derive(Args)]
@@ -519,19 +544,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Serve(a) => {
-            let env: HashMap<String, String> = ["LANYARD_STATE", "HTTPS_PORT", "HTTP_PORT", "REDIS_URL"]
-                .iter()
-                .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-                .collect();
-            let config = match (&a.config, &a.config_toml) {
-                (Some(path), _) => ServeConfig::load(path, &env)?,
-                (None, Some(text)) => ServeConfig::parse(text, "$LANYARD_CONFIG", &env)?,
-                (None, None) => anyhow::bail!("give --config FILE or set LANYARD_CONFIG"),
-            };
-            cli::init_logging();
+            let config = a.load()?;
+            cli::init_logging(cli.log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(lanyard_ca::serve::run(config, cli::shutdown_signal()))?;
         }
+        Command::Doctor(a) => {
+            let config = a.load()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let report = runtime.block_on(lanyard_ca::doctor::diagnose(&config, OffsetDateTime::now_utc()));
+            stdout(&report.render());
+            if report.has_errors() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Completion(a) => cli::print_completion::<Cli>(&a),
+        Command::Man(a) => cli::write_man_pages::<Cli>(&a)
+            .map_err(|e| anyhow::anyhow!("cannot write the manual pages into {}: {e}", a.out_dir.display()))?,
         Command::Upload(a) => {
             let dir = a.state.dir()?;
             let authority = a.state.authority()?;

@@ -1,5 +1,5 @@
 //! Plumbing shared by the `sidecar` and `ca` binaries: one-line argument
-//! errors, logging, and the shutdown signal.
+//! errors, logging, completions and manual pages, and the shutdown signal.
 
 use std::process::ExitCode;
 
@@ -16,16 +16,58 @@ pub fn parse_args<C: clap::Parser>() -> Result<C, ExitCode> {
     }
 }
 
-/// Logs to stderr at `RUST_LOG` (default `info`), colored only on a terminal.
-pub fn init_logging() {
-    tracing_subscriber::fmt()
+/// How the long-running commands (`ca serve`, `sidecar run`) write their log.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, colored only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, the event's
+    /// fields (`message`, `event`, `identity`, `serial`, ...) at the top level,
+    /// and the enclosing spans' fields.
+    Json,
+}
+
+/// Logs to stderr at `RUST_LOG` (default `info`) in `format`.
+pub fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(true).init(),
+    }
+}
+
+/// `completion SHELL`: the shell's completion script for a command.
+#[derive(clap::Args)]
+pub struct CompletionArgs {
+    /// The shell to write the script for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Prints `C`'s completion script for the shell in `args`.
+pub fn print_completion<C: clap::CommandFactory>(args: &CompletionArgs) {
+    let mut command = C::command();
+    let name = command.get_name().to_owned();
+    clap_complete::generate(args.shell, &mut command, name, &mut std::io::stdout());
+}
+
+/// `man DIR`: the manual pages of a command.
+#[derive(clap::Args)]
+pub struct ManArgs {
+    /// Directory to write NAME.1 and one NAME-SUBCOMMAND.1 per subcommand into.
+    pub out_dir: std::path::PathBuf,
+}
+
+/// Writes `C`'s manual pages (roff) into the directory in `args`.
+pub fn write_man_pages<C: clap::CommandFactory>(args: &ManArgs) -> std::io::Result<()> {
+    std::fs::create_dir_all(&args.out_dir)?;
+    clap_mangen::generate_to(C::command(), &args.out_dir)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -210,7 +210,7 @@ impl Enroller {
         body: Option<&str>,
         config: rustls::ClientConfig,
     ) -> Result<String, EnrolError> {
-        let (status, text) =
+        let crate::health::Answer { status, body: text, .. } =
             crate::health::request(&self.ca.host, self.ca.port, method, path, body, Arc::new(config), REQUEST_LIMIT)
                 .await
                 .map_err(|e| EnrolError::Unreachable(format!("{}: {e}", self.ca.url)))?;
@@ -290,7 +290,7 @@ impl Enroller {
         let body = serde_json::json!({ "secret": self.credential.secret, "csr": csr }).to_string();
         let answer = self.request("POST", "/v1/enrol", Some(&body), self.client(roots.clone(), None)?).await?;
         let leaf = self.install(&answer, key, self.client(roots, None)?).await?;
-        tracing::info!(identity = %crate::verify::peer_identity(&leaf), serial = %leaf.serial, not_after = %crate::certinfo::rfc3339(leaf.not_after), ca = %self.ca.url, "enrolled");
+        tracing::info!(identity = %crate::verify::peer_identity(&leaf), serial = %leaf.serial, not_after = %crate::certinfo::rfc3339(leaf.not_after), ca = %self.ca.url, event = "issued", "enrolled");
         Ok(leaf)
     }
 
@@ -306,7 +306,7 @@ impl Enroller {
         let body = serde_json::json!({ "csr": csr }).to_string();
         let answer = self.request("POST", "/v1/renew", Some(&body), self.client(roots.clone(), Some(set))?).await?;
         let leaf = self.install(&answer, key, self.client(roots, None)?).await?;
-        tracing::info!(identity = %crate::verify::peer_identity(&leaf), serial = %leaf.serial, not_after = %crate::certinfo::rfc3339(leaf.not_after), "renewed");
+        tracing::info!(identity = %crate::verify::peer_identity(&leaf), serial = %leaf.serial, not_after = %crate::certinfo::rfc3339(leaf.not_after), event = "renewed", "renewed");
         Ok(leaf)
     }
 

@@ -51,7 +51,7 @@ pub async fn probe(url: &str, cert_dir: &CertDir, limit: Duration) -> Result<Str
     let config = tls::client_config_with(roots, &ServerCheck::ChainOnly, own.as_ref())
         .map_err(|e| HealthError::Bundle(e.to_string()))?;
 
-    let (status, body) = get(&host, port, &path, Arc::new(config), limit).await?;
+    let Answer { status, body, .. } = get(&host, port, &path, Arc::new(config), limit).await?;
     if status == "200" {
         return Ok(body);
     }
@@ -76,20 +76,38 @@ fn parse_url(url: &str) -> Result<(String, u16, String), HealthError> {
     Ok((host, authority.port_u16().unwrap_or(443), path))
 }
 
-/// GETs `path` from `host:port` over TLS with `config` within `limit`;
-/// returns the status code and the body, whatever the status.
+/// What a server answered, whatever the status.
+#[derive(Debug)]
+pub struct Answer {
+    /// The status code.
+    pub status: String,
+    /// The body, trimmed.
+    pub body: String,
+    /// The server's clock, from its `Date` header.
+    pub date: Option<OffsetDateTime>,
+}
+
+/// An HTTP `Date` header (IMF-fixdate, RFC 9110).
+fn http_date(value: &str) -> Option<OffsetDateTime> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::PrimitiveDateTime::parse(value, &format).ok().map(|t| t.assume_utc())
+}
+
+/// GETs `path` from `host:port` over TLS with `config` within `limit`.
 pub async fn get(
     host: &str,
     port: u16,
     path: &str,
     config: Arc<rustls::ClientConfig>,
     limit: Duration,
-) -> Result<(String, String), HealthError> {
+) -> Result<Answer, HealthError> {
     request(host, port, "GET", path, None, config, limit).await
 }
 
 /// One HTTP/1.1 request (`body` as JSON) to `host:port` over TLS with
-/// `config` within `limit`; the status code and the body, whatever the status.
+/// `config` within `limit`.
 pub async fn request(
     host: &str,
     port: u16,
@@ -98,7 +116,7 @@ pub async fn request(
     body: Option<&str>,
     config: Arc<rustls::ClientConfig>,
     limit: Duration,
-) -> Result<(String, String), HealthError> {
+) -> Result<Answer, HealthError> {
     let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
     let server_name =
         ServerName::try_from(host.to_owned()).map_err(|_| HealthError::Url(format!("https://{authority}{path}")))?;
@@ -122,8 +140,9 @@ pub async fn request(
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default().to_owned()))).map_err(|e| failed(&e))?;
         let response = sender.send_request(req).await.map_err(|e| failed(&e))?;
         let status = response.status().as_u16().to_string();
+        let date = response.headers().get(hyper::header::DATE).and_then(|v| v.to_str().ok()).and_then(http_date);
         let bytes = Limited::new(response.into_body(), MAX_BODY).collect().await.map_err(|e| failed(&e))?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&bytes).trim().to_owned()))
+        Ok(Answer { status, body: String::from_utf8_lossy(&bytes).trim().to_owned(), date })
     };
     tokio::time::timeout(limit, fetch)
         .await
@@ -133,6 +152,12 @@ pub async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_dates_parse() {
+        assert_eq!(http_date("Tue, 01 Dec 2026 18:24:13 GMT"), Some(time::macros::datetime!(2026-12-01 18:24:13 UTC)));
+        assert_eq!(http_date("Tue, 01 Dec 2026 18:24:13 +0000"), None);
+    }
 
     #[test]
     fn urls_parse_with_and_without_ports_and_brackets() {

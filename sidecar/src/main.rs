@@ -18,6 +18,9 @@ use lanyard_sidecar::span::Span;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log as text or as one JSON object per line.
+    #[arg(long, global = true, env = "LANYARD_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: cli::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -26,6 +29,10 @@ enum Command {
     Run(Box<RunArgs>),
     /// Probe the admin endpoint over HTTPS; exit 0 only when ready.
     Health(HealthArgs),
+    /// Print the shell completion script (bash, zsh, fish, ...).
+    Completion(cli::CompletionArgs),
+    /// Write the manual pages into a directory.
+    Man(cli::ManArgs),
 }
 
 #[derive(Args)]
@@ -130,7 +137,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             let args = *args;
-            cli::init_logging();
+            cli::init_logging(cli.log_format);
             let config = match config_from(args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -146,6 +153,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Completion(args) => {
+            cli::print_completion::<Cli>(&args);
+            ExitCode::SUCCESS
+        }
+        Command::Man(args) => match cli::write_man_pages::<Cli>(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: cannot write the manual pages into {}: {e}", args.out_dir.display());
+                ExitCode::FAILURE
+            }
+        },
         Command::Health(args) => {
             let dir = CertDir::new(&args.cert_dir);
             match runtime.block_on(lanyard_sidecar::health::probe(&args.url, &dir, args.timeout.get())) {

@@ -422,12 +422,12 @@ impl Listener {
 
     fn handshake_failed(&self, e: &io::Error, peer: &str) {
         let why = self.metrics.handshake_failed(e);
-        tracing::warn!(listener = %self.config.name, peer, reason = why.label(), "handshake rejected: {e}");
+        tracing::warn!(listener = %self.config.name, peer, reason = why.label(), event = "refused", "handshake rejected: {e}");
     }
 
     fn rejected(&self, why: Rejection, peer: &str, detail: &str) {
         self.metrics.reject(why);
-        tracing::warn!(listener = %self.config.name, peer, reason = why.label(), "handshake rejected: {detail}");
+        tracing::warn!(listener = %self.config.name, peer, reason = why.label(), event = "refused", "handshake rejected: {detail}");
     }
 
     async fn connect_upstream(&self, upstream: &HostPort) -> Option<TcpStream> {

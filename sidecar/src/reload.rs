@@ -96,9 +96,11 @@ impl CertStore {
             Ok(set) => {
                 let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::info!(
-                    dir = %self.dir.path().display(),
+                    identity = %crate::verify::peer_identity(&set.leaf),
                     serial = %set.leaf.serial,
                     not_after = %crate::certinfo::rfc3339(set.leaf.not_after),
+                    dir = %self.dir.path().display(),
+                    event = "reloaded",
                     "loaded certificate"
                 );
                 self.tx.send_replace(Some(Arc::new(Snapshot { set, generation })));
@@ -119,7 +121,7 @@ impl CertStore {
                 Some(s) => format!("keeping serial {}", s.set.leaf.serial),
                 None => "no valid certificate yet; not ready".into(),
             };
-            tracing::error!("certificate reload failed: {error} ({keeping})");
+            tracing::error!(dir = %self.dir.path().display(), reason = %error, event = "refused", "certificate reload failed: {error} ({keeping})");
             self.metrics.failed.fetch_add(1, Ordering::Relaxed);
             self.metrics.last_attempt.store(OffsetDateTime::now_utc().unix_timestamp(), Ordering::Relaxed);
             *last = Some(error);

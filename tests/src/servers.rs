@@ -111,9 +111,15 @@ impl CaServer {
     /// Starts `ca serve` with an existing config, on the given ports
     /// (through the `HTTPS_PORT` and `HTTP_PORT` overrides).
     pub fn start_with(pki: &Pki, config: PathBuf, https_port: u16, http_port: u16) -> Self {
+        Self::start_with_args(pki, config, https_port, http_port, &[])
+    }
+
+    /// [`CaServer::start_with`], with `args` after `ca serve`.
+    pub fn start_with_args(pki: &Pki, config: PathBuf, https_port: u16, http_port: u16, args: &[&str]) -> Self {
         let log = pki.path(&format!("ca-serve-{https_port}.log"));
         let mut cmd = ca();
         cmd.arg("serve")
+            .args(args)
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")

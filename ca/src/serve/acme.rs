@@ -125,6 +125,17 @@ pub struct PublicConfig {
     pub eab_hmac_key: Option<String>,
 }
 
+impl PublicConfig {
+    /// The ACME directory: `directory_url`, or Let's Encrypt (staging with `staging`).
+    pub fn directory(&self) -> String {
+        match (&self.directory_url, self.staging) {
+            (Some(url), _) => url.clone(),
+            (None, true) => LETS_ENCRYPT_STAGING.into(),
+            (None, false) => LETS_ENCRYPT.into(),
+        }
+    }
+}
+
 /// `[acme]` in `lanyard.toml`.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -293,11 +304,7 @@ impl Acme {
         for c in configured {
             self.check_domains(&c.domains, c.challenge)
                 .map_err(|e| PublicError::Invalid(format!("[[public]] {}: {e}", c.name.as_str())))?;
-            let directory = match (&c.directory_url, c.staging) {
-                (Some(url), _) => url.clone(),
-                (None, true) => LETS_ENCRYPT_STAGING.into(),
-                (None, false) => LETS_ENCRYPT.into(),
-            };
+            let directory = c.directory();
             if let (Some(kid), Some(key)) = (&c.eab_kid, &c.eab_hmac_key) {
                 eab.insert(c.name.as_str().to_owned(), (kid.clone(), key.clone()));
             }
@@ -354,7 +361,7 @@ impl Acme {
         if own {
             let _ = std::fs::remove_dir_all(&cert.out_dir);
         }
-        tracing::info!(cert = name, "public certificate removed");
+        tracing::info!(identity = name, event = "removed", "public certificate removed");
         Ok(())
     }
 
@@ -547,7 +554,7 @@ impl Acme {
     async fn attempt(&self, mut cert: PublicCert) {
         if let Some(reason) = self.rate_limited(&cert) {
             if cert.held_back.as_deref() != Some(reason.0.as_str()) {
-                tracing::warn!(cert = %cert.cert_name, "holding back: {}", reason.0);
+                tracing::warn!(identity = %cert.cert_name, "holding back: {}", reason.0);
             }
             cert.held_back = Some(reason.0);
             cert.next_attempt = reason.1;
@@ -555,7 +562,7 @@ impl Acme {
         }
         cert.held_back = None;
         let started = std::time::Instant::now();
-        tracing::info!(cert = %cert.cert_name, domains = ?cert.domains, directory = %cert.acme_directory_url, "ordering");
+        tracing::info!(identity = %cert.cert_name, domains = ?cert.domains, directory = %cert.acme_directory_url, "ordering");
         let result = self.order(&cert).await;
         // The document may have changed meanwhile (API); keep its edits.
         let mut latest = match self.get(&cert.cert_name) {
@@ -568,7 +575,7 @@ impl Acme {
         match result {
             Ok(Issued { info, chain, window }) => {
                 self.orders[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(cert = %latest.cert_name, serial = %info.serial, not_after = %rfc3339(info.not_after), took = ?started.elapsed(), "public certificate issued");
+                tracing::info!(identity = %latest.cert_name, serial = %info.serial, not_after = %rfc3339(info.not_after), took = ?started.elapsed(), event = "issued", "public certificate issued");
                 latest.status = "valid".into();
                 latest.record_served(&info, &chain);
                 latest.failures = 0;
@@ -590,7 +597,7 @@ impl Acme {
                 self.orders[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 latest.failures += 1;
                 let wait = backoff(latest.failures);
-                tracing::warn!(cert = %latest.cert_name, failures = latest.failures, retry_in = ?wait, "order failed: {e}");
+                tracing::warn!(identity = %latest.cert_name, failures = latest.failures, retry_in = ?wait, reason = %e, event = "failed", "order failed: {e}");
                 if latest.chain.is_none() {
                     latest.status = "failed".into();
                 }
@@ -609,7 +616,7 @@ impl Acme {
     /// into one order per second.
     fn record_attempt(&self, cert: &PublicCert) {
         if let Err(e) = self.put(cert) {
-            tracing::error!(cert = %cert.cert_name, next_attempt = cert.next_attempt, "cannot record the attempt in the store: {e}; the next one waits in memory");
+            tracing::error!(identity = %cert.cert_name, next_attempt = cert.next_attempt, "cannot record the attempt in the store: {e}; the next one waits in memory");
             self.unrecorded.lock().unwrap_or_else(|e| e.into_inner()).insert(cert.cert_name.clone(), cert.next_attempt);
         }
     }
@@ -661,21 +668,9 @@ impl Acme {
 
     fn http_client(&self) -> Result<Option<Box<dyn instant_acme::HttpClient>>, String> {
         let Some(path) = &self.settings.directory_roots else { return Ok(None) };
-        let pem = std::fs::read(path).map_err(|e| format!("cannot read directory_roots {}: {e}", path.display()))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&pem) {
-            let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
-            roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(lanyard_sidecar::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector =
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
         let client: hyper_util::client::legacy::Client<_, instant_acme::BodyWrapper<hyper::body::Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(directory_connector(directory_roots(path)?)?);
         Ok(Some(Box::new(client)))
     }
 
@@ -1030,6 +1025,61 @@ impl PublicCert {
         self.fingerprint = Some(info.sha256.clone());
         self.chain = Some(chain.to_owned());
     }
+}
+
+/// The roots in `directory_roots` (Pebble's test CA).
+fn directory_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read directory_roots {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
+
+/// HTTPS to an ACME server trusting `roots`.
+fn directory_connector(
+    roots: rustls::RootCertStore,
+) -> Result<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, String> {
+    let tls = rustls::ClientConfig::builder_with_provider(lanyard_sidecar::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build())
+}
+
+/// Fetches the ACME directory at `url` within `limit`, trusting
+/// `directory_roots` or the system's roots, and checks that it is one.
+pub async fn probe_directory(settings: &AcmeSettings, url: &str, limit: std::time::Duration) -> Result<(), String> {
+    let roots = match &settings.directory_roots {
+        Some(path) => directory_roots(path)?,
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            roots
+        }
+    };
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<hyper::body::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(directory_connector(roots)?);
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    let fetch = async {
+        let response = client.get(uri).await.map_err(|e| format!("unreachable: {e:?}"))?;
+        let status = response.status();
+        let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(response.into_body(), 64 * 1024))
+            .await
+            .map_err(|e| format!("reading the directory: {e}"))?
+            .to_bytes();
+        let directory: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| format!("answered {status} with no JSON directory"))?;
+        match directory.get("newNonce") {
+            Some(_) if status.is_success() => Ok(()),
+            _ => Err(format!("answered {status} with no newNonce: not an ACME directory")),
+        }
+    };
+    tokio::time::timeout(limit, fetch).await.map_err(|_| format!("no answer within {limit:?}"))?
 }
 
 #[cfg(test)]

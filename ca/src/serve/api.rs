@@ -327,6 +327,13 @@ fn issued_reply(
     match result {
         Ok(issued) => {
             svc.metrics.issued(true);
+            tracing::info!(
+                identity = %lanyard_sidecar::verify::peer_identity(&issued.info),
+                serial = %issued.info.serial,
+                not_after = %rfc3339(issued.info.not_after),
+                event = "issued",
+                "signed through the API"
+            );
             json_reply(
                 StatusCode::OK,
                 json!({
@@ -351,7 +358,6 @@ fn issued_reply(
     }
 }
 
-/// The issuance template for `name` with the requester's CSR.
 /// Signs `csr` for identity `name` off the runtime, recorded as `source`,
 /// and answers with the chain.
 fn sign_csr(svc: &Arc<Service>, name: lanyard_sidecar::identity::DnsName, csr: String, source: &'static str) -> Reply {
@@ -360,6 +366,7 @@ fn sign_csr(svc: &Arc<Service>, name: lanyard_sidecar::identity::DnsName, csr: S
     issued_reply(svc, svc.authority.issue(&request, source), started)
 }
 
+/// The issuance template for `name` with the requester's CSR.
 fn csr_request(svc: &Service, name: lanyard_sidecar::identity::DnsName, csr: String) -> LeafRequest {
     let mut req = svc.template(&name).unwrap_or(LeafRequest {
         name,

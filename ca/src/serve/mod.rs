@@ -420,7 +420,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
 }
 
 /// The configured identities with a `sidecar_admin` address.
-fn known_sidecars(config: &ServeConfig, td: &TrustDomain) -> Result<Vec<sidecars::KnownSidecar>, CaError> {
+pub fn known_sidecars(config: &ServeConfig, td: &TrustDomain) -> Result<Vec<sidecars::KnownSidecar>, CaError> {
     config
         .identities
         .iter()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lanyard_sidecar::certdir::PemSet;
-use lanyard_sidecar::certinfo::CertInfo;
+use lanyard_sidecar::certinfo::{rfc3339, CertInfo};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -61,7 +61,7 @@ impl OwnCredentials {
                 _ => match self.authority.issue(&m.request, "own") {
                     Ok(issued) => match m.out_dir.write(&PemSet { crl: Some(crl.clone()), ..issued.pem }) {
                         Ok(()) => {
-                            tracing::info!(identity = %name, serial = %issued.info.serial, dir = %m.out_dir.path().display(), "rotated")
+                            tracing::info!(identity = %name, serial = %issued.info.serial, not_after = %rfc3339(issued.info.not_after), dir = %m.out_dir.path().display(), event = "renewed", "rotated")
                         }
                         Err(e) => tracing::error!(identity = %name, "cannot write the new credential: {e}"),
                     },

@@ -188,7 +188,8 @@ impl Scheduler {
             }
             match self.rotate(&m) {
                 Ok(leaf) => {
-                    tracing::info!(identity = %name, serial = %leaf.serial, dir = %m.out_dir.path().display(), "rotated");
+                    let event = if row.serial.is_some() { "renewed" } else { "issued" };
+                    tracing::info!(identity = %name, serial = %leaf.serial, not_after = %rfc3339(leaf.not_after), dir = %m.out_dir.path().display(), event, "rotated");
                     row.serial = Some(leaf.serial.clone());
                     row.sans = Some(sans_of(&leaf));
                     row.not_after = Some(leaf.not_after.unix_timestamp());
@@ -205,7 +206,7 @@ impl Scheduler {
                     row.failures += 1;
                     let wait = backoff(row.failures);
                     row.next_renewal = (now + wait).unix_timestamp();
-                    tracing::error!(identity = %name, failures = row.failures, retry_in = ?wait, "rotation failed: {e}");
+                    tracing::error!(identity = %name, failures = row.failures, retry_in = ?wait, reason = %e, event = "failed", "rotation failed: {e}");
                     row.last_error = Some(e.to_string());
                     self.metrics.renewed(false);
                 }
@@ -318,7 +319,7 @@ impl Scheduler {
         }
         let (old, new) = (&before.intermediate().serial, &ca.intermediate().serial);
         if old != new {
-            tracing::info!(old = %old, new = %new, not_after = %rfc3339(ca.intermediate().not_after), root = %ca.root().sha256, "intermediate rolled over");
+            tracing::info!(identity = "intermediate", serial = %new, not_after = %rfc3339(ca.intermediate().not_after), old = %old, root = %ca.root().sha256, event = "rotated", "intermediate rolled over");
             let spread =
                 ca.rotation().filter(|r| r.phase == RotationPhase::Finished).map_or(0, |r| r.reissue_window_secs);
             let store = self.authority.store();
@@ -370,7 +371,7 @@ impl Scheduler {
                 match crate::rotation::complete(ca) {
                     Ok(_) => {
                         *free_since = None;
-                        tracing::info!(root = %ca.root().sha256, "root rotation complete: no live leaf under the old root is left, so it leaves the trust bundles");
+                        tracing::info!(identity = "root", root = %ca.root().sha256, event = "rotated", "root rotation complete: no live leaf under the old root is left, so it leaves the trust bundles");
                     }
                     Err(e) => tracing::error!("cannot drop the old root: {e}"),
                 }

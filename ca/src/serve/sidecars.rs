@@ -59,6 +59,15 @@ async fn ask_one(
     s: &KnownSidecar,
     roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> Result<Vec<String>, String> {
+    readiness(s, roots).await.map(|(readiness, _)| readiness.trust_roots)
+}
+
+/// Asks one sidecar's `/readyz`, verifying its admin certificate against
+/// `roots` and its identity; what it answered, and its clock.
+pub async fn readiness(
+    s: &KnownSidecar,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<(Readiness, Option<OffsetDateTime>), String> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.clone()).map_err(|e| format!("the CA's bundle: {e}"))?;
@@ -68,12 +77,12 @@ async fn ask_one(
     let (host, port) = s.admin.rsplit_once(':').ok_or_else(|| format!("{:?} is not host:port", s.admin))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port: u16 = port.parse().map_err(|_| format!("{:?} is not host:port", s.admin))?;
-    let (_, body) = lanyard_sidecar::health::get(host, port, "/readyz", Arc::new(config), ANSWER_WITHIN)
+    let answer = lanyard_sidecar::health::get(host, port, "/readyz", Arc::new(config), ANSWER_WITHIN)
         .await
         .map_err(|e| e.to_string())?;
     let readiness: Readiness =
-        serde_json::from_str(&body).map_err(|e| format!("/readyz did not answer with its JSON ({e})"))?;
-    Ok(readiness.trust_roots)
+        serde_json::from_str(&answer.body).map_err(|e| format!("/readyz did not answer with its JSON ({e})"))?;
+    Ok((readiness, answer.date))
 }
 
 /// While a rotation is under way, asks the sidecars every few seconds and

@@ -151,7 +151,7 @@ fn edge_serves_acme_certificates_from_http01_and_tls_alpn01() {
         .args(["-sS"])
         .arg(format!("http://127.0.0.1:{edge_http}/.well-known/acme-challenge/unknown-token")));
     assert!(text(&out.stdout).contains("no pending challenge"), "forwarded to the CA: {out:?}");
-    assert!(server.log_text().contains("public certificate issued cert=www"), "{}", server.log_text());
+    assert!(server.log_text().contains("public certificate issued identity=www"), "{}", server.log_text());
     assert!(edge.log_text().contains("answered a TLS-ALPN-01 validation"), "{}", edge.log_text());
 
     // The scanners, against the ACME certificate.

@@ -5,6 +5,7 @@ mod acme;
 mod compose;
 mod docker;
 mod flood;
+mod ops;
 mod pki;
 mod serve;
 mod sidecar;
