@@ -79,6 +79,9 @@ enum Command {
     /// The store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Give volumes to the image's unprivileged user: run once as root
+    /// before `ca serve` (`ca inject` adds it as the lanyard-volumes service).
+    PrepareVolumes(PrepareVolumesArgs),
     /// Print the shell completion script (bash, zsh, fish, ...).
     Completion(cli::CompletionArgs),
     /// Write the manual pages into a directory.
@@ -293,6 +296,22 @@ struct ServeArgs {
     /// The same TOML as text, for containers configured through the environment.
     #[arg(long, env = "LANYARD_CONFIG", value_name = "TOML", hide_env_values = true)]
     config_toml: Option<String>,
+}
+
+#[derive(Args)]
+struct PrepareVolumesArgs {
+    /// The owner, UID:GID.
+    #[arg(long, default_value = lanyard_compose::inject::IMAGE_USER, value_parser = owner)]
+    owner: (u32, u32),
+    /// The volumes' mount points.
+    #[arg(required = true, value_name = "DIR")]
+    dirs: Vec<PathBuf>,
+}
+
+fn owner(text: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{text:?}: give the owner as UID:GID, for example 65532:65532");
+    let (uid, gid) = text.split_once(':').ok_or_else(bad)?;
+    Ok((uid.parse().map_err(|_| bad())?, gid.parse().map_err(|_| bad())?))
 }
 
 impl ServeArgs {
@@ -557,6 +576,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if report.has_errors() {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::PrepareVolumes(a) => {
+            let (uid, gid) = a.owner;
+            let changed = lanyard_ca::ops::own_tree(&a.dirs, uid, gid)?;
+            let dirs: Vec<String> = a.dirs.iter().map(|d| d.display().to_string()).collect();
+            eprintln!("gave {} to {uid}:{gid} ({changed} entries changed)", dirs.join(", "));
         }
         Command::Completion(a) => cli::print_completion::<Cli>(&a),
         Command::Man(a) => cli::write_man_pages::<Cli>(&a)

@@ -402,3 +402,33 @@ pub fn merge_seed_records(file: &Path, store: &dyn Store) -> Result<usize, CaErr
     }
     Ok(added)
 }
+
+/// `ca prepare-volumes`: gives each of `dirs`, and everything in them, to
+/// `uid:gid` (a symlink itself, not its target). Returns how many entries
+/// changed owner; a path that is missing is an error, so a typo shows.
+pub fn own_tree(dirs: &[std::path::PathBuf], uid: u32, gid: u32) -> Result<usize, CaError> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(path: &Path, uid: u32, gid: u32, changed: &mut usize) -> Result<(), CaError> {
+        let meta =
+            std::fs::symlink_metadata(path).map_err(|source| CaError::ReadState { path: path.to_owned(), source })?;
+        if meta.uid() != uid || meta.gid() != gid {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+                .map_err(|source| CaError::WriteState { path: path.to_owned(), source })?;
+            *changed += 1;
+        }
+        if meta.is_dir() {
+            let entries =
+                std::fs::read_dir(path).map_err(|source| CaError::ReadState { path: path.to_owned(), source })?;
+            for entry in entries {
+                let entry = entry.map_err(|source| CaError::ReadState { path: path.to_owned(), source })?;
+                walk(&entry.path(), uid, gid, changed)?;
+            }
+        }
+        Ok(())
+    }
+    let mut changed = 0;
+    for dir in dirs {
+        walk(dir, uid, gid, &mut changed)?;
+    }
+    Ok(changed)
+}

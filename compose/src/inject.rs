@@ -53,6 +53,11 @@ pub const CA_SERVICE: &str = "lanyard-ca";
 pub const CA_REPLICA: &str = "lanyard-ca-2";
 /// The Redis service `store: redis` adds.
 pub const REDIS_SERVICE: &str = "lanyard-redis";
+/// The one-shot service that gives the CA's volumes to the image's user.
+pub const VOLUMES_SERVICE: &str = "lanyard-volumes";
+/// The unprivileged user (`uid:gid`) Lanyard's image runs as
+/// (`scripts/build-images` makes it).
+pub const IMAGE_USER: &str = "65532:65532";
 /// Prefix of every name the transform adds.
 pub const PREFIX: &str = "lanyard-";
 /// Where the sidecar reads its cert dir.
@@ -260,6 +265,9 @@ pub fn inject_with(
             services.insert(REDIS_SERVICE.into(), redis_service(&defaults));
             volumes.insert(format!("{PREFIX}redis-data").into(), Value::Null);
         }
+    }
+    if swarm.is_none() {
+        services.insert(VOLUMES_SERVICE.into(), volumes_service(&defaults, &ca));
     }
     services.insert(CA_SERVICE.into(), ca);
     let control_internal = public.is_empty();
@@ -1365,6 +1373,38 @@ struct PublicToml {
 
 /// The Redis service of `store: redis`: AOF on (fsync every second), its
 /// data in a volume, reachable only on the control network.
+/// Runs once before the CA: a new named volume is owned by root (Docker
+/// copies ownership only onto paths the image has, and the cert dirs'
+/// paths are the fleet's), so this gives every volume the CA writes to
+/// the image's unprivileged user. Root here holds CHOWN and
+/// DAC_READ_SEARCH only, and no network.
+fn volumes_service(defaults: &Defaults, ca: &Value) -> Value {
+    let named: Vec<String> = ca
+        .get("volumes")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|v| v.starts_with(PREFIX))
+        .map(str::to_owned)
+        .collect();
+    let targets = named.iter().filter_map(|v| v.split(':').nth(1));
+    let mut service = Mapping::new();
+    service.insert("image".into(), defaults.image.clone().into());
+    service.insert(
+        "command".into(),
+        strings(["/ca", "prepare-volumes", "--owner", IMAGE_USER].into_iter().chain(targets)),
+    );
+    service.insert("user".into(), "0:0".into());
+    service.insert("volumes".into(), strings(named.iter().cloned()));
+    service.insert("network_mode".into(), "none".into());
+    service.insert("cap_drop".into(), strings(["ALL"]));
+    service.insert("cap_add".into(), strings(["CHOWN", "DAC_READ_SEARCH"]));
+    service.insert("security_opt".into(), strings(["no-new-privileges:true"]));
+    service.insert("restart".into(), "no".into());
+    Value::Mapping(service)
+}
+
 fn redis_service(defaults: &Defaults) -> Value {
     let mut redis = Mapping::new();
     redis.insert("image".into(), defaults.redis_image.clone().into());
@@ -1464,9 +1504,12 @@ fn ca_service(
         identities.clear();
         volumes = vec![];
     }
+    // A stack's state is a tmpfs, root's with mode 1777: the CA, as the
+    // image's user, makes its 0700 state directory inside it.
+    let state = if swarm.is_some() { "/state/ca" } else { "/state" };
     let config = CaToml {
         trust_domain: defaults.trust_domain.as_str().to_owned(),
-        state: "/state",
+        state,
         https_listen: format!("0.0.0.0:{CA_API_PORT}"),
         store,
         swarm: swarm_settings,
@@ -1501,15 +1544,22 @@ fn ca_service(
     } else {
         ca.insert("networks".into(), strings([CONTROL]));
     }
+    let mut depends = Mapping::new();
+    if swarm.is_none() {
+        depends.insert(VOLUMES_SERVICE.into(), mapping([("condition", "service_completed_successfully".into())]));
+    }
     if defaults.store == Some(StoreChoice::Service) {
-        ca.insert("depends_on".into(), mapping([(REDIS_SERVICE, mapping([("condition", "service_healthy".into())]))]));
+        depends.insert(REDIS_SERVICE.into(), mapping([("condition", "service_healthy".into())]));
+    }
+    if !depends.is_empty() {
+        ca.insert("depends_on".into(), Value::Mapping(depends));
     }
     if public {
         // The ACME server is outside: `host.docker.internal` is the host.
         ca.insert("extra_hosts".into(), strings(["host.docker.internal:host-gateway"]));
     }
     let url = format!("https://127.0.0.1:{CA_API_PORT}/health");
-    ca.insert("healthcheck".into(), https_healthcheck("/state/api", url, compose.services.len()));
+    ca.insert("healthcheck".into(), https_healthcheck(&format!("{state}/api"), url, compose.services.len()));
     hardening(&mut ca);
     Ok(Value::Mapping(ca))
 }
