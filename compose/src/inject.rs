@@ -1504,9 +1504,7 @@ fn ca_service(
         identities.clear();
         volumes = vec![];
     }
-    // A stack's state is a tmpfs, root's with mode 1777: the CA, as the
-    // image's user, makes its 0700 state directory inside it.
-    let state = if swarm.is_some() { "/state/ca" } else { "/state" };
+    let state = "/state";
     let config = CaToml {
         trust_domain: defaults.trust_domain.as_str().to_owned(),
         state,

@@ -9,7 +9,11 @@
 //! - no `depends_on`, `restart`, `container_name` or `security_opt` (Swarm
 //!   ignores or refuses them): start-up order comes from health and retries;
 //! - `deploy.endpoint_mode` on every service, and published ports in host
-//!   mode with `dnsrr` (the routing mesh needs a virtual IP).
+//!   mode with `dnsrr` (the routing mesh needs a virtual IP);
+//! - Lanyard's services run as uid 0, still with no capabilities: a stack
+//!   file cannot give a tmpfs an owner or a mode (`docker stack deploy`
+//!   ignores `tmpfs.mode`), and Swarm's tmpfs is root's 0755, so the image's
+//!   unprivileged user could not write its keys there.
 
 use serde_norway::{Mapping, Value};
 
@@ -32,6 +36,9 @@ pub fn rewrite(doc: &mut Mapping, defaults: &Defaults, enrolled: &[String], vers
                 if service.remove(key).is_some() && key == "container_name" {
                     warnings.push(format!("{name}: container_name is not supported by Swarm and was left out"));
                 }
+            }
+            if service.get("image").and_then(Value::as_str) == Some(defaults.image.as_str()) {
+                service.insert("user".into(), "0:0".into());
             }
             let deploy = service.entry("deploy".into()).or_insert_with(|| Value::Mapping(Mapping::new()));
             if let Value::Mapping(deploy) = deploy {
