@@ -49,3 +49,26 @@ need_rust() {
     fi
 }
 need_rust
+
+# check_versions FILE : print each package's installed version and stop when
+# one lacks the upstream version prefix FILE pins for it.
+check_versions() {
+    local pkg want have upstream bad=0
+    while read -r pkg want; do
+        case "$pkg" in ''|'#'*) continue ;; esac
+        have=$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)
+        upstream=${have#*:}          # no epoch
+        upstream=${upstream%-*}      # no Debian revision
+        if [ -z "$have" ]; then
+            printf '  %-15s %-32s MISSING (want %s*)\n' "$pkg" "-" "$want"; bad=1
+        elif [ "${upstream#"$want"}" = "$upstream" ]; then
+            printf '  %-15s %-32s WRONG (want %s*)\n' "$pkg" "$have" "$want"; bad=1
+        else
+            printf '  %-15s %s\n' "$pkg" "$have"
+        fi
+    done <"$1"
+    if [ "$bad" -ne 0 ]; then
+        echo "error: the packages marked above differ from $1: install those versions, or run the suite on the new ones and update $1" >&2
+        exit 1
+    fi
+}

@@ -155,6 +155,9 @@ pub async fn diagnose(config: &ServeConfig, now: OffsetDateTime) -> Report {
     for id in &config.identities {
         cert_dir(id.name.as_str(), &CertDir::new(&id.out_dir), &ca, store.as_deref(), now, &mut report);
     }
+    if let Some(store) = &store {
+        other_identities(config, store.as_ref(), now, &mut report);
+    }
     match crate::serve::known_sidecars(config, ca.trust_domain()) {
         Ok(known) => {
             let roots = lanyard_sidecar::certdir::parse_certs(dir, ca.bundle_pem().as_bytes()).unwrap_or_default();
@@ -166,6 +169,32 @@ pub async fn diagnose(config: &ServeConfig, now: OffsetDateTime) -> Report {
     }
     acme_directories(config, store.as_ref(), &mut report).await;
     report
+}
+
+/// The scheduled identities the config does not list (the CA's own,
+/// discovered Docker containers): each renewed on time.
+fn other_identities(config: &ServeConfig, store: &dyn Store, now: OffsetDateTime, report: &mut Report) {
+    let rows = match store.schedules() {
+        Ok(rows) => rows,
+        Err(e) => return report.error("store", format!("cannot read the schedule: {e}"), store_fix(config)),
+    };
+    let others: Vec<_> =
+        rows.iter().filter(|r| !config.identities.iter().any(|id| id.name.as_str() == r.identity)).collect();
+    let mut fine = 0;
+    for row in &others {
+        match crate::ops::trouble(row, now.unix_timestamp()) {
+            Some(why) => {
+                report.error(format!("identity {}", row.identity), why, "see `ca status` and the log of `ca serve`")
+            }
+            None => fine += 1,
+        }
+    }
+    if fine > 0 {
+        report.ok(
+            "identities",
+            format!("{fine} more scheduled identities renewed on time (the CA's own, discovered containers)"),
+        );
+    }
 }
 
 fn store_fix(config: &ServeConfig) -> String {

@@ -486,6 +486,10 @@ struct InspectArgs {
 }
 
 fn main() -> ExitCode {
+    // The image holds one binary: `/sidecar` is a link to `/ca`.
+    if std::env::args_os().next().is_some_and(|arg0| Path::new(&arg0).file_name() == Some("sidecar".as_ref())) {
+        return lanyard_sidecar::command::main();
+    }
     lanyard_sidecar::install_crypto_provider();
     let cli: Cli = match cli::parse_args() {
         Ok(cli) => cli,

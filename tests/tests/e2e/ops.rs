@@ -275,6 +275,17 @@ fn bash_completes_ca_subcommands() {
     assert_eq!(offered, ["init", "inject", "inspect", "intermediate", "issue"], "{}", text(&out.stderr));
 }
 
+#[test]
+fn man_pages_cover_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    run_ok(ca().arg("man").arg(dir.path()));
+    run_ok(Command::new(bin("sidecar")).arg("man").arg(dir.path()));
+    for page in ["ca.1", "ca-doctor.1", "ca-root-rotate-finish.1", "sidecar.1", "sidecar-run.1"] {
+        let roff = std::fs::read_to_string(dir.path().join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(roff.contains(".TH ") && roff.contains(".SH OPTIONS"), "{page}:\n{roff}");
+    }
+}
+
 /// Metric names in PromQL text: identifiers that start with `lanyard_`.
 fn metric_names(promql: &str, into: &mut Vec<String>) {
     let mut rest = promql;
