@@ -476,14 +476,14 @@ async fn sidecar(
 async fn acme_directories(config: &ServeConfig, store: Option<&Arc<dyn Store>>, report: &mut Report) {
     let mut urls: Vec<String> = config.public.iter().map(|p| p.directory()).collect();
     if let Some(store) = store {
-        let acme = crate::serve::acme::Acme::new(store.clone(), config.acme.clone(), config.state_dir());
-        urls.extend(acme.list().unwrap_or_default().into_iter().map(|c| c.acme_directory_url));
+        let certs = crate::acme::PublicCerts::new(store.clone()).scan().unwrap_or_default();
+        urls.extend(certs.into_iter().flatten().map(|c| c.acme_directory_url));
     }
     urls.sort();
     urls.dedup();
     for url in urls {
         let subject = format!("acme {url}");
-        match crate::serve::acme::probe_directory(&config.acme, &url, ANSWER_WITHIN).await {
+        match crate::acme::probe_directory(&config.acme, &url, ANSWER_WITHIN).await {
             Ok(()) => report.ok(subject, "the directory answers"),
             Err(e) => report.error(subject, e, "check the URL, `directory_roots`, and the network to the ACME server"),
         }

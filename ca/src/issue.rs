@@ -46,7 +46,7 @@ pub struct LeafRequest {
     pub ips: Vec<IpAddr>,
     /// SPIFFE ID; `None` means `spiffe://<trust-domain>/<name>`.
     pub spiffe: Option<SpiffeId>,
-    /// Lifetime.
+    /// How long the leaf lives (before backdating); renewed at 2/3 of it.
     pub ttl: Span,
     /// Key source.
     pub key: KeySource,

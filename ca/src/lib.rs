@@ -1,6 +1,7 @@
 //! Lanyard's control plane: a private CA (root + intermediate) that issues
 //! short-lived service certificates into cert dirs.
 
+pub mod acme;
 pub mod authority;
 pub mod compose;
 pub mod doctor;

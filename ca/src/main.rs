@@ -596,8 +596,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
             };
-            let acme = lanyard_ca::serve::acme::Acme::new(authority.store().clone(), Default::default(), dir);
-            let cert = acme.upload(&a.name, &read(&a.cert)?, &read(&a.key)?)?;
+            let certs = lanyard_ca::acme::PublicCerts::new(authority.store().clone());
+            let cert = certs.upload(dir, &a.name, &read(&a.cert)?, &read(&a.key)?)?;
             eprintln!(
                 "uploaded {} ({}) valid until {} into {}",
                 cert.cert_name,
@@ -868,9 +868,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 stdout(&status_table(&rows, now));
-                let acme =
-                    lanyard_ca::serve::acme::Acme::new(authority.store().clone(), Default::default(), a.state.dir()?);
-                stdout(&lanyard_ca::ops::public_table(&acme.list()?, now));
+                let certs = lanyard_ca::acme::PublicCerts::new(authority.store().clone());
+                stdout(&lanyard_ca::ops::public_table(&certs.list()?, now));
             }
         }
         Command::Check(a) => {

@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use crate::authority::Authority;
 use crate::issue::{KeySource, LeafRequest};
 use crate::keys::KeyType;
-use crate::serve::api::ADMIN_NAME;
+use crate::state::ADMIN_NAME;
 use crate::state::{write_file, CaState, InitOptions};
 use crate::store::{Dump, ScheduleRow, SqliteStore, Store, StoreSpec, DB_FILE};
 use crate::token::secret_hash;
@@ -62,7 +62,7 @@ pub fn admin_request(
 
 /// `ca status`, public part: one line per ACME or uploaded certificate with
 /// its last error and next attempt. Empty when there are none.
-pub fn public_table(certs: &[crate::serve::acme::PublicCert], now: i64) -> String {
+pub fn public_table(certs: &[crate::acme::PublicCert], now: i64) -> String {
     if certs.is_empty() {
         return String::new();
     }

@@ -86,6 +86,9 @@ pub fn backdate_for(ttl: std::time::Duration) -> Duration {
 /// The trust domain used when none is given.
 pub const DEFAULT_TRUST_DOMAIN: &str = "lanyard.internal";
 
+/// The identity name of the admin certificate `ca init` creates.
+pub const ADMIN_NAME: &str = "lanyard-admin";
+
 /// `ca.json`: what the CA was created with.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaMeta {

@@ -101,7 +101,7 @@ fn text_response(status: StatusCode, text: String) -> Response<Body> {
 
 /// A running edge.
 pub struct Edge {
-    /// Settings.
+    /// Its `[[edge]]` table.
     pub config: EdgeConfig,
     /// One store per cert dir.
     pub stores: Vec<Arc<CertStore>>,

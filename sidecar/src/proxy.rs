@@ -93,9 +93,9 @@ struct Target<'a> {
 
 /// One running listener: its settings, metrics and cached TLS config.
 pub struct Listener {
-    /// Settings.
+    /// Its `[[listener]]` table.
     pub config: ListenerConfig,
-    /// Counters.
+    /// Its handshake, connection and byte counters.
     pub metrics: Arc<ListenerMetrics>,
     limits: Limits,
     store: Arc<CertStore>,

@@ -36,7 +36,7 @@ pub enum SidecarError {
         addr: config::HostPort,
         /// Which listener.
         what: String,
-        /// Why.
+        /// The operating system's reason.
         reason: String,
     },
     /// Two listeners claim the same address.

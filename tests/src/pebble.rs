@@ -2,18 +2,6 @@
 
 use super::*;
 
-/// A port on 127.0.0.1 free for both UDP and TCP at the time of asking.
-pub fn free_udp_and_tcp_port() -> u16 {
-    for _ in 0..50 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP port 0");
-        let port = udp.local_addr().expect("UDP local address").port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port on 127.0.0.1 was free for both UDP and TCP in 50 tries");
-}
-
 /// Whether a DNS server answers an A query on UDP 127.0.0.1:`port` within 3 s.
 fn answers_dns(port: u16) -> bool {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP port 0");
@@ -34,7 +22,7 @@ fn answers_dns(port: u16) -> bool {
 /// port's holder), so that case is detected and retried on other ports.
 fn start_challtestsrv(work: &Path) -> (u16, u16, ChildGuard) {
     for attempt in 1..=5 {
-        let (dns, dns_mgmt) = (free_udp_and_tcp_port(), free_port());
+        let (dns, dns_mgmt) = (free_port(), free_port());
         let dns_log = work.join(format!("challtestsrv-{attempt}.log"));
         let mut cts = Command::new(peer("pebble-challtestsrv"));
         cts.args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", "", "-http01", "", "-https01", "", "-tlsalpn01", ""])

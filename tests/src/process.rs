@@ -137,9 +137,24 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A port on loopback that was free a moment ago.
+/// A loopback port for a server the test is about to start. It lies below
+/// the kernel's ephemeral range (32768-60999), so no outgoing connection
+/// takes it as its source port meanwhile, and below the compose tests'
+/// published ports (20000 on); no port is handed out twice in one test
+/// process, and it was free on TCP and UDP a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind port 0").port()
+    const FIRST: u32 = 10_000;
+    const COUNT: u32 = 10_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id() % COUNT;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + n) % COUNT).expect("below 20000");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port left in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.

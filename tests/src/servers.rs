@@ -135,6 +135,11 @@ impl CaServer {
         self.guard.id()
     }
 
+    /// The child handle.
+    pub fn child(&mut self) -> &mut Child {
+        self.guard.child()
+    }
+
     /// `https://localhost:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.https_port)

@@ -31,6 +31,7 @@ use time::OffsetDateTime;
 use crate::issue::{KeySource, LeafRequest};
 use crate::keys::KeyType;
 use crate::serve::Service;
+use crate::state::ADMIN_NAME;
 use crate::store::TokenRefusal;
 use crate::CaError;
 
@@ -39,9 +40,6 @@ const OPENAPI: &str = include_str!("../../openapi.yaml");
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
-
-/// The identity name of the admin certificate `ca init` creates.
-pub const ADMIN_NAME: &str = "lanyard-admin";
 
 type Reply = Response<Full<Bytes>>;
 
@@ -144,14 +142,15 @@ struct UploadPublic {
     key: String,
 }
 
-fn public_reply(result: Result<serde_json::Value, crate::serve::acme::PublicError>, ok: StatusCode) -> Reply {
-    use crate::serve::acme::PublicError;
+fn public_reply(result: Result<serde_json::Value, crate::acme::PublicError>, ok: StatusCode) -> Reply {
+    use crate::acme::PublicError;
     match result {
         Ok(v) => json_reply(ok, v),
         Err(e @ PublicError::Unknown(_)) => error(StatusCode::NOT_FOUND, e),
         Err(e @ PublicError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e),
         Err(e @ PublicError::Exists(_)) => error(StatusCode::CONFLICT, e),
         Err(e @ PublicError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e @ PublicError::Corrupt { .. }) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -161,7 +160,7 @@ fn to_json<T: serde::Serialize>(v: T) -> serde_json::Value {
 
 /// `/certificates...`: public certificates, for the admin only.
 fn public_certificates(svc: &Service, method: &Method, rest: &str, body: &[u8]) -> Reply {
-    use crate::serve::acme::PublicError;
+    use crate::acme::PublicError;
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
     let not_found = |name: &str| Err::<serde_json::Value, _>(PublicError::Unknown(name.to_owned()));
     match (method, parts.as_slice()) {

@@ -87,10 +87,10 @@ pub struct ServeConfig {
     pub docker: DockerConfig,
     /// Public certificates from ACME.
     #[serde(default)]
-    pub public: Vec<super::acme::PublicConfig>,
+    pub public: Vec<crate::acme::PublicConfig>,
     /// ACME settings.
     #[serde(default)]
-    pub acme: super::acme::AcmeSettings,
+    pub acme: crate::acme::AcmeSettings,
     /// Where the store lives: `sqlite` (the default, `STATE/lanyard.db`) or
     /// `redis://HOST:PORT[/DB]` / `rediss://…` for replicas sharing one
     /// state (`REDIS_URL` overrides).

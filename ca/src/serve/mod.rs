@@ -3,15 +3,12 @@
 //! to itself and rotates like any other, through the sidecar's reloading TLS
 //! code), and answers plain HTTP with a redirect.
 
-pub mod acme;
 pub mod api;
 pub mod config;
 pub mod docker;
-pub mod domain;
 pub mod leader;
 pub mod metrics;
 pub mod own;
-pub mod rfc2136;
 pub mod schedule;
 pub mod sidecars;
 
@@ -49,10 +46,10 @@ pub struct Service {
     pub authority: Arc<Authority>,
     /// The rotation loop.
     pub scheduler: Arc<Scheduler>,
-    /// Counters.
+    /// Issuance, renewal and listener counters behind `/metrics`.
     pub metrics: Arc<CaMetrics>,
     /// Public certificates from ACME.
-    pub acme: Arc<acme::Acme>,
+    pub acme: Arc<crate::acme::Acme>,
     /// Who leads among the replicas sharing the store.
     pub leader: leader::Leader,
     /// This replica's API certificate and admin credential.
@@ -105,9 +102,9 @@ pub struct CaCertHealth {
 /// One public certificate in `/health`.
 #[derive(Debug, Serialize)]
 pub struct PublicHealth {
-    /// Name.
+    /// The certificate's name, as in `/certificates/{name}`.
     pub cert_name: String,
-    /// `pending`, `valid`, `failed` or `uploaded`.
+    /// `pending`, `valid`, `failed` or `uploaded`; `corrupt` for a document that does not parse.
     pub status: String,
     /// notAfter of the served certificate.
     pub expires_at: Option<String>,
@@ -163,16 +160,29 @@ impl Service {
         let redis = (backend == "redis").then_some(if store == "healthy" { "healthy" } else { "unhealthy" });
         let public = self
             .acme
-            .list()
+            .scan()
             .unwrap_or_default()
             .into_iter()
-            .map(|c| PublicHealth {
-                next_attempt: OffsetDateTime::from_unix_timestamp(c.next_attempt).ok().map(rfc3339),
-                cert_name: c.cert_name,
-                status: c.status,
-                expires_at: c.expires_at,
-                last_error: c.last_error,
-                held_back: c.held_back,
+            .map(|scanned| match scanned {
+                Ok(c) => PublicHealth {
+                    next_attempt: OffsetDateTime::from_unix_timestamp(c.next_attempt).ok().map(rfc3339),
+                    cert_name: c.cert_name,
+                    status: c.status.as_str().to_owned(),
+                    expires_at: c.expires_at,
+                    last_error: c.last_error,
+                    held_back: c.held_back,
+                },
+                Err(e) => PublicHealth {
+                    cert_name: match &e {
+                        crate::acme::PublicError::Corrupt { name, .. } => name.clone(),
+                        _ => String::new(),
+                    },
+                    status: "corrupt".into(),
+                    next_attempt: None,
+                    expires_at: None,
+                    last_error: Some(e.to_string()),
+                    held_back: None,
+                },
             })
             .collect();
         Health {
@@ -402,9 +412,9 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     let http = bind(config.http_listen, "http_listen").await?;
     tracing::info!(https = %config.https_listen, http = %config.http_listen, state = %dir.display(), "ca serve listening");
     let https_port = config.https_listen.port();
-    let acme = acme::Acme::new(authority.store().clone(), config.acme.clone(), &dir);
+    let acme = crate::acme::Acme::new(authority.store().clone(), config.acme.clone(), &dir);
     acme.reconcile(&config.public).map_err(|e| CaError::Config { origin: "[[public]]".into(), what: e.to_string() })?;
-    tokio::spawn(acme.clone().run(leader.clone(), stop_rx.clone()));
+    let acme_task = tokio::spawn(acme.clone().run(leader.clone(), stop_rx.clone()));
     tokio::spawn(sidecars::poll_during_rotation(authority.clone(), known_sidecars, stop_rx.clone()));
     let service =
         Arc::new(Service { authority, scheduler, metrics, acme, leader, own, leaf_ttl: config.leaf_ttl, api_certs });
@@ -414,7 +424,8 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     shutdown.await;
     tracing::info!("ca serve shutting down: no new connections, draining open ones");
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(https, http);
+    // The ACME loop gives up an order in flight and removes its answers.
+    let _ = tokio::join!(https, http, acme_task);
     let _ = sched_task.await;
     Ok(())
 }

@@ -463,3 +463,118 @@ pub fn sans_of(leaf: &CertInfo) -> String {
     let ips = leaf.ips.iter().map(|i| format!("IP:{i}"));
     uris.chain(dns).chain(ips).collect::<Vec<_>>().join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::issue::KeySource;
+    use crate::keys::KeyType;
+    use crate::state::{CaState, InitOptions, INTERMEDIATE_LIFETIME};
+    use crate::store::{SqliteStore, Store};
+
+    /// A CA in `dir` and a scheduler that leads (SQLite's lease is always
+    /// this replica's).
+    fn scheduler(dir: &std::path::Path) -> (Arc<Scheduler>, Fence) {
+        let opts = InitOptions {
+            trust_domain: "td.test".parse().unwrap(),
+            permit_dns: Vec::new(),
+            offline_root: false,
+            force: false,
+            intermediate_lifetime: INTERMEDIATE_LIFETIME,
+        };
+        CaState::init(dir, &opts).unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir).unwrap());
+        let token = store.lease("test", std::time::Duration::from_secs(60)).unwrap().unwrap();
+        let fence = Fence { holder: "test".into(), token };
+        let authority = Arc::new(Authority::open_with(dir, store).unwrap());
+        let leader = Leader::fixed(Some(fence.clone()));
+        (Scheduler::new(authority, Arc::default(), leader).unwrap(), fence)
+    }
+
+    fn managed(name: &str, out_dir: &std::path::Path, ttl: &str) -> Managed {
+        Managed {
+            request: LeafRequest {
+                name: name.parse().unwrap(),
+                dns: None,
+                ips: Vec::new(),
+                spiffe: None,
+                ttl: ttl.parse().unwrap(),
+                key: KeySource::Generate(KeyType::EcdsaP256),
+            },
+            out_dir: CertDir::new(out_dir),
+        }
+    }
+
+    fn row(s: &Scheduler, name: &str) -> ScheduleRow {
+        s.authority.store().schedule(name).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_new_identity_is_due_now_and_renewed_at_two_thirds_of_its_life() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (s, fence) = scheduler(&tmp.path().join("state"));
+        let before = OffsetDateTime::now_utc().unix_timestamp();
+        s.upsert(managed("api", &tmp.path().join("api"), "1h")).unwrap();
+        let planned = row(&s, "api");
+        assert!(planned.serial.is_none() && (before..=before + 1).contains(&planned.next_renewal), "{planned:?}");
+
+        s.run_due(&fence);
+        let issued = row(&s, "api");
+        let leaf = CertDir::new(tmp.path().join("api")).load(OffsetDateTime::now_utc()).unwrap().leaf;
+        assert_eq!(issued.serial.as_deref(), Some(leaf.serial.as_str()));
+        // At 2/3 of the life, less up to 5 % of it (jitter, so a fleet
+        // issued at once does not renew at once).
+        let life = (leaf.not_after - leaf.not_before).whole_seconds();
+        let at = issued.next_renewal - leaf.not_before.unix_timestamp();
+        assert!((life * 2 / 3 - life / 20 - 1..=life * 2 / 3 + 1).contains(&at), "renews at {at} s of {life} s");
+        assert_eq!((issued.failures, issued.last_error.as_deref()), (0, None));
+
+        // Not due: nothing changes.
+        s.run_due(&fence);
+        assert_eq!(row(&s, "api"), issued);
+    }
+
+    #[test]
+    fn a_restart_keeps_a_served_certificate_and_its_plan() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let (s, fence) = scheduler(&state);
+        s.upsert(managed("api", &tmp.path().join("api"), "1h")).unwrap();
+        s.run_due(&fence);
+        let served = row(&s, "api");
+        drop(s);
+        // A new scheduler over the same store and cert dir plans the same
+        // renewal rather than issuing again.
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&state).unwrap());
+        let authority = Arc::new(Authority::open_with(&state, store).unwrap());
+        let again = Scheduler::new(authority, Arc::default(), Leader::fixed(Some(fence))).unwrap();
+        again.upsert(managed("api", &tmp.path().join("api"), "1h")).unwrap();
+        assert_eq!(row(&again, "api"), served);
+        // A cert dir that lacks the identity's names is issued again now.
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut renamed = managed("api", &tmp.path().join("api"), "1h");
+        renamed.request.dns = Some(vec!["api".parse().unwrap(), "api.td.test".parse().unwrap()]);
+        again.upsert(renamed).unwrap();
+        assert!(row(&again, "api").next_renewal <= now + 1);
+    }
+
+    #[test]
+    fn a_failed_rotation_is_counted_backed_off_and_keeps_the_served_set() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (s, fence) = scheduler(&tmp.path().join("state"));
+        // The cert dir's parent is a file: every write fails.
+        std::fs::write(tmp.path().join("blocked"), "").unwrap();
+        s.upsert(managed("api", &tmp.path().join("blocked/api"), "1h")).unwrap();
+        let started = OffsetDateTime::now_utc().unix_timestamp();
+        s.run_due(&fence);
+        let first = row(&s, "api");
+        assert_eq!(first.failures, 1);
+        assert!(first.last_error.as_deref().is_some_and(|e| e.contains("blocked")), "{first:?}");
+        // The first retry waits about 2 s (1 << 1, with ±10 % jitter).
+        assert!((started + 1..=started + 3).contains(&first.next_renewal), "{first:?}");
+        assert!(s.metrics.render(&[]).contains("lanyard_ca_renewed_total{result=\"failure\"} 1"));
+        // Not due yet: no second attempt.
+        s.run_due(&fence);
+        assert_eq!(row(&s, "api").failures, 1);
+    }
+}

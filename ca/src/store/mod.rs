@@ -163,7 +163,7 @@ pub struct Dump {
     pub tokens: Vec<TokenRecord>,
     /// The renewal schedule.
     pub schedules: Vec<ScheduleRow>,
-    /// Documents.
+    /// Every JSON document (public certificates, accounts, credentials...).
     pub docs: Vec<DocRecord>,
 }
 

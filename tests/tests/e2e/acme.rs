@@ -484,6 +484,39 @@ fn dns01_wildcard_through_rfc2136_updates_to_bind() {
     assert_eq!(bind.txt("_acme-challenge.example.test"), "", "the challenge records are removed afterwards");
 }
 
+/// SIGTERM while an order waits on validation: `ca serve` gives the order
+/// up, removes the TXT record it published from the real BIND, and exits 0.
+#[test]
+fn stopping_mid_order_removes_the_dns01_records() {
+    let pki = Pki::new(&[]);
+    let (ca_http, tls_alpn) = (free_port(), free_port());
+    let bind = Bind::start(pki.tmp.path());
+    // Pebble validates through a resolver that never answers: the order
+    // waits on validation until the CA stops.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut pebble = Pebble::start(pki.tmp.path(), ca_http, tls_alpn, 3600, &[("PEBBLE_AUTHZREUSE", "0")]);
+    pebble.use_resolver(silent.local_addr().unwrap().port());
+    let dns = format!(
+        "[acme.dns]\nserver = \"127.0.0.1:{}\"\ntsig_key_name = \"acme-key\"\ntsig_secret = \"{}\"\n",
+        bind.port, bind.secret
+    );
+    let public = public_entry("slow", &["slow.example.test"], "dns-01", &pebble);
+    let mut server = ca_with_acme(&pki, &pebble, ca_http, tls_alpn, &dns, &public);
+    let record = "_acme-challenge.slow.example.test";
+    poll_until(Duration::from_secs(30), Duration::from_millis(100), "the TXT record published", || {
+        !bind.txt(record).is_empty()
+    });
+    run_ok(Command::new("kill").args(["-TERM", &server.pid().to_string()]));
+    let mut status = None;
+    wait_until(Duration::from_secs(20), "ca serve to exit", || {
+        status = server.child().try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "{}", server.log_text());
+    assert_eq!(bind.txt(record), "", "the record outlived the order:\n{}", server.log_text());
+    assert!(server.log_text().contains("order given up"), "{}", server.log_text());
+}
+
 #[test]
 fn external_account_binding_is_used_when_configured() {
     let pki = Pki::new(&[]);
