@@ -646,7 +646,8 @@ fn a_hundred_services_come_up_and_reach_their_callees() {
     std::fs::write(&input, yaml).unwrap();
     let file = tmp.path().join("lanyard.yml");
     let out = run_ok(ca().arg("inject").arg(&input).arg("-o").arg(&file).args(["--image", &format!("lanyard:{TAG}")]));
-    assert!(text(&out.stderr).contains("COMPOSE_PARALLEL_LIMIT=402"), "{}", text(&out.stderr));
+    // 202 services: 100 apps, 100 sidecars, the CA and lanyard-volumes.
+    assert!(text(&out.stderr).contains("COMPOSE_PARALLEL_LIMIT=404"), "{}", text(&out.stderr));
     let injected = std::fs::read_to_string(&file).unwrap();
     let subnets = injected.matches("subnet: \"10.215.").count();
     assert_eq!(subnets, N + 1, "one small subnet per private network and the control network");
@@ -656,7 +657,7 @@ fn a_hundred_services_come_up_and_reach_their_callees() {
     // Its API calls time out after 60 s by default, which a busy dockerd
     // creating 200 containers at once can exceed.
     let env = vec![
-        ("COMPOSE_PARALLEL_LIMIT".to_owned(), (4 * N + 2).to_string()),
+        ("COMPOSE_PARALLEL_LIMIT".to_owned(), (4 * N + 4).to_string()),
         ("COMPOSE_HTTP_TIMEOUT".to_owned(), "300".to_owned()),
     ];
     let project = Project { name: format!("lanyardscale{}", std::process::id()), file, env };
