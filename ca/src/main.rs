@@ -30,9 +30,8 @@ use time::OffsetDateTime;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log (`ca serve`) as text or as one JSON object per line.
-    #[arg(long, global = true, env = "LANYARD_LOG_FORMAT", value_enum, default_value_t)]
-    log_format: cli::LogFormat,
+    #[command(flatten)]
+    log: cli::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -568,7 +567,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve(a) => {
             let config = a.load()?;
-            cli::init_logging(cli.log_format);
+            cli::init_logging(cli.log.log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(lanyard_ca::serve::run(config, cli::shutdown_signal()))?;
         }

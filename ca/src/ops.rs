@@ -332,13 +332,7 @@ pub fn swarm_secrets(
     let mut said = Vec::new();
     let store = crate::store::open(&StoreSpec::Sqlite, state, None)?;
     if !state.join(crate::state::META_FILE).exists() {
-        let opts = InitOptions {
-            trust_domain: trust_domain.clone(),
-            permit_dns: Vec::new(),
-            offline_root: false,
-            force: false,
-            intermediate_lifetime: crate::state::INTERMEDIATE_LIFETIME,
-        };
+        let opts = InitOptions::new(trust_domain.clone());
         init_ca(state, &opts, store.clone())?;
         said.push(format!("created a CA for {trust_domain} in {}", state.display()));
     }

@@ -327,18 +327,11 @@ fn short(fingerprint: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{InitOptions, INTERMEDIATE_LIFETIME};
+    use crate::state::InitOptions;
     use crate::store::SqliteStore;
 
     fn ca(dir: &Path) -> CaState {
-        let opts = InitOptions {
-            trust_domain: "td.test".parse().unwrap(),
-            permit_dns: Vec::new(),
-            offline_root: false,
-            force: false,
-            intermediate_lifetime: INTERMEDIATE_LIFETIME,
-        };
-        CaState::init(dir, &opts).unwrap().0
+        CaState::init(dir, &InitOptions::new("td.test".parse().unwrap())).unwrap().0
     }
 
     fn rec(serial: &str, identity: &str, root: &str, not_after: i64) -> IssuedRecord {

@@ -117,6 +117,20 @@ pub struct InitOptions {
     pub intermediate_lifetime: Duration,
 }
 
+impl InitOptions {
+    /// A new CA for `trust_domain` with the defaults: no name constraints,
+    /// the root key online, the default intermediate lifetime.
+    pub fn new(trust_domain: TrustDomain) -> Self {
+        Self {
+            trust_domain,
+            permit_dns: Vec::new(),
+            offline_root: false,
+            force: false,
+            intermediate_lifetime: INTERMEDIATE_LIFETIME,
+        }
+    }
+}
+
 /// A loaded, usable CA.
 pub struct CaState {
     dir: PathBuf,

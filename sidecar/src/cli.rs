@@ -10,7 +10,12 @@ pub fn parse_args<C: clap::Parser>() -> Result<C, ExitCode> {
         Ok(cli) => Ok(cli),
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            eprintln!("{}", e.to_string().lines().next().unwrap_or("error: invalid arguments"));
+            let first = e.to_string().lines().next().unwrap_or("error: invalid arguments").to_owned();
+            let valid = match e.get(clap::error::ContextKind::ValidValue) {
+                Some(clap::error::ContextValue::Strings(values)) => format!(" (give one of: {})", values.join(", ")),
+                _ => String::new(),
+            };
+            eprintln!("{first}{valid}");
             Err(ExitCode::from(2))
         }
     }
@@ -26,6 +31,14 @@ pub enum LogFormat {
     /// fields (`message`, `event`, `identity`, `serial`, ...) at the top level,
     /// and the enclosing spans' fields.
     Json,
+}
+
+/// `--log-format`, for both binaries' command lines.
+#[derive(clap::Args)]
+pub struct LogArgs {
+    /// Log (`ca serve`, `sidecar run`) as text or as one JSON object per line.
+    #[arg(long, global = true, env = "LANYARD_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
 }
 
 /// Logs to stderr at `RUST_LOG` (default `info`) in `format`.

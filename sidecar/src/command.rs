@@ -20,9 +20,8 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log as text or as one JSON object per line.
-    #[arg(long, global = true, env = "LANYARD_LOG_FORMAT", value_enum, default_value_t)]
-    log_format: cli::LogFormat,
+    #[command(flatten)]
+    log: cli::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -140,7 +139,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             let args = *args;
-            cli::init_logging(cli.log_format);
+            cli::init_logging(cli.log.log_format);
             let config = match config_from(args) {
                 Ok(c) => c,
                 Err(e) => {

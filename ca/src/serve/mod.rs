@@ -251,13 +251,7 @@ fn ensure_ca(
         }
     }
     let created = if !dir.join(crate::state::META_FILE).exists() {
-        let opts = crate::state::InitOptions {
-            trust_domain: trust_domain.clone(),
-            permit_dns: Vec::new(),
-            offline_root: false,
-            force: false,
-            intermediate_lifetime: crate::state::INTERMEDIATE_LIFETIME,
-        };
+        let opts = crate::state::InitOptions::new(trust_domain.clone());
         let made = crate::ops::init_ca(dir, &opts, store.clone());
         let _ = std::fs::remove_file(&lock);
         let (ca, _) = made?;

@@ -469,20 +469,13 @@ mod tests {
     use super::*;
     use crate::issue::KeySource;
     use crate::keys::KeyType;
-    use crate::state::{CaState, InitOptions, INTERMEDIATE_LIFETIME};
+    use crate::state::{CaState, InitOptions};
     use crate::store::{SqliteStore, Store};
 
     /// A CA in `dir` and a scheduler that leads (SQLite's lease is always
     /// this replica's).
     fn scheduler(dir: &std::path::Path) -> (Arc<Scheduler>, Fence) {
-        let opts = InitOptions {
-            trust_domain: "td.test".parse().unwrap(),
-            permit_dns: Vec::new(),
-            offline_root: false,
-            force: false,
-            intermediate_lifetime: INTERMEDIATE_LIFETIME,
-        };
-        CaState::init(dir, &opts).unwrap();
+        CaState::init(dir, &InitOptions::new("td.test".parse().unwrap())).unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir).unwrap());
         let token = store.lease("test", std::time::Duration::from_secs(60)).unwrap().unwrap();
         let fence = Fence { holder: "test".into(), token };
