@@ -151,7 +151,9 @@ pub async fn diagnose(config: &ServeConfig, now: OffsetDateTime) -> Report {
             None
         }
     };
-    ca_service(config, &ca, now, &mut report).await;
+    // The roots every TLS check here trusts: the CA's current bundle.
+    let roots = lanyard_sidecar::certdir::parse_certs(dir, ca.bundle_pem().as_bytes()).unwrap_or_default();
+    ca_service(config, &roots, now, &mut report).await;
     for id in &config.identities {
         cert_dir(id.name.as_str(), &CertDir::new(&id.out_dir), &ca, store.as_deref(), now, &mut report);
     }
@@ -160,7 +162,6 @@ pub async fn diagnose(config: &ServeConfig, now: OffsetDateTime) -> Report {
     }
     match crate::serve::known_sidecars(config, ca.trust_domain()) {
         Ok(known) => {
-            let roots = lanyard_sidecar::certdir::parse_certs(dir, ca.bundle_pem().as_bytes()).unwrap_or_default();
             for s in &known {
                 sidecar(s, config, &roots, now, &mut report).await;
             }
@@ -263,13 +264,13 @@ fn collect_keys(dir: &Path, depth: u8, out: &mut Vec<std::path::PathBuf>) {
 }
 
 /// `ca serve` answers `/health` on its API, with a clock close to ours.
-async fn ca_service(config: &ServeConfig, ca: &CaState, now: OffsetDateTime, report: &mut Report) {
+async fn ca_service(config: &ServeConfig, roots: &[CertificateDer<'static>], now: OffsetDateTime, report: &mut Report) {
     let mut addr = config.https_listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let subject = "ca serve";
-    let tls = match client_config(ca) {
+    let tls = match client_config(roots) {
         Ok(tls) => tls,
         Err(e) => return report.error(subject, e, "check the state's root.pem"),
     };
@@ -291,12 +292,12 @@ async fn ca_service(config: &ServeConfig, ca: &CaState, now: OffsetDateTime, rep
     }
 }
 
-fn client_config(ca: &CaState) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for der in lanyard_sidecar::certdir::parse_certs(ca.dir(), ca.bundle_pem().as_bytes()).map_err(|e| e.to_string())? {
-        roots.add(der).map_err(|e| e.to_string())?;
+fn client_config(roots: &[CertificateDer<'static>]) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut store = rustls::RootCertStore::empty();
+    for der in roots {
+        store.add(der.clone()).map_err(|e| e.to_string())?;
     }
-    lanyard_sidecar::tls::client_config_with(roots, &lanyard_sidecar::tls::ServerCheck::ChainOnly, None)
+    lanyard_sidecar::tls::client_config_with(store, &lanyard_sidecar::tls::ServerCheck::ChainOnly, None)
         .map(Arc::new)
         .map_err(|e| e.to_string())
 }

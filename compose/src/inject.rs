@@ -1371,8 +1371,6 @@ struct PublicToml {
     out_dir: String,
 }
 
-/// The Redis service of `store: redis`: AOF on (fsync every second), its
-/// data in a volume, reachable only on the control network.
 /// Runs once before the CA: a new named volume is owned by root (Docker
 /// copies ownership only onto paths the image has, and the cert dirs'
 /// paths are the fleet's), so this gives every volume the CA writes to
@@ -1401,10 +1399,13 @@ fn volumes_service(defaults: &Defaults, ca: &Value) -> Value {
     service.insert("cap_drop".into(), strings(["ALL"]));
     service.insert("cap_add".into(), strings(["CHOWN", "DAC_READ_SEARCH"]));
     service.insert("security_opt".into(), strings(["no-new-privileges:true"]));
+    // It runs once, to completion.
     service.insert("restart".into(), "no".into());
     Value::Mapping(service)
 }
 
+/// The Redis service of `store: redis`: AOF on (fsync every second), its
+/// data in a volume, reachable only on the control network.
 fn redis_service(defaults: &Defaults) -> Value {
     let mut redis = Mapping::new();
     redis.insert("image".into(), defaults.redis_image.clone().into());
@@ -1504,10 +1505,9 @@ fn ca_service(
         identities.clear();
         volumes = vec![];
     }
-    let state = "/state";
     let config = CaToml {
         trust_domain: defaults.trust_domain.as_str().to_owned(),
-        state,
+        state: "/state",
         https_listen: format!("0.0.0.0:{CA_API_PORT}"),
         store,
         swarm: swarm_settings,
@@ -1557,7 +1557,7 @@ fn ca_service(
         ca.insert("extra_hosts".into(), strings(["host.docker.internal:host-gateway"]));
     }
     let url = format!("https://127.0.0.1:{CA_API_PORT}/health");
-    ca.insert("healthcheck".into(), https_healthcheck(&format!("{state}/api"), url, compose.services.len()));
+    ca.insert("healthcheck".into(), https_healthcheck("/state/api", url, compose.services.len()));
     hardening(&mut ca);
     Ok(Value::Mapping(ca))
 }

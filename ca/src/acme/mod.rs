@@ -70,7 +70,7 @@ pub struct Acme {
     unrecorded: Mutex<HashMap<String, i64>>,
     /// Orders that ended with a certificate, and orders that failed.
     orders: [std::sync::atomic::AtomicU64; 2],
-    /// Corrupt documents already logged, so each is logged once.
+    /// Corrupt documents already logged (by their error), so each is logged once.
     corrupt: Mutex<HashSet<String>>,
 }
 
@@ -179,14 +179,12 @@ impl Acme {
         for scanned in self.certs.scan()? {
             match scanned {
                 Ok(cert) => certs.push(cert),
-                Err(e @ PublicError::Corrupt { .. }) => {
-                    if let PublicError::Corrupt { name, .. } = &e {
-                        if corrupt.insert(name.clone()) {
-                            tracing::error!(identity = %name, "{e}; it is not ordered until then");
-                        }
+                // The message names the document and what is wrong with it.
+                Err(e) => {
+                    if corrupt.insert(e.to_string()) {
+                        tracing::error!("{e}; it is not ordered until then");
                     }
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(certs)
