@@ -65,7 +65,7 @@ pub struct Admin {
     listeners: Vec<Arc<Listener>>,
     edges: Vec<Arc<crate::edge::Edge>>,
     /// The sidecar's certificate, as served here.
-    tls: HttpsConfig,
+    tls: Arc<HttpsConfig>,
     /// Served before the first valid certificate.
     fallback: Arc<rustls::ServerConfig>,
     /// Its own connection counters (not rendered: they are not traffic).
@@ -80,7 +80,7 @@ impl Admin {
         edges: Vec<Arc<crate::edge::Edge>>,
     ) -> Result<Self, tls::TlsConfigError> {
         Ok(Self {
-            tls: HttpsConfig::new(store.clone()),
+            tls: HttpsConfig::new(&store),
             store,
             listeners,
             edges,
@@ -210,7 +210,8 @@ impl Admin {
         header(&mut out, &format!("{p}_cert_loaded"), "gauge", "1 once a valid certificate is served.");
         let _ = writeln!(out, "{p}_cert_loaded {}", u8::from(self.store.current().is_some()));
         let listeners = self.listeners.iter().map(|l| (l.config.name.as_str(), &*l.metrics));
-        render_listeners(&mut out, listeners.chain(self.edges.iter().map(|e| (e.metrics_label.as_str(), &*e.metrics))));
+        let edges = self.edges.iter().map(|e| (e.metrics_label.as_str(), &*e.metrics));
+        render_listeners(&mut out, listeners.chain(edges).chain([("admin", &*self.connections)]));
         out
     }
 

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 use crate::certdir::CertDir;
 use crate::config::{EdgeConfig, Limits, Profile};
-use crate::reload::{CertStore, Snapshot};
+use crate::reload::{CertStore, Prebuild, Snapshot};
 use crate::serving::{authority_host, Gate, Session};
 use crate::tls::{self, TlsConfigError};
 
@@ -48,19 +48,25 @@ const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 /// Picks the certificate whose DNS names match the SNI name.
 #[derive(Debug)]
 struct SniResolver {
-    stores: Vec<Arc<CertStore>>,
-    keys: Vec<ArcSwapOption<(u64, Arc<CertifiedKey>)>>,
+    /// One per cert dir, in the config's order.
+    keys: Vec<Arc<ServedKey>>,
     fallback: Arc<CertifiedKey>,
 }
 
-impl SniResolver {
-    fn key(&self, i: usize, snapshot: &Snapshot) -> Option<Arc<CertifiedKey>> {
-        if let Some(k) = self.keys[i].load_full().filter(|k| k.0 == snapshot.generation) {
-            return Some(k.1.clone());
+/// A cert dir's certified key with the snapshot it came from, built by the
+/// reload that published the snapshot.
+#[derive(Debug)]
+struct ServedKey {
+    dir: std::path::PathBuf,
+    built: ArcSwapOption<(Arc<Snapshot>, Arc<CertifiedKey>)>,
+}
+
+impl Prebuild for ServedKey {
+    fn rebuild(&self, snapshot: &Arc<Snapshot>) {
+        match tls::certified_key(snapshot.set.chain.clone(), &snapshot.set.key) {
+            Ok(key) => self.built.store(Some(Arc::new((snapshot.clone(), key)))),
+            Err(e) => tracing::error!(dir = %self.dir.display(), "edge key: {e}; keeping the previous one"),
         }
-        let key = tls::certified_key(snapshot.set.chain.clone(), &snapshot.set.key).ok()?;
-        self.keys[i].store(Some(Arc::new((snapshot.generation, key.clone()))));
-        Some(key)
     }
 }
 
@@ -78,13 +84,13 @@ impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let sni = hello.server_name();
         let mut first = None;
-        for (i, store) in self.stores.iter().enumerate() {
-            let Some(snapshot) = store.current() else { continue };
-            let Some(key) = self.key(i, &snapshot) else { continue };
+        for served in &self.keys {
+            let Some(served) = served.built.load_full() else { continue };
+            let (snapshot, key) = &*served;
             if sni.is_some_and(|n| snapshot.set.leaf.dns.iter().any(|d| name_matches(d, n))) {
-                return Some(key);
+                return Some(key.clone());
             }
-            first.get_or_insert(key);
+            first.get_or_insert_with(|| key.clone());
         }
         Some(first.unwrap_or_else(|| self.fallback.clone()))
     }
@@ -123,11 +129,14 @@ impl Edge {
     pub fn new(config: EdgeConfig) -> Result<Arc<Self>, TlsConfigError> {
         let headers = config.headers.pairs().map_err(TlsConfigError::Verifier)?;
         let stores: Vec<Arc<CertStore>> = config.cert_dirs.iter().map(|d| CertStore::new(CertDir::new(d))).collect();
-        let resolver = SniResolver {
-            keys: stores.iter().map(|_| ArcSwapOption::empty()).collect(),
-            stores: stores.clone(),
-            fallback: tls::fallback_key("lanyard-edge-fallback")?,
-        };
+        let keys: Vec<Arc<ServedKey>> = stores
+            .iter()
+            .map(|s| Arc::new(ServedKey { dir: s.dir().path().to_owned(), built: ArcSwapOption::empty() }))
+            .collect();
+        for (store, key) in stores.iter().zip(&keys) {
+            store.attach(key);
+        }
+        let resolver = SniResolver { keys, fallback: tls::fallback_key("lanyard-edge-fallback")? };
         let versions: &[&rustls::SupportedProtocolVersion] = match config.profile {
             Profile::Intermediate => &[&rustls::version::TLS13, &rustls::version::TLS12],
             Profile::Modern => &[&rustls::version::TLS13],

@@ -11,7 +11,7 @@ use arc_swap::ArcSwapOption;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 
 use crate::certinfo::CertInfo;
@@ -19,7 +19,7 @@ use crate::config::{HostPort, InboundTls, Limits, ListenerConfig, Mode};
 use crate::identity::PeerId;
 use crate::metrics::{ListenerMetrics, Rejection};
 use crate::proxy_protocol;
-use crate::reload::{CertStore, Snapshot};
+use crate::reload::{CertStore, Prebuild, Snapshot};
 use crate::serving::{self, Activity, Metered};
 use crate::tls::{self, ClientAuth, Resumption, ServerCheck};
 use crate::verify::peer_identity;
@@ -59,7 +59,7 @@ pub async fn serve(socket: TcpListener, routes: Routes, mut stop: watch::Receive
     }
     drop(socket);
     for listener in routes.all() {
-        listener.drain().await;
+        listener.gate.drain().await;
     }
 }
 
@@ -74,12 +74,18 @@ const MAX_HEAD: usize = 16 * 1024;
 /// are looked up again.
 const PLAIN_FROM_TTL: Duration = Duration::from_secs(5);
 
-/// TLS configs built for one snapshot generation.
+/// TLS configs built for one snapshot.
 struct Built {
-    generation: u64,
+    snapshot: Arc<Snapshot>,
     server: Option<Arc<rustls::ServerConfig>>,
     /// Outbound: one client config per route, or one for the listener's upstream.
     clients: Vec<Arc<rustls::ClientConfig>>,
+}
+
+impl Prebuild for Listener {
+    fn rebuild(&self, snapshot: &Arc<Snapshot>) {
+        self.built.store(Some(Arc::new(self.build(snapshot))));
+    }
 }
 
 /// Where an outbound connection goes.
@@ -97,13 +103,13 @@ pub struct Listener {
     pub config: ListenerConfig,
     /// Its handshake, connection and byte counters.
     pub metrics: Arc<ListenerMetrics>,
+    /// Its connection cap.
+    gate: Arc<serving::Gate>,
     limits: Limits,
-    store: Arc<CertStore>,
     built: ArcSwapOption<Built>,
     /// Session cache and ticket key, with the CRL they were issued under: a
     /// new CRL starts a new cache so that a revoked client cannot resume.
     resumption: std::sync::Mutex<(Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, Resumption)>,
-    slots: Arc<Semaphore>,
     /// Addresses of the `plain_from` services, and when they were looked up.
     plain_peers: tokio::sync::Mutex<(Option<Instant>, Vec<IpAddr>)>,
 }
@@ -115,30 +121,26 @@ impl Listener {
         limits: Limits,
         store: Arc<CertStore>,
     ) -> Result<Arc<Self>, tls::TlsConfigError> {
-        Ok(Arc::new(Self {
-            slots: Arc::new(Semaphore::new(limits.max_connections)),
+        let metrics = Arc::<ListenerMetrics>::default();
+        let listener = Arc::new(Self {
+            gate: serving::Gate::new(config.name.clone(), limits.clone(), metrics.clone()),
             config,
-            metrics: Arc::default(),
+            metrics,
             limits,
-            store,
             built: ArcSwapOption::empty(),
             resumption: std::sync::Mutex::new((Vec::new(), Resumption::new()?)),
             plain_peers: tokio::sync::Mutex::new((None, Vec::new())),
-        }))
+        });
+        store.attach(&listener);
+        Ok(listener)
     }
 
-    /// The TLS configs for the current snapshot, rebuilt after a reload.
+    /// The TLS configs built by the reload that published the current snapshot.
     fn configs(&self) -> Option<Arc<Built>> {
-        let snapshot = self.store.current()?;
-        if let Some(b) = self.built.load_full().filter(|b| b.generation == snapshot.generation) {
-            return Some(b);
-        }
-        let built = Arc::new(self.build(&snapshot));
-        self.built.store(Some(built.clone()));
-        Some(built)
+        self.built.load_full()
     }
 
-    fn build(&self, snapshot: &Snapshot) -> Built {
+    fn build(&self, snapshot: &Arc<Snapshot>) -> Built {
         let (server, clients) = match self.config.mode {
             Mode::Inbound => {
                 let auth = match self.config.tls {
@@ -182,7 +184,7 @@ impl Listener {
                 (None, clients.map_err(|e| tracing::error!(listener = %self.config.name, "{e}")).unwrap_or_default())
             }
         };
-        Built { generation: snapshot.generation, server, clients }
+        Built { snapshot: snapshot.clone(), server, clients }
     }
 
     fn alpn(&self) -> Vec<Vec<u8>> {
@@ -194,29 +196,16 @@ impl Listener {
 
     /// Handles one accepted connection on its own task, within the connection cap.
     fn accept(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            self.metrics.over_cap.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
+        let Some(admitted) = self.gate.admit(peer) else { return };
         let this = self.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            this.metrics.active.fetch_add(1, Ordering::Relaxed);
+            let _admitted = admitted;
             let _ = tcp.set_nodelay(true);
             match this.config.mode {
                 Mode::Inbound => this.inbound(tcp, peer).await,
                 Mode::Outbound => this.outbound(tcp).await,
             }
-            this.metrics.active.fetch_sub(1, Ordering::Relaxed);
         });
-    }
-
-    /// Waits up to the drain timeout for open connections to finish.
-    async fn drain(&self) {
-        let all = self.limits.max_connections as u32;
-        if timeout(self.limits.drain_timeout.get(), self.slots.acquire_many(all)).await.is_err() {
-            tracing::warn!(listener = %self.config.name, "drain timeout: closing open connections");
-        }
     }
 
     async fn inbound(&self, tcp: TcpStream, peer: std::net::SocketAddr) {
@@ -232,11 +221,8 @@ impl Listener {
                 _ => return,
             }
         }
-        let Some(snapshot) = self.store.current() else {
-            tracing::warn!(listener = %self.config.name, %peer, "refused: no valid certificate loaded yet");
-            return;
-        };
-        let Some(server) = self.configs().and_then(|b| b.server.clone()) else {
+        let Some((snapshot, server)) = self.configs().and_then(|b| Some((b.snapshot.clone(), b.server.clone()?)))
+        else {
             tracing::warn!(listener = %self.config.name, %peer, "refused: no valid certificate loaded yet");
             return;
         };

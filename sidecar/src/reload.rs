@@ -2,7 +2,7 @@
 //! immutable snapshot. A bad set never replaces the last good one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -26,16 +26,35 @@ pub struct Snapshot {
     pub generation: u64,
 }
 
+/// What a listener builds from each snapshot (its TLS configs, a certified
+/// key). The reload that validates a set builds these on its blocking
+/// thread before it publishes the set, so the accept path only loads an
+/// `Arc` and never builds a config.
+pub trait Prebuild: Send + Sync {
+    /// Builds and keeps what `snapshot` needs.
+    fn rebuild(&self, snapshot: &Arc<Snapshot>);
+}
+
 /// Watches one cert dir and publishes validated snapshots.
-#[derive(Debug)]
 pub struct CertStore {
     dir: CertDir,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
     last_raw: Mutex<Option<RawFingerprint>>,
     last_error: Mutex<Option<String>>,
     generation: AtomicU64,
+    /// Rebuilt from every snapshot before it is published.
+    prebuilt: Mutex<Vec<Weak<dyn Prebuild>>>,
     /// Reload counters.
     pub metrics: ReloadMetrics,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("dir", &self.dir)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -61,6 +80,7 @@ impl CertStore {
             last_raw: Mutex::new(None),
             last_error: Mutex::new(None),
             generation: AtomicU64::new(0),
+            prebuilt: Mutex::default(),
             metrics: ReloadMetrics::default(),
         })
     }
@@ -73,6 +93,17 @@ impl CertStore {
     /// The current snapshot, if a valid set was ever loaded.
     pub fn current(&self) -> Option<Arc<Snapshot>> {
         self.tx.borrow().clone()
+    }
+
+    /// Has `built` rebuilt from every snapshot from now on, and at once from
+    /// the current one. It is held weakly: dropping it detaches it.
+    pub fn attach<P: Prebuild + 'static>(&self, built: &Arc<P>) {
+        let mut prebuilt = lock(&self.prebuilt);
+        if let Some(snapshot) = self.current() {
+            built.rebuild(&snapshot);
+        }
+        let weak: Weak<P> = Arc::downgrade(built);
+        prebuilt.push(weak);
     }
 
     /// Why the last reload failed, if it did.
@@ -103,7 +134,12 @@ impl CertStore {
                     event = "reloaded",
                     "loaded certificate"
                 );
-                self.tx.send_replace(Some(Arc::new(Snapshot { set, generation })));
+                let snapshot = Arc::new(Snapshot { set, generation });
+                {
+                    let mut prebuilt = lock(&self.prebuilt);
+                    prebuilt.retain(|b| b.upgrade().inspect(|b| b.rebuild(&snapshot)).is_some());
+                    self.tx.send_replace(Some(snapshot));
+                }
                 *lock(&self.last_raw) = Some(fingerprint);
                 *lock(&self.last_error) = None;
                 self.metrics.ok.fetch_add(1, Ordering::Relaxed);
@@ -205,4 +241,58 @@ fn start_watcher(
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certdir::PemSet;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    /// Notes the generation of every snapshot it was rebuilt from, and
+    /// whether the store had already published it by then.
+    struct Recorder {
+        store: Arc<CertStore>,
+        seen: Mutex<Vec<(u64, bool)>>,
+    }
+
+    impl Prebuild for Recorder {
+        fn rebuild(&self, snapshot: &Arc<Snapshot>) {
+            let published = self.store.current().is_some_and(|c| c.generation == snapshot.generation);
+            lock(&self.seen).push((snapshot.generation, published));
+        }
+    }
+
+    fn leaf_set(ca: &Issuer<'_, KeyPair>, ca_pem: &str, name: &str) -> PemSet {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned()]).unwrap().signed_by(&key, ca).unwrap();
+        PemSet { cert: cert.pem(), key: Some(key.serialize_pem()), ca: ca_pem.to_owned(), crl: None }
+    }
+
+    #[test]
+    fn prebuilt_values_are_rebuilt_before_each_publication_and_detach_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = params.self_signed(&ca_key).unwrap().pem();
+        let ca = Issuer::new(params, ca_key);
+        let certs = CertDir::new(dir.path().join("certs"));
+        certs.write(&leaf_set(&ca, &ca_pem, "web")).unwrap();
+        let store = CertStore::new(certs.clone());
+        assert_eq!(store.reload(), ReloadOutcome::Published);
+
+        let recorder = Arc::new(Recorder { store: store.clone(), seen: Mutex::default() });
+        store.attach(&recorder);
+        assert_eq!(*lock(&recorder.seen), [(1, true)], "attaching builds from the current snapshot at once");
+
+        certs.write(&leaf_set(&ca, &ca_pem, "web")).unwrap();
+        assert_eq!(store.reload(), ReloadOutcome::Published);
+        assert_eq!(*lock(&recorder.seen), [(1, true), (2, false)], "built before the snapshot is published");
+
+        drop(recorder);
+        certs.write(&leaf_set(&ca, &ca_pem, "web")).unwrap();
+        assert_eq!(store.reload(), ReloadOutcome::Published);
+        assert!(lock(&store.prebuilt).is_empty(), "a dropped value is detached");
+    }
 }

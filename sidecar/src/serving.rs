@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Limits;
 use crate::metrics::{ListenerMetrics, Rejection};
-use crate::reload::CertStore;
+use crate::reload::{CertStore, Prebuild, Snapshot};
 use crate::tls::{self, ClientAuth};
 
 /// Accept queue asked of the kernel (capped by `net.core.somaxconn`). A
@@ -127,15 +127,11 @@ impl Gate {
         let mut tasks = JoinSet::new();
         while let Some((tcp, peer)) = next_connection(&listener, &mut stop).await {
             while tasks.try_join_next().is_some() {}
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                self.refuse(peer);
-                continue;
-            };
+            let Some(admitted) = self.admit(peer) else { continue };
             let _ = tcp.set_nodelay(true);
-            let open = Open::new(self.metrics.clone());
             let work = handle(tcp, Session { peer, gate: self.clone(), watcher: graceful.watcher() });
             tasks.spawn(async move {
-                let _held = (permit, open);
+                let _held = admitted;
                 work.await;
             });
         }
@@ -153,6 +149,30 @@ impl Gate {
     /// The limits this gate applies.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The listener's counters.
+    pub fn metrics(&self) -> &Arc<ListenerMetrics> {
+        &self.metrics
+    }
+
+    /// A slot for a connection from `peer`, held for as long as it lives;
+    /// `None` (counted, and logged at most every 10 s) when the cap is full.
+    pub fn admit(&self, peer: SocketAddr) -> Option<Admitted> {
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.refuse(peer);
+            return None;
+        };
+        Some(Admitted { _open: Open::new(self.metrics.clone()), _permit: permit })
+    }
+
+    /// Waits up to the drain timeout for every admitted connection to end;
+    /// for listeners that run their connections on their own tasks.
+    pub async fn drain(&self) {
+        let all = self.limits.max_connections as u32;
+        if tokio::time::timeout(self.limits.drain_timeout.get(), self.slots.acquire_many(all)).await.is_err() {
+            tracing::warn!(listener = %self.name, "drain timeout: closing open connections");
+        }
     }
 
     fn refuse(&self, peer: SocketAddr) {
@@ -181,6 +201,13 @@ impl Gate {
             tracing::debug!(listener = %self.name, %peer, "closed by the header-read or idle timeout");
         }
     }
+}
+
+/// A connection's place under its listener's cap: it holds a slot and
+/// counts as open until dropped.
+pub struct Admitted {
+    _open: Open,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Counts a connection as open for as long as it lives.
@@ -388,37 +415,35 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
 
 /// The TLS config of an HTTPS endpoint serving a cert store's certificate
 /// over HTTP/1.1, client certificates optional (the admin endpoint, the
-/// CA's API). Built once per reload, not per connection.
+/// CA's API). Built by each reload, not per connection.
 pub struct HttpsConfig {
-    store: Arc<CertStore>,
-    built: Mutex<Option<(u64, Arc<rustls::ServerConfig>)>>,
+    dir: std::path::PathBuf,
+    built: arc_swap::ArcSwapOption<rustls::ServerConfig>,
 }
 
 impl HttpsConfig {
-    /// For `store`'s certificates.
-    pub fn new(store: Arc<CertStore>) -> Self {
-        Self { store, built: Mutex::new(None) }
+    /// For `store`'s certificates, rebuilt with each of its reloads.
+    pub fn new(store: &CertStore) -> Arc<Self> {
+        let config = Arc::new(Self { dir: store.dir().path().to_owned(), built: Default::default() });
+        store.attach(&config);
+        config
     }
 
     /// The config for the current certificate; `None` before the first
-    /// valid one, or when it cannot be built (logged).
+    /// valid one, or when it could not be built (logged by the reload).
     pub fn current(&self) -> Option<Arc<rustls::ServerConfig>> {
-        let snapshot = self.store.current()?;
-        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, config)) = built.as_ref().filter(|(generation, _)| *generation == snapshot.generation) {
-            return Some(config.clone());
-        }
+        self.built.load_full()
+    }
+}
+
+impl Prebuild for HttpsConfig {
+    fn rebuild(&self, snapshot: &Arc<Snapshot>) {
         match tls::server_config(&snapshot.set, &ClientAuth::Optional, None) {
             Ok(mut config) => {
                 config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                let config = Arc::new(config);
-                *built = Some((snapshot.generation, config.clone()));
-                Some(config)
+                self.built.store(Some(Arc::new(config)));
             }
-            Err(e) => {
-                tracing::error!(dir = %self.store.dir().path().display(), "TLS config: {e}");
-                None
-            }
+            Err(e) => tracing::error!(dir = %self.dir.display(), "TLS config: {e}; keeping the previous one"),
         }
     }
 }

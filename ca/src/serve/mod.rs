@@ -134,19 +134,20 @@ impl Service {
             Ok(()) => "healthy".to_owned(),
             Err(e) => e.to_string(),
         };
-        let (mut loaded, mut overdue) = (0, Vec::new());
-        for m in self.scheduler.identities().iter().chain(self.own.managed()) {
-            match m.out_dir.load(now) {
-                Ok(set) => {
-                    loaded += 1;
-                    // Renewal runs at 2/3 minus jitter; a little slack covers one in flight.
-                    if now > set.leaf.life_point(2.0 / 3.0) + time::Duration::seconds(5) {
-                        overdue.push(m.name());
-                    }
-                }
-                Err(_) => overdue.push(m.name()),
-            }
-        }
+        // From the scheduler's rows and the last look at the replica's own
+        // credentials: no cert dir is read on a health check.
+        let configured: std::collections::BTreeSet<String> =
+            self.scheduler.identities().iter().map(|m| m.name()).collect();
+        let mut rows = self.authority.store().schedules().unwrap_or_default();
+        rows.retain(|r| configured.contains(&r.identity));
+        let own = self.own.rows();
+        let unreported = configured.iter().filter(|name| !rows.iter().any(|r| &r.identity == *name)).cloned();
+        let mut overdue: Vec<String> = unreported.collect();
+        let rows = rows.iter().chain(&own);
+        let loaded = rows.clone().filter(|r| r.serial.is_some()).count();
+        overdue.extend(
+            rows.filter(|r| crate::ops::trouble(r, now.unix_timestamp()).is_some()).map(|r| r.identity.clone()),
+        );
         let scheduler = self.metrics.scheduler_running.load(std::sync::atomic::Ordering::Relaxed);
         let leading = self.leader.is_leader();
         let https_enabled = self.api_certs.current().is_some();
@@ -442,7 +443,7 @@ pub fn known_sidecars(config: &ServeConfig, td: &TrustDomain) -> Result<Vec<side
 
 /// The HTTPS API listener, within `limits`.
 async fn serve_https(svc: Arc<Service>, listener: TcpListener, limits: Limits, stop: watch::Receiver<bool>) {
-    let configs = Arc::new(HttpsConfig::new(svc.api_certs.clone()));
+    let configs = HttpsConfig::new(&svc.api_certs);
     let gate = Gate::new("api", limits, svc.metrics.api_handshakes.clone());
     gate.serve(listener, stop, |tcp, session| {
         let (svc, configs) = (svc.clone(), configs.clone());

@@ -24,12 +24,15 @@ pub struct OwnCredentials {
     authority: Arc<Authority>,
     scheduler: Arc<Scheduler>,
     credentials: Vec<Managed>,
+    /// What the last [`OwnCredentials::tick`] found in each cert dir, so
+    /// that `/health` and `/metrics` read memory, not files.
+    standing: std::sync::Mutex<Vec<ScheduleRow>>,
 }
 
 impl OwnCredentials {
     /// Keeps `credentials` current with `authority`, with the CRL `scheduler` signs.
     pub fn new(authority: Arc<Authority>, scheduler: Arc<Scheduler>, credentials: Vec<Managed>) -> Arc<Self> {
-        Arc::new(Self { authority, scheduler, credentials })
+        Arc::new(Self { authority, scheduler, credentials, standing: Default::default() })
     }
 
     /// Re-issues what is missing, invalid, past 2/3 of its life or from
@@ -41,10 +44,12 @@ impl OwnCredentials {
         let issuer = ca.intermediate().subject.clone();
         let bundle = ca.bundle_pem().to_owned();
         let crl = self.scheduler.crl();
+        let mut standing = Vec::with_capacity(self.credentials.len());
         for m in &self.credentials {
             let name = m.name();
             match m.out_dir.load(now) {
                 Ok(set) if now < set.leaf.life_point(2.0 / 3.0) && set.leaf.issuer == issuer => {
+                    standing.push(row(&name, Some(&set.leaf), None));
                     let Ok(raw) = m.out_dir.read_raw() else { continue };
                     if raw.ca == bundle.as_bytes() && raw.crl.as_deref() == Some(crl.as_bytes()) {
                         continue;
@@ -58,42 +63,32 @@ impl OwnCredentials {
                         tracing::error!(identity = %name, "cannot update the bundle and CRL: {e}");
                     }
                 }
-                _ => match self.authority.issue(&m.request, "own") {
-                    Ok(issued) => match m.out_dir.write(&PemSet { crl: Some(crl.clone()), ..issued.pem }) {
-                        Ok(()) => {
-                            tracing::info!(identity = %name, serial = %issued.info.serial, not_after = %rfc3339(issued.info.not_after), dir = %m.out_dir.path().display(), event = "renewed", "rotated")
+                served => {
+                    let served = served.ok().map(|set| set.leaf);
+                    let renewed = self.authority.issue(&m.request, "own").and_then(|issued| {
+                        m.out_dir.write(&PemSet { crl: Some(crl.clone()), ..issued.pem })?;
+                        Ok(issued.info)
+                    });
+                    match renewed {
+                        Ok(leaf) => {
+                            tracing::info!(identity = %name, serial = %leaf.serial, not_after = %rfc3339(leaf.not_after), dir = %m.out_dir.path().display(), event = "renewed", "rotated");
+                            standing.push(row(&name, Some(&leaf), None));
                         }
-                        Err(e) => tracing::error!(identity = %name, "cannot write the new credential: {e}"),
-                    },
-                    Err(e) => {
-                        tracing::error!(identity = %name, "cannot renew this replica's credential: {e}; retrying")
+                        Err(e) => {
+                            tracing::error!(identity = %name, reason = %e, event = "failed", "cannot renew this replica's credential: {e}; retrying");
+                            standing.push(row(&name, served.as_ref(), Some(e.to_string())));
+                        }
                     }
-                },
+                }
             }
         }
+        *self.standing.lock().unwrap_or_else(|e| e.into_inner()) = standing;
     }
 
-    /// The credentials.
-    pub fn managed(&self) -> &[Managed] {
-        &self.credentials
-    }
-
-    /// The credentials as schedule rows, for `/metrics`.
+    /// The credentials as schedule rows, as the last tick found them (none
+    /// before the first tick).
     pub fn rows(&self) -> Vec<ScheduleRow> {
-        let now = OffsetDateTime::now_utc();
-        self.credentials
-            .iter()
-            .filter_map(|m| {
-                let leaf: CertInfo = m.out_dir.load(now).ok()?.leaf;
-                Some(ScheduleRow {
-                    identity: m.name(),
-                    serial: Some(leaf.serial.clone()),
-                    not_after: Some(leaf.not_after.unix_timestamp()),
-                    next_renewal: leaf.life_point(2.0 / 3.0).unix_timestamp(),
-                    ..Default::default()
-                })
-            })
-            .collect()
+        self.standing.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Runs until `stop` turns true.
@@ -106,5 +101,19 @@ impl OwnCredentials {
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
             }
         }
+    }
+}
+
+/// A credential as a schedule row: served as `leaf` (if any) and renewed
+/// at 2/3 of its life, or failing with `error`.
+fn row(name: &str, leaf: Option<&CertInfo>, error: Option<String>) -> ScheduleRow {
+    ScheduleRow {
+        identity: name.to_owned(),
+        serial: leaf.map(|l| l.serial.clone()),
+        not_after: leaf.map(|l| l.not_after.unix_timestamp()),
+        next_renewal: leaf.map_or(0, |l| l.life_point(2.0 / 3.0).unix_timestamp()),
+        failures: u32::from(error.is_some()),
+        last_error: error,
+        ..Default::default()
     }
 }

@@ -331,3 +331,52 @@ fn a_full_connection_cap_is_logged_and_frees_up_after_the_timeout() {
     let (_, metrics) = curl_api(&pki, "GET", &ca_server.url("/metrics"), None, None);
     assert!(sample(&metrics, "lanyard_ca_connections_over_cap_total{listener=\"api\"}") >= 30.0, "{metrics}");
 }
+
+#[test]
+fn a_full_mesh_listener_cap_is_logged_and_the_admin_counts_its_own_connections() {
+    let pki = Pki::new(&[]);
+    let api = pki.issue("api", &["--dns", "localhost", "--ip", "127.0.0.1"]);
+    let web = pki.issue("web", &[]);
+    let app = http_upstream();
+    let (mesh, admin) = (free_port(), free_port());
+    let config = pki.path("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cert_dir = {api:?}\nadmin = \"127.0.0.1:{admin}\"\n\
+             [limits]\nmax_connections = 50\nhandshake_timeout = \"3s\"\n\n\
+             [[listener]]\nname = \"mesh\"\nmode = \"inbound\"\nlisten = \"127.0.0.1:{mesh}\"\nupstream = \"{app}\"\n"
+        ),
+    )
+    .unwrap();
+    let sidecar = Sidecar::start_at(
+        format!("127.0.0.1:{admin}").parse().unwrap(),
+        &["--config", config.to_str().unwrap()],
+        pki.path("sidecar.log"),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{mesh}").parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut silent = Vec::new();
+        for _ in 0..80 {
+            silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        wait_for_log(&pki.path("sidecar.log"), "connection cap reached");
+        let mut buf = [0u8; 1];
+        for mut s in silent {
+            let _ = tokio::time::timeout(PATIENCE, s.read(&mut buf)).await.expect("closed by the sidecar");
+        }
+    });
+    let log = sidecar.log_text();
+    let line = log.lines().find(|l| l.contains("connection cap reached")).unwrap();
+    assert!(line.contains("listener=mesh") && line.contains("cap=50"), "{line}");
+    let root = pki.state().join("root.pem");
+    let (cert, key) = (web.join("cert.pem"), web.join("key.pem"));
+    let client = ["--cacert", root.to_str().unwrap(), "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()];
+    assert_eq!(curl_ok(&client, &format!("https://localhost:{mesh}/")), Ok(()), "served again once the cap frees up");
+    let (_, metrics) = sidecar.get("/metrics");
+    let over = "lanyard_sidecar_connections_over_cap_total{listener=\"mesh\"}";
+    assert!(sample(&metrics, over) >= 30.0, "{metrics}");
+    // The scrape itself is an open connection of the admin listener.
+    assert!(sample(&metrics, "lanyard_sidecar_active_connections{listener=\"admin\"}") >= 1.0, "{metrics}");
+}
