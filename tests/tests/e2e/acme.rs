@@ -544,3 +544,26 @@ fn external_account_binding_is_used_when_configured() {
     });
     assert!(serial_of(&pki.state().join("public/unbound")).is_none());
 }
+
+/// A TSIG secret BIND does not know: BIND answers with a TSIG error, and
+/// the order fails with that error named, not with a bare "refused".
+#[test]
+fn a_wrong_tsig_secret_is_named_in_the_failure() {
+    let pki = Pki::new(&[]);
+    let (ca_http, tls_alpn) = (free_port(), free_port());
+    let bind = Bind::start(pki.tmp.path());
+    let mut pebble = Pebble::start(pki.tmp.path(), ca_http, tls_alpn, 3600, &[("PEBBLE_AUTHZREUSE", "0")]);
+    pebble.use_resolver(bind.port);
+    let wrong = "d3Jvbmctc2VjcmV0LXdyb25nLXNlY3JldC13cm9uZyE=";
+    assert_ne!(bind.secret, wrong);
+    let dns = format!(
+        "[acme.dns]\nserver = \"127.0.0.1:{}\"\ntsig_key_name = \"acme-key\"\ntsig_secret = \"{wrong}\"\n",
+        bind.port
+    );
+    let public = public_entry("badkey", &["badkey.example.test"], "dns-01", &pebble);
+    let server = ca_with_acme(&pki, &pebble, ca_http, tls_alpn, &dns, &public);
+    poll_until(Duration::from_secs(30), Duration::from_millis(100), "the TSIG failure in the log", || {
+        server.log_text().contains("refused our TSIG: BADSIG")
+    });
+    assert!(serial_of(&pki.state().join("public/badkey")).is_none(), "no certificate without the record");
+}
