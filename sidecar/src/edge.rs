@@ -70,8 +70,15 @@ impl Prebuild for ServedKey {
     }
 }
 
+/// Whether a ClientHello is an ACME TLS-ALPN-01 validation (it offers
+/// `acme-tls/1`), and of which name; one without SNI names none and is refused.
+pub fn acme_validation<'h>(hello: &'h ClientHello<'_>) -> Option<Option<&'h str>> {
+    let offered = hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+    offered.then(|| hello.server_name())
+}
+
 /// Whether certificate name `pattern` (maybe `*.example.com`) covers `name`.
-fn name_matches(pattern: &str, name: &str) -> bool {
+pub fn name_matches(pattern: &str, name: &str) -> bool {
     match pattern.strip_prefix("*.") {
         Some(suffix) => {
             name.split_once('.').is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix))
@@ -208,8 +215,8 @@ impl Edge {
             }
         };
         let hello = start.client_hello();
-        if hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN)) {
-            let name = hello.server_name()?.to_owned();
+        if let Some(name) = acme_validation(&hello) {
+            let name = name?.to_owned();
             let Some(config) = self.tls_alpn_config(&name).await else {
                 tracing::warn!(edge = %self.config.name, %name, "cannot answer a TLS-ALPN-01 validation: no certificate from the CA");
                 return None;

@@ -21,8 +21,22 @@ pub const XFCC: &str = "x-forwarded-client-cert";
 
 /// The header value for a verified `peer`, as seen by the sidecar whose own
 /// identity is `by`: `By=...;Hash=...;Subject="...";URI=...;DNS=...`.
+/// A subject or SAN in UTF-8, or with separators or control characters in
+/// it, is percent-encoded, so every certificate gets a header (the
+/// `xfcc` fuzz target checks that `None` never happens).
 pub fn xfcc_value(by: Option<&str>, peer: &CertInfo) -> Option<HeaderValue> {
-    let clean = |s: &str| s.chars().filter(|c| !c.is_control() && !matches!(c, ';' | ',' | '"')).collect::<String>();
+    let clean = |s: &str| {
+        let mut out = String::with_capacity(s.len());
+        for c in s.chars() {
+            if (c.is_ascii_graphic() || c == ' ') && !matches!(c, ';' | ',' | '"' | '%' | '\\') {
+                out.push(c);
+            } else {
+                let mut utf8 = [0u8; 4];
+                c.encode_utf8(&mut utf8).bytes().for_each(|b| out.push_str(&format!("%{b:02X}")));
+            }
+        }
+        out
+    };
     let mut parts = Vec::new();
     if let Some(by) = by {
         parts.push(format!("By={}", clean(by)));

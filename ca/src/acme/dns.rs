@@ -84,8 +84,9 @@ impl DnsUpdateConfig {
         }
     }
 
-    /// The signed UPDATE message for one TXT change at `name`.
-    fn message(&self, change: Change, name: &str, value: &str, id: u16, now: u64) -> Result<Signed, String> {
+    /// The signed UPDATE message for one TXT change at `name`, with
+    /// message ID `id`, signed at `now` (unix seconds).
+    pub fn message(&self, change: Change, name: &str, value: &str, id: u16, now: u64) -> Result<Signed, String> {
         let zone = self.zone_for(name);
         let algorithm = self.algorithm()?;
         let secret = base64::engine::general_purpose::STANDARD
@@ -145,7 +146,7 @@ impl DnsUpdateConfig {
     /// Checks the TSIG of `answer`, the server's reply to `request`
     /// (RFC 8945 §5.3): same key and algorithm, a MAC over the request's
     /// MAC and the reply, and a signing time within the fudge of `now`.
-    fn verify_answer(&self, request: &Signed, answer: &[u8], now: u64) -> Result<(), String> {
+    pub fn verify_answer(&self, request: &Signed, answer: &[u8], now: u64) -> Result<(), String> {
         let server = self.server;
         let Some(tsig) = Tsig::find(answer)? else {
             return Err(format!("the answer from {server} carries no TSIG: it cannot be trusted"));
@@ -283,8 +284,9 @@ fn tsig_error(code: u16) -> &'static str {
 
 /// A signed request and what verifying its answer needs.
 #[derive(Debug)]
-struct Signed {
-    message: Vec<u8>,
+pub struct Signed {
+    /// The message as sent.
+    pub message: Vec<u8>,
     mac: Vec<u8>,
     key: aws_lc_rs::hmac::Key,
 }
