@@ -151,11 +151,6 @@ impl Gate {
         &self.limits
     }
 
-    /// The listener's counters.
-    pub fn metrics(&self) -> &Arc<ListenerMetrics> {
-        &self.metrics
-    }
-
     /// A slot for a connection from `peer`, held for as long as it lives;
     /// `None` (counted, and logged at most every 10 s) when the cap is full.
     pub fn admit(&self, peer: SocketAddr) -> Option<Admitted> {
