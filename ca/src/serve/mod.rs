@@ -141,8 +141,8 @@ impl Service {
         let mut rows = self.authority.store().schedules().unwrap_or_default();
         rows.retain(|r| configured.contains(&r.identity));
         let own = self.own.rows();
-        let unreported = configured.iter().filter(|name| !rows.iter().any(|r| &r.identity == *name)).cloned();
-        let mut overdue: Vec<String> = unreported.collect();
+        let reported: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.identity.as_str()).collect();
+        let mut overdue: Vec<String> = configured.iter().filter(|n| !reported.contains(n.as_str())).cloned().collect();
         let rows = rows.iter().chain(&own);
         let loaded = rows.clone().filter(|r| r.serial.is_some()).count();
         overdue.extend(
