@@ -6,7 +6,6 @@
 //! sidecar is not ready.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +21,10 @@ use tokio::sync::watch;
 
 use crate::certinfo::rfc3339;
 use crate::config::{Limits, Mode};
-use crate::metrics::{header, render_listeners};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+
+use crate::metrics::{counters, encode_listeners, gauges, ListenerMetrics, Registry, UNLABELED};
 use crate::proxy::Listener;
 use crate::reload::CertStore;
 use crate::serving::{Gate, HttpsConfig};
@@ -68,8 +70,78 @@ pub struct Admin {
     tls: Arc<HttpsConfig>,
     /// Served before the first valid certificate.
     fallback: Arc<rustls::ServerConfig>,
-    /// Its own connection counters (not rendered: they are not traffic).
-    connections: Arc<crate::metrics::ListenerMetrics>,
+    /// Its own connection counters, reported as `listener="admin"`.
+    connections: Arc<ListenerMetrics>,
+    /// `/metrics`: one [`AdminCollector`].
+    registry: Registry,
+}
+
+/// Writes the sidecar's families at scrape time.
+#[derive(Debug)]
+struct AdminCollector {
+    store: Arc<CertStore>,
+    /// Mesh listeners, edges, then the admin endpoint itself.
+    listeners: Vec<(String, Arc<ListenerMetrics>)>,
+}
+
+impl Collector for AdminCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let current = self.store.current();
+        let served = current.as_ref().map(|s| &s.set);
+        let unlabeled = |v: Option<i64>| v.map(|v| (UNLABELED, v));
+        gauges(
+            &mut enc,
+            "cert_expiration_timestamp_seconds",
+            "notAfter of the served certificate.",
+            unlabeled(served.map(|s| s.leaf.not_after.unix_timestamp())),
+        )?;
+        gauges(
+            &mut enc,
+            "cert_not_before_timestamp_seconds",
+            "notBefore of the served certificate.",
+            unlabeled(served.map(|s| s.leaf.not_before.unix_timestamp())),
+        )?;
+        let roots = served.map(trust_roots).unwrap_or_default();
+        gauges(
+            &mut enc,
+            "trust_root_info",
+            "1 for each root in the served trust bundle, by SHA-256 fingerprint.",
+            roots.iter().map(|root| ([("sha256", root.as_str())], 1)),
+        )?;
+        let m = &self.store.metrics;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        counters(
+            &mut enc,
+            "cert_reloads",
+            "Certificate reloads by result.",
+            [([("result", "success")], load(&m.ok)), ([("result", "failure")], load(&m.failed))],
+        )?;
+        gauges(
+            &mut enc,
+            "cert_last_reload_timestamp_seconds",
+            "Time of the last reload attempt.",
+            [(UNLABELED, m.last_attempt.load(Ordering::Relaxed))],
+        )?;
+        gauges(
+            &mut enc,
+            "cert_last_reload_success_timestamp_seconds",
+            "Time of the last successful reload.",
+            [(UNLABELED, m.last_success.load(Ordering::Relaxed))],
+        )?;
+        gauges(
+            &mut enc,
+            "cert_reload_error",
+            "1 while the cert dir holds a set that failed validation.",
+            [(UNLABELED, i64::from(self.store.last_error().is_some()))],
+        )?;
+        gauges(
+            &mut enc,
+            "cert_loaded",
+            "1 once a valid certificate is served.",
+            [(UNLABELED, i64::from(current.is_some()))],
+        )?;
+        encode_listeners(&mut enc, &self.listeners)
+    }
 }
 
 impl Admin {
@@ -79,13 +151,22 @@ impl Admin {
         listeners: Vec<Arc<Listener>>,
         edges: Vec<Arc<crate::edge::Edge>>,
     ) -> Result<Self, tls::TlsConfigError> {
+        let connections = Arc::<ListenerMetrics>::default();
+        let named = listeners.iter().map(|l| (l.config.name.clone(), l.metrics.clone()));
+        let edge_names = edges.iter().map(|e| (e.metrics_label.clone(), e.metrics.clone()));
+        let mut registry = Registry::with_prefix("lanyard_sidecar");
+        registry.register_collector(Box::new(AdminCollector {
+            store: store.clone(),
+            listeners: named.chain(edge_names).chain([("admin".to_owned(), connections.clone())]).collect(),
+        }));
         Ok(Self {
             tls: HttpsConfig::new(&store),
             store,
             listeners,
             edges,
             fallback: Arc::new(fallback_config()?),
-            connections: Arc::default(),
+            connections,
+            registry,
         })
     }
 
@@ -152,67 +233,9 @@ impl Admin {
         }
     }
 
-    /// Prometheus text.
+    /// Prometheus text: the served certificate, reloads, and every listener.
     pub fn metrics(&self) -> String {
-        let mut out = String::new();
-        let p = "lanyard_sidecar";
-        if let Some(s) = self.store.current() {
-            header(
-                &mut out,
-                &format!("{p}_cert_expiration_timestamp_seconds"),
-                "gauge",
-                "notAfter of the served certificate.",
-            );
-            let _ = writeln!(out, "{p}_cert_expiration_timestamp_seconds {}", s.set.leaf.not_after.unix_timestamp());
-            header(
-                &mut out,
-                &format!("{p}_cert_not_before_timestamp_seconds"),
-                "gauge",
-                "notBefore of the served certificate.",
-            );
-            let _ = writeln!(out, "{p}_cert_not_before_timestamp_seconds {}", s.set.leaf.not_before.unix_timestamp());
-            header(
-                &mut out,
-                &format!("{p}_trust_root_info"),
-                "gauge",
-                "1 for each root in the served trust bundle, by SHA-256 fingerprint.",
-            );
-            for root in trust_roots(&s.set) {
-                let _ = writeln!(out, "{p}_trust_root_info{{sha256=\"{root}\"}} 1");
-            }
-        }
-        let m = &self.store.metrics;
-        header(&mut out, &format!("{p}_cert_reloads_total"), "counter", "Certificate reloads by result.");
-        let _ = writeln!(out, "{p}_cert_reloads_total{{result=\"success\"}} {}", m.ok.load(Ordering::Relaxed));
-        let _ = writeln!(out, "{p}_cert_reloads_total{{result=\"failure\"}} {}", m.failed.load(Ordering::Relaxed));
-        header(
-            &mut out,
-            &format!("{p}_cert_last_reload_timestamp_seconds"),
-            "gauge",
-            "Time of the last reload attempt.",
-        );
-        let _ = writeln!(out, "{p}_cert_last_reload_timestamp_seconds {}", m.last_attempt.load(Ordering::Relaxed));
-        header(
-            &mut out,
-            &format!("{p}_cert_last_reload_success_timestamp_seconds"),
-            "gauge",
-            "Time of the last successful reload.",
-        );
-        let _ =
-            writeln!(out, "{p}_cert_last_reload_success_timestamp_seconds {}", m.last_success.load(Ordering::Relaxed));
-        header(
-            &mut out,
-            &format!("{p}_cert_reload_error"),
-            "gauge",
-            "1 while the cert dir holds a set that failed validation.",
-        );
-        let _ = writeln!(out, "{p}_cert_reload_error {}", u8::from(self.store.last_error().is_some()));
-        header(&mut out, &format!("{p}_cert_loaded"), "gauge", "1 once a valid certificate is served.");
-        let _ = writeln!(out, "{p}_cert_loaded {}", u8::from(self.store.current().is_some()));
-        let listeners = self.listeners.iter().map(|l| (l.config.name.as_str(), &*l.metrics));
-        let edges = self.edges.iter().map(|e| (e.metrics_label.as_str(), &*e.metrics));
-        render_listeners(&mut out, listeners.chain(edges).chain([("admin", &*self.connections)]));
-        out
+        crate::metrics::exposition(&self.registry)
     }
 
     fn tls_config(&self) -> Arc<rustls::ServerConfig> {
@@ -245,7 +268,7 @@ impl Admin {
                 let body = serde_json::to_string(&r).unwrap_or_default() + "\n";
                 (if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, "application/json", body)
             }
-            (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
+            (&Method::GET, "/metrics") => (StatusCode::OK, crate::metrics::CONTENT_TYPE, self.metrics()),
             (&Method::GET, _) => {
                 (StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz, /readyz or /metrics\n".into())
             }

@@ -1,9 +1,18 @@
-//! Sidecar metrics, rendered as Prometheus text.
+//! Sidecar metrics: the counters listeners update, and the families a
+//! `prometheus-client` collector writes from them at scrape time.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+pub use prometheus_client::registry::Registry;
 
 /// Why a handshake was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -137,93 +146,132 @@ pub struct ReloadMetrics {
     pub last_success: AtomicI64,
 }
 
-/// Writes one metric family header.
-pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
+/// The Prometheus text format's `Content-Type`.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
-/// One per-listener metric family: name, type, help, and how to read it.
-type Family = (&'static str, &'static str, &'static str, fn(&ListenerMetrics) -> i64);
-
-/// Renders the handshake families (by result and reason, by key-exchange
-/// group) of `(name, metrics)` pairs, named `<prefix>_handshakes_total` and
-/// `<prefix>_handshake_groups_total`.
-pub fn render_handshakes<'a>(
-    out: &mut String,
-    p: &str,
-    listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone,
-) {
-    header(out, &format!("{p}_handshakes_total"), "counter", "TLS handshakes by listener, result and reason.");
-    for (l, m) in listeners.clone() {
-        let ok = m.handshakes_ok.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{p}_handshakes_total{{listener=\"{l}\",result=\"ok\",reason=\"\"}} {ok}");
-        for (why, n) in m.rejected.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(
-                out,
-                "{p}_handshakes_total{{listener=\"{l}\",result=\"rejected\",reason=\"{}\"}} {n}",
-                why.label()
-            );
-        }
+/// The registry's metrics in the Prometheus text format (0.0.4).
+pub fn exposition(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail; an encoder error would be a bug in a collector.
+    if let Err(e) = prometheus_text::encode(&mut out, registry) {
+        tracing::error!("cannot encode the metrics: {e}");
     }
-    header(out, &format!("{p}_handshake_groups_total"), "counter", "Completed handshakes by key-exchange group.");
-    for (l, m) in listeners.clone() {
-        for (group, n) in m.groups.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "{p}_handshake_groups_total{{listener=\"{l}\",group=\"{group}\"}} {n}");
-        }
+    out
+}
+
+/// The labels of a family's one unlabeled sample.
+pub const UNLABELED: [(&str, &str); 0] = [];
+
+/// Writes one gauge family whose samples are read at scrape time.
+pub fn gauges<L: EncodeLabelSet, V: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
     }
+    Ok(())
 }
 
-/// Renders listener metrics for `(name, metrics)` pairs.
-pub fn render_listeners<'a>(out: &mut String, listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone) {
-    let p = "lanyard_sidecar";
-    render_handshakes(out, p, listeners.clone());
-    render_connections(out, p, listeners.clone());
-    let families: [Family; 4] = [
-        ("handshakes_resumed_total", "counter", "Handshakes that resumed a TLS session.", |m| {
-            m.handshakes_resumed.load(Ordering::Relaxed) as i64
-        }),
-        ("upstream_errors_total", "counter", "Failed upstream connections.", |m| {
-            m.upstream_errors.load(Ordering::Relaxed) as i64
-        }),
-        ("received_bytes_total", "counter", "Bytes from clients to the upstream.", |m| {
-            m.bytes_in.load(Ordering::Relaxed) as i64
-        }),
-        ("sent_bytes_total", "counter", "Bytes from the upstream to clients.", |m| {
-            m.bytes_out.load(Ordering::Relaxed) as i64
-        }),
-    ];
-    render_families(out, p, &families, listeners);
-}
-
-/// Renders the connection families every server has (open connections,
-/// refusals at the cap, closes by timeout), named `<prefix>_…`.
-pub fn render_connections<'a>(
-    out: &mut String,
-    p: &str,
-    listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone,
-) {
-    let families: [Family; 3] = [
-        ("active_connections", "gauge", "Open connections.", |m| m.active.load(Ordering::Relaxed)),
-        ("connections_over_cap_total", "counter", "Connections refused at the connection cap.", |m| {
-            m.over_cap.load(Ordering::Relaxed) as i64
-        }),
-        ("connection_timeouts_total", "counter", "Connections closed by the header-read or idle timeout.", |m| {
-            m.timeouts.load(Ordering::Relaxed) as i64
-        }),
-    ];
-    render_families(out, p, &families, listeners);
-}
-
-fn render_families<'a>(
-    out: &mut String,
-    p: &str,
-    families: &[Family],
-    listeners: impl Iterator<Item = (&'a str, &'a ListenerMetrics)> + Clone,
-) {
-    for (name, kind, help, get) in families {
-        header(out, &format!("{p}_{name}"), kind, help);
-        for (l, m) in listeners.clone() {
-            let _ = writeln!(out, "{p}_{name}{{listener=\"{l}\"}} {}", get(m));
-        }
+/// Writes one counter family (named without `_total`, which the encoder
+/// appends) whose samples are read at scrape time.
+pub fn counters<L: EncodeLabelSet, V: EncodeCounterValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
     }
+    Ok(())
+}
+
+/// Named listeners, as a slice a collector walks.
+pub type Named = [(String, Arc<ListenerMetrics>)];
+
+fn by_listener<'a, V>(
+    listeners: &'a Named,
+    value: impl Fn(&ListenerMetrics) -> V + 'a,
+) -> impl Iterator<Item = ([(&'static str, &'a str); 1], V)> + 'a {
+    listeners.iter().map(move |(l, m)| ([("listener", l.as_str())], value(m)))
+}
+
+/// Writes the handshake families: by listener, result and reason
+/// (`handshakes_total`), and by key-exchange group (`handshake_groups_total`).
+pub fn encode_handshakes(enc: &mut DescriptorEncoder, listeners: &Named) -> fmt::Result {
+    let mut results = Vec::new();
+    for (l, m) in listeners {
+        results.push((
+            [("listener", l.as_str()), ("result", "ok"), ("reason", "")],
+            m.handshakes_ok.load(Ordering::Relaxed),
+        ));
+        let rejected = m.rejected.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        results.extend(
+            rejected
+                .into_iter()
+                .map(|(why, n)| ([("listener", l.as_str()), ("result", "rejected"), ("reason", why.label())], n)),
+        );
+    }
+    counters(enc, "handshakes", "TLS handshakes by listener, result and reason.", results)?;
+    let mut groups = Vec::new();
+    for (l, m) in listeners {
+        let counted = m.groups.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        groups.extend(counted.into_iter().map(|(group, n)| ([("listener", l.as_str()), ("group", group)], n)));
+    }
+    counters(enc, "handshake_groups", "Completed handshakes by key-exchange group.", groups)
+}
+
+/// Writes the connection families every server has: open connections,
+/// refusals at the cap, closes by timeout.
+pub fn encode_connections(enc: &mut DescriptorEncoder, listeners: &Named) -> fmt::Result {
+    gauges(
+        enc,
+        "active_connections",
+        "Open connections.",
+        by_listener(listeners, |m| m.active.load(Ordering::Relaxed)),
+    )?;
+    counters(
+        enc,
+        "connections_over_cap",
+        "Connections refused at the connection cap.",
+        by_listener(listeners, |m| m.over_cap.load(Ordering::Relaxed)),
+    )?;
+    counters(
+        enc,
+        "connection_timeouts",
+        "Connections closed by the header-read or idle timeout.",
+        by_listener(listeners, |m| m.timeouts.load(Ordering::Relaxed)),
+    )
+}
+
+/// Writes every listener family of the sidecar: handshakes, connections,
+/// resumptions, upstream errors and bytes.
+pub fn encode_listeners(enc: &mut DescriptorEncoder, listeners: &Named) -> fmt::Result {
+    encode_handshakes(enc, listeners)?;
+    encode_connections(enc, listeners)?;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    counters(
+        enc,
+        "handshakes_resumed",
+        "Handshakes that resumed a TLS session.",
+        by_listener(listeners, |m| load(&m.handshakes_resumed)),
+    )?;
+    counters(
+        enc,
+        "upstream_errors",
+        "Failed upstream connections.",
+        by_listener(listeners, |m| load(&m.upstream_errors)),
+    )?;
+    counters(
+        enc,
+        "received_bytes",
+        "Bytes from clients to the upstream.",
+        by_listener(listeners, |m| load(&m.bytes_in)),
+    )?;
+    counters(enc, "sent_bytes", "Bytes from the upstream to clients.", by_listener(listeners, |m| load(&m.bytes_out)))
 }

@@ -227,6 +227,7 @@ impl Acme {
             return Err(PublicError::Invalid(format!("email {email:?} is not an address")));
         }
         self.check_domains(&domains, Challenge::Http01)?;
+        directory.as_deref().map(model::check_directory_url).transpose()?;
         let mut cert = PublicCert::new(name, CertSource::Api);
         cert.domains = domains;
         cert.email = email;
@@ -275,19 +276,17 @@ impl Acme {
         Ok(cert)
     }
 
-    /// Prometheus text: orders by result, and per certificate its expiry,
-    /// next attempt, consecutive failures and whether the CA holds back.
-    pub fn metrics(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let p = "lanyard_ca_acme";
-        lanyard_sidecar::metrics::header(&mut out, &format!("{p}_orders_total"), "counter", "ACME orders, by result.");
-        for (i, result) in ["success", "failure"].iter().enumerate() {
-            let n = self.orders[i].load(std::sync::atomic::Ordering::Relaxed);
-            let _ = writeln!(out, "{p}_orders_total{{result=\"{result}\"}} {n}");
-        }
+    /// Writes orders by result, and per certificate its expiry, next
+    /// attempt, consecutive failures and whether the CA holds back.
+    pub fn encode_metrics(&self, enc: &mut prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use lanyard_sidecar::metrics::{counters, gauges};
+        let orders = ["success", "failure"]
+            .iter()
+            .zip(&self.orders)
+            .map(|(result, n)| ([("result", *result)], n.load(std::sync::atomic::Ordering::Relaxed)));
+        counters(enc, "acme_orders", "ACME orders, by result.", orders)?;
         let certs = self.readable().unwrap_or_default();
-        let gauges: [Gauge; 4] = [
+        let gauge_families: [Gauge; 4] = [
             ("cert_expiration_timestamp_seconds", "notAfter of each public certificate.", |c| {
                 let t = c.expires_at.as_deref()?;
                 OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
@@ -302,15 +301,11 @@ impl Acme {
                 Some(i64::from(c.held_back.is_some()))
             }),
         ];
-        for (name, help, value) in gauges {
-            lanyard_sidecar::metrics::header(&mut out, &format!("{p}_{name}"), "gauge", help);
-            for c in &certs {
-                if let Some(v) = value(c) {
-                    let _ = writeln!(out, "{p}_{name}{{cert=\"{}\"}} {v}", c.cert_name);
-                }
-            }
+        for (name, help, value) in gauge_families {
+            let samples = certs.iter().filter_map(|c| Some(([("cert", c.cert_name.as_str())], value(c)?)));
+            gauges(enc, &format!("acme_{name}"), help, samples)?;
         }
-        out
+        Ok(())
     }
 
     /// Runs orders when they are due until `stop` turns true.

@@ -52,6 +52,23 @@ impl<'de> Deserialize<'de> for CertName {
     }
 }
 
+/// Checks an ACME directory URL: ACME is served over HTTPS only (RFC 8555 §6.1).
+pub fn check_directory_url(url: &str) -> Result<(), PublicError> {
+    let https = url.parse::<hyper::Uri>().is_ok_and(|u| u.scheme_str() == Some("https") && u.host().is_some());
+    if !https {
+        return Err(PublicError::Invalid(format!(
+            "ACME directory {url:?} is not an https:// URL (RFC 8555 serves ACME over HTTPS only): give https://host/path"
+        )));
+    }
+    Ok(())
+}
+
+fn checked_directory_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let url = Option::<String>::deserialize(d)?;
+    url.as_deref().map(check_directory_url).transpose().map_err(serde::de::Error::custom)?;
+    Ok(url)
+}
+
 /// `[[public]]` in `lanyard.toml`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,7 +80,7 @@ pub struct PublicConfig {
     /// Account contact.
     pub email: String,
     /// ACME directory; default Let's Encrypt production.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "checked_directory_url")]
     pub directory_url: Option<String>,
     /// Use Let's Encrypt staging instead of production.
     #[serde(default)]

@@ -24,12 +24,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use lanyard_sidecar::certinfo::{rfc3339, CertInfo};
-use serde::Deserialize;
 use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::issue::{KeySource, LeafRequest};
 use crate::keys::KeyType;
+use crate::serve::bodies::{self, BodyError, EnrolBody, NewPublic, RenewBody, RevokeTarget, SignBody, UploadPublic};
 use crate::serve::Service;
 use crate::state::ADMIN_NAME;
 use crate::store::TokenRefusal;
@@ -58,26 +58,6 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Reply {
     json_reply(status, json!({ "error": message.to_string() }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SignBody {
-    token: String,
-    csr: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RenewBody {
-    csr: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RevokeBody {
-    serial: Option<String>,
-    identity: Option<String>,
-}
-
 /// Most bytes read (and dropped) from an oversized body before answering 413,
 /// so that the client sees the answer instead of a reset connection.
 const MAX_DRAIN: usize = 8 * 1024 * 1024;
@@ -101,9 +81,9 @@ async fn read_body(mut body: Incoming) -> Result<Vec<u8>, Reply> {
     Ok(bytes)
 }
 
-fn body_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Reply>> {
-    serde_json::from_slice(body)
-        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}"))))
+/// A body parsed by `parse`, or the 400 that names what is wrong.
+fn body_of<T>(body: &[u8], parse: fn(&[u8]) -> Result<T, BodyError>) -> Result<T, Box<Reply>> {
+    parse(body).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e)))
 }
 
 /// The answer to an ACME HTTP-01 validation, when `path` asks for one.
@@ -123,23 +103,6 @@ pub fn tls_alpn_challenge(svc: &Service, path: &str) -> Option<Reply> {
         Some(pem) => reply(StatusCode::OK, "application/x-pem-file", pem),
         None => error(StatusCode::NOT_FOUND, "no pending TLS-ALPN-01 challenge for this name"),
     })
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreatePublic {
-    domain: Option<String>,
-    domains: Option<Vec<String>>,
-    email: String,
-    cert_name: String,
-    acme_directory_url: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UploadPublic {
-    certificate: String,
-    key: String,
 }
 
 fn public_reply(result: Result<serde_json::Value, crate::acme::PublicError>, ok: StatusCode) -> Reply {
@@ -166,16 +129,11 @@ fn public_certificates(svc: &Service, method: &Method, rest: &str, body: &[u8]) 
     match (method, parts.as_slice()) {
         (&Method::GET, []) => public_reply(svc.acme.list().map(|l| json!({ "certificates": l })), StatusCode::OK),
         (&Method::POST, []) => {
-            let body: CreatePublic = match body_json(body) {
+            let body = match body_of(body, NewPublic::parse) {
                 Ok(b) => b,
                 Err(r) => return *r,
             };
-            let domains = match (body.domain, body.domains) {
-                (Some(d), None) => vec![d],
-                (None, Some(list)) => list,
-                _ => return error(StatusCode::BAD_REQUEST, "give either `domain` or `domains`"),
-            };
-            let created = svc.acme.create(&body.cert_name, domains, body.email, body.acme_directory_url);
+            let created = svc.acme.create(&body.cert_name, body.domains, body.email, body.acme_directory_url);
             public_reply(created.map(to_json), StatusCode::CREATED)
         }
         (&Method::GET, [name]) => public_reply(
@@ -183,7 +141,7 @@ fn public_certificates(svc: &Service, method: &Method, rest: &str, body: &[u8]) 
             StatusCode::OK,
         ),
         (&Method::PUT, [name]) => {
-            let body: UploadPublic = match body_json(body) {
+            let body: UploadPublic = match body_of(body, bodies::parse) {
                 Ok(b) => b,
                 Err(r) => return *r,
             };
@@ -240,7 +198,7 @@ fn route(
 ) -> Reply {
     match (method, path) {
         (&Method::GET, "/health") => json_reply(StatusCode::OK, serde_json::to_value(svc.health()).unwrap_or_default()),
-        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", svc.metrics_text()),
+        (&Method::GET, "/metrics") => reply(StatusCode::OK, lanyard_sidecar::metrics::CONTENT_TYPE, svc.metrics_text()),
         (&Method::GET, "/openapi.yaml") => reply(StatusCode::OK, "application/yaml", OPENAPI),
         (&Method::GET, "/v1/roots") => {
             reply(StatusCode::OK, "application/x-pem-file", svc.authority.ca().bundle_pem().to_owned())
@@ -380,7 +338,7 @@ fn csr_request(svc: &Service, name: lanyard_sidecar::identity::DnsName, csr: Str
 }
 
 fn sign(svc: &Arc<Service>, body: &[u8]) -> Reply {
-    let body: SignBody = match body_json(body) {
+    let body: SignBody = match body_of(body, bodies::parse) {
         Ok(b) => b,
         Err(r) => return *r,
     };
@@ -402,17 +360,10 @@ fn sign(svc: &Arc<Service>, body: &[u8]) -> Reply {
     sign_csr(svc, name, body.csr, "sign")
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EnrolBody {
-    secret: String,
-    csr: String,
-}
-
 /// `POST /v1/enrol`: a CSR for a key the caller made, authorized by an
 /// enrolment credential for exactly one identity (`ca enrol NAME`).
 fn enrol(svc: &Arc<Service>, remote: std::net::SocketAddr, body: &[u8]) -> Reply {
-    let body: EnrolBody = match body_json(body) {
+    let body: EnrolBody = match body_of(body, bodies::parse) {
         Ok(b) => b,
         Err(r) => return *r,
     };
@@ -451,7 +402,7 @@ fn renew(svc: &Arc<Service>, peer: Option<&CertInfo>, body: &[u8]) -> Reply {
     let Some(name) = peer.uris.iter().find_map(|u| u.strip_prefix(&prefix)).and_then(|n| n.parse().ok()) else {
         return error(StatusCode::FORBIDDEN, format!("{} has no SPIFFE ID in trust domain {prefix}", peer_name(peer)));
     };
-    let body: RenewBody = match body_json(body) {
+    let body: RenewBody = match body_of(body, bodies::parse) {
         Ok(b) => b,
         Err(r) => return *r,
     };
@@ -459,29 +410,25 @@ fn renew(svc: &Arc<Service>, peer: Option<&CertInfo>, body: &[u8]) -> Reply {
 }
 
 fn revoke(svc: &Arc<Service>, body: &[u8]) -> Reply {
-    let body: RevokeBody = match body_json(body) {
-        Ok(b) => b,
+    let target = match body_of(body, RevokeTarget::parse) {
+        Ok(t) => t,
         Err(r) => return *r,
     };
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let store = svc.authority.store();
-    let revoked = match (body.serial, body.identity) {
-        (Some(serial), None) => {
-            let serial = serial.to_ascii_lowercase().trim_start_matches('0').to_owned();
-            match store.revoke_serial(&serial, now) {
-                Ok(true) => vec![serial],
-                Ok(false) => return error(StatusCode::NOT_FOUND, format!("no certificate with serial {serial}")),
-                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
-            }
-        }
-        (None, Some(identity)) => match store.revoke_identity(&identity, now) {
+    let revoked = match target {
+        RevokeTarget::Serial(serial) => match store.revoke_serial(&serial, now) {
+            Ok(true) => vec![serial],
+            Ok(false) => return error(StatusCode::NOT_FOUND, format!("no certificate with serial {serial}")),
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
+        RevokeTarget::Identity(identity) => match store.revoke_identity(&identity, now) {
             Ok(list) if list.is_empty() => {
                 return error(StatusCode::NOT_FOUND, format!("identity {identity:?} has no unexpired certificate"))
             }
             Ok(list) => list,
             Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
         },
-        _ => return error(StatusCode::BAD_REQUEST, "give exactly one of \"serial\" or \"identity\""),
     };
     // A managed identity whose served certificate was revoked gets a new key and certificate now.
     let refreshed = svc.scheduler.reissue_if_serving(&revoked).and_then(|()| svc.scheduler.refresh_crl());

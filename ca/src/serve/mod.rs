@@ -4,6 +4,7 @@
 //! code), and answers plain HTTP with a redirect.
 
 pub mod api;
+pub mod bodies;
 pub mod config;
 pub mod docker;
 pub mod leader;
@@ -57,6 +58,8 @@ pub struct Service {
     /// Lifetime of API-issued certificates of identities not managed here.
     pub leaf_ttl: Span,
     api_certs: Arc<CertStore>,
+    /// `/metrics`: see [`metrics::ServiceMetrics`].
+    registry: lanyard_sidecar::metrics::Registry,
 }
 
 /// The `/health` body.
@@ -204,15 +207,7 @@ impl Service {
 
     /// Prometheus text.
     pub fn metrics_text(&self) -> String {
-        let now = OffsetDateTime::now_utc();
-        let ca = self.authority.ca();
-        let mut rows = self.authority.store().schedules().unwrap_or_default();
-        rows.extend(self.own.rows());
-        self.metrics.render(&rows)
-            + &metrics::ca_certificates(&ca.expiry(now), now)
-            + &metrics::root_rotation(&ca)
-            + &metrics::leadership(&self.leader)
-            + &self.acme.metrics()
+        lanyard_sidecar::metrics::exposition(&self.registry)
     }
 }
 
@@ -411,8 +406,25 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     acme.reconcile(&config.public).map_err(|e| CaError::Config { origin: "[[public]]".into(), what: e.to_string() })?;
     let acme_task = tokio::spawn(acme.clone().run(leader.clone(), stop_rx.clone()));
     tokio::spawn(sidecars::poll_during_rotation(authority.clone(), known_sidecars, stop_rx.clone()));
-    let service =
-        Arc::new(Service { authority, scheduler, metrics, acme, leader, own, leaf_ttl: config.leaf_ttl, api_certs });
+    let registry = metrics::ServiceMetrics {
+        authority: authority.clone(),
+        own: own.clone(),
+        leader: leader.clone(),
+        acme: acme.clone(),
+        counters: metrics.clone(),
+    }
+    .registry();
+    let service = Arc::new(Service {
+        authority,
+        scheduler,
+        metrics,
+        acme,
+        leader,
+        own,
+        leaf_ttl: config.leaf_ttl,
+        api_certs,
+        registry,
+    });
     let https = tokio::spawn(serve_https(service.clone(), https, config.limits.clone(), stop_rx.clone()));
     let http = tokio::spawn(serve_http(service.clone(), http, https_port, config.limits.clone(), stop_rx.clone()));
 

@@ -565,7 +565,7 @@ mod tests {
         assert!(first.last_error.as_deref().is_some_and(|e| e.contains("blocked")), "{first:?}");
         // The first retry waits about 2 s (1 << 1, with ±10 % jitter).
         assert!((started + 1..=started + 3).contains(&first.next_renewal), "{first:?}");
-        assert!(s.metrics.render(&[]).contains("lanyard_ca_renewed_total{result=\"failure\"} 1"));
+        assert!(s.metrics.exposition(Vec::new()).contains("lanyard_ca_renewed_total{result=\"failure\"} 1"));
         // Not due yet: no second attempt.
         s.run_due(&fence);
         assert_eq!(row(&s, "api").failures, 1);
