@@ -313,6 +313,29 @@ pub struct CertSet {
     pub crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
     /// Facts about the leaf.
     pub leaf: CertInfo,
+    /// The intermediates of the leaf's path to `ca.pem` when that path
+    /// also verifies for client authentication under a root without name
+    /// constraints: peers issued by them can be verified from them.
+    pub client_path: Vec<VerifiedIntermediate>,
+}
+
+/// An intermediate verified against the set's trust bundle, and its
+/// validity, which is checked again at each use.
+#[derive(Clone, Debug)]
+pub struct VerifiedIntermediate {
+    /// Its DER.
+    pub der: CertificateDer<'static>,
+    /// notBefore, unix seconds.
+    pub not_before: i64,
+    /// notAfter, unix seconds.
+    pub not_after: i64,
+}
+
+impl VerifiedIntermediate {
+    /// Whether it is inside its validity window at `unix` seconds.
+    pub fn valid_at(&self, unix: i64) -> bool {
+        (self.not_before..=self.not_after).contains(&unix)
+    }
 }
 
 impl RawSet {
@@ -360,7 +383,8 @@ impl RawSet {
             ca: self.path(CA_FILE),
             reason,
         })?;
-        Ok(CertSet { chain, key: Arc::new(key), roots, crls, leaf })
+        let client_path = client_path(&chain, &roots, now);
+        Ok(CertSet { chain, key: Arc::new(key), roots, crls, leaf, client_path })
     }
 }
 
@@ -416,6 +440,41 @@ pub fn verify_chain(
     ee.verify_for_usage(algs, &anchors, &chain[1..], time, webpki::KeyUsage::server_auth(), None, None)
         .map(|_| ())
         .map_err(|e| describe_webpki_error(&e))
+}
+
+/// The intermediates on `chain`'s path to `roots` for client
+/// authentication (so their extended key usages allow it), or none when
+/// there is no such path or its root carries name constraints (a shortcut
+/// from the intermediate would skip them).
+fn client_path(
+    chain: &[CertificateDer<'static>],
+    roots: &[CertificateDer<'_>],
+    now: OffsetDateTime,
+) -> Vec<VerifiedIntermediate> {
+    let Ok(anchors) = roots.iter().map(webpki::anchor_from_trusted_cert).collect::<Result<Vec<_>, _>>() else {
+        return Vec::new();
+    };
+    let Ok(ee) = webpki::EndEntityCert::try_from(&chain[0]) else { return Vec::new() };
+    let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.all;
+    let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.unix_timestamp().max(0) as u64));
+    let Ok(path) = ee.verify_for_usage(algs, &anchors, &chain[1..], time, webpki::KeyUsage::client_auth(), None, None)
+    else {
+        return Vec::new();
+    };
+    if path.anchor().name_constraints.is_some() {
+        return Vec::new();
+    }
+    path.intermediate_certificates()
+        .filter_map(|cert| {
+            let der = chain[1..].iter().find(|c| c.as_ref() == cert.der().as_ref())?.clone();
+            let info = CertInfo::from_der(&der).ok()?;
+            Some(VerifiedIntermediate {
+                der,
+                not_before: info.not_before.unix_timestamp(),
+                not_after: info.not_after.unix_timestamp(),
+            })
+        })
+        .collect()
 }
 
 fn describe_webpki_error(e: &webpki::Error) -> String {

@@ -10,7 +10,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::certdir::CertSet;
 use crate::identity::PeerId;
-use crate::verify::{AllowListClientVerifier, IdentityServerVerifier};
+use crate::verify::{AllowListClientVerifier, IdentityServerVerifier, KnownIntermediates};
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +107,43 @@ pub fn root_store(set: &CertSet) -> Result<RootCertStore, TlsConfigError> {
     Ok(roots)
 }
 
+/// Verifies client chains to `set`'s `ca.pem`, not on its `crl.pem`, per
+/// `auth`; from the served chain's verified intermediates when the client
+/// presents one ([`KnownIntermediates`]).
+pub fn client_verifier(
+    set: &CertSet,
+    auth: &ClientAuth,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsConfigError> {
+    let verifier = |anchors: Arc<RootCertStore>| {
+        let webpki = WebPkiClientVerifier::builder_with_provider(anchors, provider())
+            .with_crls(set.crls.iter().cloned())
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+        match auth {
+            ClientAuth::Required(_) => webpki.build(),
+            ClientAuth::Optional => webpki.allow_unauthenticated().build(),
+        }
+        .map_err(|e| TlsConfigError::Verifier(e.to_string()))
+    };
+    let roots = root_store(set)?;
+    let full = verifier(Arc::new(roots.clone()))?;
+    let chains = if set.client_path.is_empty() {
+        full
+    } else {
+        let mut with_known = roots;
+        for known in &set.client_path {
+            with_known.add(known.der.clone())?;
+        }
+        Arc::new(KnownIntermediates::new(set.client_path.clone(), verifier(Arc::new(with_known))?, full))
+    };
+    Ok(match auth {
+        ClientAuth::Required(allow) if !allow.is_empty() => {
+            Arc::new(AllowListClientVerifier::new(chains, allow.clone()))
+        }
+        ClientAuth::Required(_) | ClientAuth::Optional => chains,
+    })
+}
+
 /// A server config presenting `set`'s chain, checking clients per `auth`
 /// (chain to `ca.pem`, not on `crl.pem`, on the allow-list).
 pub fn server_config(
@@ -115,26 +152,7 @@ pub fn server_config(
     resumption: Option<&Resumption>,
 ) -> Result<ServerConfig, TlsConfigError> {
     let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let roots = Arc::new(root_store(set)?);
-    let webpki = || {
-        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .with_crls(set.crls.iter().cloned())
-            .only_check_end_entity_revocation()
-            .allow_unknown_revocation_status()
-    };
-    let builder = match auth {
-        ClientAuth::Required(allow) => {
-            let inner = webpki().build().map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
-            if allow.is_empty() {
-                builder.with_client_cert_verifier(inner)
-            } else {
-                builder.with_client_cert_verifier(Arc::new(AllowListClientVerifier::new(inner, allow.clone())))
-            }
-        }
-        ClientAuth::Optional => builder.with_client_cert_verifier(
-            webpki().allow_unauthenticated().build().map_err(|e| TlsConfigError::Verifier(e.to_string()))?,
-        ),
-    };
+    let builder = builder.with_client_cert_verifier(client_verifier(set, auth)?);
     let mut config = builder.with_single_cert(set.chain.clone(), set.key.clone_key())?;
     if let Some(r) = resumption {
         config.session_storage = r.cache.clone();
@@ -224,4 +242,114 @@ pub fn client_config(set: &CertSet, check: &ServerCheck) -> Result<ClientConfig,
 /// Binaries call this once at start; it is idempotent.
 pub fn install_crypto_provider() {
     let _ = crypto_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certdir::{CertDir, PemSet};
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, IsCa, Issuer, KeyIdMethod, KeyPair,
+        RevokedCertParams, SerialNumber,
+    };
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    use rustls::{CertificateError, Error};
+    use time::{Duration, OffsetDateTime};
+
+    fn ca(
+        name: &str,
+        until: OffsetDateTime,
+        parent: Option<&Issuer<'_, KeyPair>>,
+    ) -> (Issuer<'static, KeyPair>, String) {
+        let key = KeyPair::generate_for(if parent.is_some() {
+            &rcgen::PKCS_ECDSA_P256_SHA256
+        } else {
+            &rcgen::PKCS_ECDSA_P384_SHA384
+        })
+        .unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.not_after = until;
+        let cert = match parent {
+            Some(p) => params.signed_by(&key, p).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (Issuer::new(params, key), cert.pem())
+    }
+
+    fn leaf(name: &str, serial: u64, issuer: &Issuer<'_, KeyPair>) -> (String, KeyPair) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.not_after = OffsetDateTime::now_utc() + Duration::hours(2);
+        (params.signed_by(&key, issuer).unwrap().pem(), key)
+    }
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_known_intermediate_shortcuts_the_chain_but_never_its_validity_revocation_or_issuer() {
+        let now = OffsetDateTime::now_utc();
+        let (root, root_pem) = ca("root", now + Duration::days(30), None);
+        // Ours expires in 1 h, before the leaves it issued.
+        let (ours, ours_pem) = ca("ours", now + Duration::hours(1), Some(&root));
+        let (other, other_pem) = ca("other", now + Duration::days(1), Some(&root));
+        let (served, served_key) = leaf("web", 1, &ours);
+        let crl = CertificateRevocationListParams {
+            this_update: now - Duration::minutes(1),
+            next_update: now + Duration::days(1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![RevokedCertParams {
+                serial_number: SerialNumber::from(3u64),
+                revocation_time: now - Duration::minutes(1),
+                reason_code: None,
+                invalidity_date: None,
+            }],
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&ours)
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = CertDir::new(dir.path().join("web"));
+        certs
+            .write(&PemSet {
+                cert: served + &ours_pem,
+                key: Some(served_key.serialize_pem()),
+                ca: root_pem,
+                crl: Some(crl.pem().unwrap()),
+            })
+            .unwrap();
+        let set = certs.load(now).unwrap();
+        assert_eq!(set.client_path.len(), 1, "our intermediate is on a verified client path");
+        let verifier = client_verifier(&set, &ClientAuth::Required(Arc::from(Vec::new()))).unwrap();
+        let at =
+            |t: OffsetDateTime| UnixTime::since_unix_epoch(std::time::Duration::from_secs(t.unix_timestamp() as u64));
+        let verify = |leaf_pem: &str, chain: &[&str], t| {
+            let chain: Vec<_> = chain.iter().map(|p| der(p)).collect();
+            verifier.verify_client_cert(&der(leaf_pem), &chain, at(t)).map(drop)
+        };
+
+        let (api, _) = leaf("api", 2, &ours);
+        verify(&api, &[&ours_pem], now).expect("a peer of our intermediate");
+        let (db, _) = leaf("db", 4, &other);
+        verify(&db, &[&other_pem], now).expect("a peer of another intermediate, through the full path");
+        let unknown = verify(&db, &[&ours_pem], now).unwrap_err();
+        assert!(matches!(unknown, Error::InvalidCertificate(CertificateError::UnknownIssuer)), "{unknown:?}");
+        let (revoked, _) = leaf("old", 3, &ours);
+        let refused = verify(&revoked, &[&ours_pem], now).unwrap_err();
+        assert!(matches!(refused, Error::InvalidCertificate(CertificateError::Revoked)), "{refused:?}");
+        let expired = verify(&api, &[&ours_pem], now + Duration::minutes(90)).unwrap_err();
+        assert!(
+            matches!(
+                expired,
+                Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. })
+            ),
+            "our intermediate has expired: {expired:?}"
+        );
+    }
 }

@@ -92,6 +92,87 @@ impl ClientCertVerifier for AllowListClientVerifier {
     }
 }
 
+/// Verifies client chains like `full`, but from an intermediate already
+/// verified against the same trust bundle (the served set's
+/// [`client_path`](crate::certdir::CertSet::client_path)) when the client
+/// presents it first and it is inside its validity window: the root's
+/// signature over it, the most expensive check of a handshake under a
+/// P-384 root, is not verified again. Any other chain, and any chain the
+/// shortcut refuses, gets `full`'s verdict.
+#[derive(Debug)]
+pub struct KnownIntermediates {
+    known: Vec<crate::certdir::VerifiedIntermediate>,
+    /// Trusts the roots and the known intermediates as anchors.
+    shortcut: Arc<dyn ClientCertVerifier>,
+    full: Arc<dyn ClientCertVerifier>,
+}
+
+impl KnownIntermediates {
+    /// `shortcut` must trust exactly `full`'s roots plus `known`, with the
+    /// same CRLs and options.
+    pub fn new(
+        known: Vec<crate::certdir::VerifiedIntermediate>,
+        shortcut: Arc<dyn ClientCertVerifier>,
+        full: Arc<dyn ClientCertVerifier>,
+    ) -> Self {
+        Self { known, shortcut, full }
+    }
+}
+
+impl ClientCertVerifier for KnownIntermediates {
+    fn offer_client_auth(&self) -> bool {
+        self.full.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.full.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.full.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let unix = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let known = intermediates
+            .first()
+            .is_some_and(|first| self.known.iter().any(|k| k.der.as_ref() == first.as_ref() && k.valid_at(unix)));
+        if known {
+            if let Ok(verified) = self.shortcut.verify_client_cert(end_entity, &[], now) {
+                return Ok(verified);
+            }
+        }
+        self.full.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.full.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.full.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.full.supported_verify_schemes()
+    }
+}
+
 /// Verifies a server's chain against the trust bundle, its revocation
 /// against the caller's CRLs and, when given, its identity against an
 /// expected SPIFFE ID or DNS name (instead of the SNI name).

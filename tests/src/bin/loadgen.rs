@@ -17,6 +17,12 @@
 //!   many are open to FILE, then holds them until killed.
 //! - `probe [--path P]`: one GET; exit 0 on a 200. Prints the status line
 //!   and the negotiated version and group.
+//! - `crypto --server-dir DIR`: the crypto bound of the same handshake on
+//!   this core, as the server does it with aws-lc-rs: the key exchange
+//!   (`--groups`), the server's CertificateVerify signature (`--server-dir`'s
+//!   key), the client chain (`--cert-dir`'s leaf → intermediate → root) and
+//!   the client's CertificateVerify. Prints `kx_us= sign_us= chain_us=
+//!   client_verify_us= total_us= bound_hs_per_s=`.
 //! - `reload --ca-bin CA --state STATE --out DIR [--times N]`: N times runs
 //!   `ca issue server` into DIR, then handshakes until the new certificate
 //!   is served. Prints `p50_ms= p99_ms= max_ms= n=` of (that handshake's
@@ -34,9 +40,9 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const USAGE: &str = "usage: loadgen handshakes|keepalive|hold|probe|reload --connect ADDR \
+const USAGE: &str = "usage: loadgen handshakes|keepalive|hold|probe|reload|crypto --connect ADDR \
     [--server-name NAME --cert-dir DIR] [--groups pq|classical] [--resume] [--no-client-cert] [--seconds S] \
-    [--concurrency C] [--connections C] [--path P] [--ready FILE] [--ca-bin CA --state DIR --out DIR --times N]";
+    [--concurrency C] [--connections C] [--path P] [--ready FILE] [--ca-bin CA --state DIR --out DIR --times N] [--server-dir DIR]";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -45,6 +51,7 @@ enum Mode {
     Hold,
     Probe,
     Reload,
+    Crypto,
 }
 
 struct Args {
@@ -62,6 +69,7 @@ struct Args {
     ca_bin: Option<String>,
     state: Option<String>,
     out: Option<CertDir>,
+    server_dir: Option<CertDir>,
     times: usize,
 }
 
@@ -73,6 +81,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         "hold" => Mode::Hold,
         "probe" => Mode::Probe,
         "reload" => Mode::Reload,
+        "crypto" => Mode::Crypto,
         other => return Err(format!("unknown mode {other:?}\n{USAGE}")),
     };
     let mut a = Args {
@@ -90,6 +99,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         ca_bin: None,
         state: None,
         out: None,
+        server_dir: None,
         times: 20,
     };
     let mut connect = None;
@@ -130,8 +140,15 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--ca-bin" => a.ca_bin = Some(value.clone()),
             "--state" => a.state = Some(value.clone()),
             "--out" => a.out = Some(CertDir::new(value)),
+            "--server-dir" => a.server_dir = Some(CertDir::new(value)),
             other => return Err(format!("unknown flag {other:?}\n{USAGE}")),
         }
+    }
+    if a.mode == Mode::Crypto {
+        if a.cert_dir.is_none() || a.server_dir.is_none() {
+            return Err("crypto needs --cert-dir (the client's) and --server-dir".into());
+        }
+        return Ok(a);
     }
     a.connect = connect.ok_or("--connect is required")?;
     if a.cert_dir.is_some() != a.server_name.is_some() {
@@ -473,6 +490,70 @@ async fn reload(args: &Args, target: Target) -> Result<String, String> {
     ))
 }
 
+/// Microseconds per call of `op`, over about `seconds` of calls.
+fn cost_us(seconds: f64, mut op: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+    let (started, mut calls) = (Instant::now(), 0u64);
+    while started.elapsed().as_secs_f64() < seconds || calls < 10 {
+        op()?;
+        calls += 1;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e6 / calls as f64)
+}
+
+/// What one server-side mTLS handshake costs in crypto alone.
+fn crypto(args: &Args) -> Result<String, String> {
+    use rustls::crypto::aws_lc_rs as provider;
+    let now = time::OffsetDateTime::now_utc();
+    let load = |dir: &CertDir| dir.load(now).map_err(|e| format!("{}: {e}", dir.path().display()));
+    let client = load(args.cert_dir.as_ref().expect("checked"))?;
+    let server = load(args.server_dir.as_ref().expect("checked"))?;
+    let each = args.seconds / 4.0;
+    let err = |e: rustls::Error| e.to_string();
+
+    let client_share = args.group.start().map_err(err)?;
+    let kx = cost_us(each, || args.group.start_and_complete(client_share.pub_key()).map(drop).map_err(err))?;
+
+    let key = provider::default_provider().key_provider.load_private_key(server.key.clone_key()).map_err(err)?;
+    let schemes = [rustls::SignatureScheme::ECDSA_NISTP256_SHA256, rustls::SignatureScheme::ED25519];
+    let signer = key.choose_scheme(&schemes).ok_or("the server key is neither P-256 nor Ed25519")?;
+    // TLS 1.3's CertificateVerify input: 64 spaces, the context, 0, a SHA-256 transcript hash.
+    let message = [&[0x20; 64][..], b"TLS 1.3, server CertificateVerify\0", &[0xab; 32]].concat();
+    let sign = cost_us(each, || signer.sign(&message).map(drop).map_err(err))?;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for root in &client.roots {
+        roots.add(root.clone()).map_err(err)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(provider::default_provider()),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    let (leaf, intermediates) = client.chain.split_first().ok_or("the client cert dir has no certificate")?;
+    let at = rustls::pki_types::UnixTime::now();
+    let chain = cost_us(each, || verifier.verify_client_cert(leaf, intermediates, at).map(drop).map_err(err))?;
+
+    let client_key = provider::default_provider().key_provider.load_private_key(client.key.clone_key()).map_err(err)?;
+    let client_signer = client_key.choose_scheme(&schemes).ok_or("the client key is neither P-256 nor Ed25519")?;
+    let signature = client_signer.sign(&message).map_err(err)?;
+    let algorithm: &dyn rustls::pki_types::SignatureVerificationAlgorithm = match client_signer.scheme() {
+        rustls::SignatureScheme::ED25519 => webpki::aws_lc_rs::ED25519,
+        _ => webpki::aws_lc_rs::ECDSA_P256_SHA256,
+    };
+    let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(|e| e.to_string())?;
+    let client_verify =
+        cost_us(each, || end_entity.verify_signature(algorithm, &message, &signature).map_err(|e| e.to_string()))?;
+
+    let total = kx + sign + chain + client_verify;
+    Ok(format!(
+        "kx_us={kx:.1} sign_us={sign:.1} chain_us={chain:.1} client_verify_us={client_verify:.1} total_us={total:.1} \
+         bound_hs_per_s={:.0} group={}",
+        1e6 / total,
+        lanyard_sidecar::tls::group_label(Some(args.group.name()))
+    ))
+}
+
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let args = match parse(&argv) {
@@ -482,28 +563,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let tls = match (&args.server_name, &args.cert_dir) {
-        (Some(name), Some(dir)) => match client_config(&args, dir) {
-            Ok(config) => Some((name.clone(), Arc::new(config))),
-            Err(e) => {
-                eprintln!("loadgen: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        _ => None,
-    };
-    let target = Target { addr: args.connect, tls };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-    let result = rt.block_on(async {
-        match args.mode {
-            Mode::Handshakes => handshakes(&args, target).await,
-            Mode::Keepalive => keepalive(&args, target).await,
-            Mode::Hold => hold(&args, target).await,
-            Mode::Probe => probe(&args, target).await,
-            Mode::Reload => reload(&args, target).await,
-        }
-    });
-    match result {
+    match run(&args) {
         Ok(line) => {
             println!("{line}");
             ExitCode::SUCCESS
@@ -513,4 +573,25 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Runs the mode on one thread.
+fn run(args: &Args) -> Result<String, String> {
+    let tls = match (&args.server_name, &args.cert_dir) {
+        (Some(name), Some(dir)) => Some((name.clone(), Arc::new(client_config(args, dir)?))),
+        _ => None,
+    };
+    let target = Target { addr: args.connect, tls };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        match args.mode {
+            Mode::Handshakes => handshakes(args, target).await,
+            Mode::Keepalive => keepalive(args, target).await,
+            Mode::Hold => hold(args, target).await,
+            Mode::Probe => probe(args, target).await,
+            Mode::Reload => reload(args, target).await,
+            // Synchronous: it measures this thread's crypto, nothing else runs.
+            Mode::Crypto => crypto(args),
+        }
+    })
 }
