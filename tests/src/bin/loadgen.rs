@@ -195,6 +195,8 @@ fn client_config(args: &Args, dir: &CertDir) -> Result<rustls::ClientConfig, Str
 #[derive(Clone)]
 struct Target {
     addr: SocketAddr,
+    /// The `Host` header: the server name, or `localhost` over plain TCP.
+    host: String,
     tls: Option<(ServerName<'static>, Arc<rustls::ClientConfig>)>,
 }
 
@@ -271,8 +273,9 @@ async fn exchange(stream: &mut dyn Stream, request: &[u8], buf: &mut [u8]) -> Re
     Ok((status, length))
 }
 
-fn request(path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes()
+/// A GET of `path` for `host` (a virtual host must match it: Caddy answers others with an empty 200).
+fn request(host: &str, path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes()
 }
 
 fn latency_histogram() -> Histogram<u64> {
@@ -296,7 +299,7 @@ async fn keepalive_one(target: Target, path: String, until: Instant) -> Measured
             return m;
         }
     };
-    let (request, mut buf) = (request(&path), vec![0u8; 256 * 1024]);
+    let (request, mut buf) = (request(&target.host, &path), vec![0u8; 256 * 1024]);
     while Instant::now() < until {
         let started = Instant::now();
         match exchange(conn.stream.as_mut(), &request, &mut buf).await {
@@ -438,7 +441,7 @@ async fn hold(args: &Args, target: Target) -> Result<String, String> {
 async fn probe(args: &Args, target: Target) -> Result<String, String> {
     let mut conn = target.connect().await?;
     let mut buf = vec![0u8; 4 * 1024 * 1024];
-    let (status, length) = exchange(conn.stream.as_mut(), &request(&args.path), &mut buf).await?;
+    let (status, length) = exchange(conn.stream.as_mut(), &request(&target.host, &args.path), &mut buf).await?;
     let tls = match (conn.version, conn.group) {
         (Some(v), g) => format!(" [{v:?} {}]", lanyard_sidecar::tls::group_label(g)),
         _ => String::new(),
@@ -589,7 +592,8 @@ fn run(args: &Args) -> Result<String, String> {
         (Some(name), Some(dir)) => Some((name.clone(), Arc::new(client_config(args, dir)?))),
         _ => None,
     };
-    let target = Target { addr: args.connect, tls };
+    let host = args.server_name.as_ref().map_or_else(|| "localhost".to_owned(), |n| n.to_str().into_owned());
+    let target = Target { addr: args.connect, host, tls };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
         match args.mode {
