@@ -18,16 +18,17 @@ apt_need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# venv_requirements FILE : make $ROOT/.venv hold exactly the pinned versions in FILE.
+# venv_requirements FILE [VENV]: make VENV (default $ROOT/.venv) hold exactly the pinned versions in FILE.
 venv_requirements() {
-    if [ ! -x "$ROOT/.venv/bin/python" ]; then
-        python3 -m venv "$ROOT/.venv"
+    local venv=${2:-$ROOT/.venv}
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv"
     fi
-    local stamp="$ROOT/.venv/.requirements.sha256"
+    local stamp="$venv/.requirements.sha256"
     local want; want=$(sha256sum "$1" | cut -d' ' -f1)
     [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
     echo "==> pip installing the pinned versions of $1"
-    "$ROOT/.venv/bin/pip" install -q -r "$1"
+    "$venv/bin/pip" install -q -r "$1"
     echo "$want" >"$stamp"
 }
 

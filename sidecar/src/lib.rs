@@ -24,6 +24,8 @@ pub mod command;
 #[cfg(feature = "runtime")]
 pub mod config;
 #[cfg(feature = "runtime")]
+pub mod copy;
+#[cfg(feature = "runtime")]
 pub mod edge;
 #[cfg(feature = "runtime")]
 pub mod enrol;

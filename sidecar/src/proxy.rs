@@ -63,8 +63,8 @@ pub async fn serve(socket: TcpListener, routes: Routes, mut stop: watch::Receive
     }
 }
 
-/// Copy buffer per direction: one TLS record, so that 10 000 open
-/// connections hold at most 320 MiB of buffers.
+/// Copy buffer a direction borrows during a burst: one TLS record. Idle
+/// connections hold none (see [`crate::copy`]).
 const BUFFER: usize = 16 * 1024;
 
 /// Longest HTTP request head read to route or redirect a request.
@@ -445,7 +445,7 @@ impl Listener {
         let activity = Arc::new(Activity::default());
         let mut a = Metered::new(a, Some(self.metrics.bytes_in.clone()), activity.clone());
         let mut b = Metered::new(b, Some(self.metrics.bytes_out.clone()), activity.clone());
-        let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER, BUFFER);
+        let copy = crate::copy::bidirectional(&mut a, &mut b, BUFFER);
         self.until_idle(copy, &activity).await;
     }
 
