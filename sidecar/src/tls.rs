@@ -10,7 +10,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::certdir::CertSet;
 use crate::identity::PeerId;
-use crate::verify::{AllowListClientVerifier, IdentityServerVerifier, KnownIntermediates};
+use crate::verify::{ClientVerifier, IdentityServerVerifier};
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +109,7 @@ pub fn root_store(set: &CertSet) -> Result<RootCertStore, TlsConfigError> {
 
 /// Verifies client chains to `set`'s `ca.pem`, not on its `crl.pem`, per
 /// `auth`; from the served chain's verified intermediates when the client
-/// presents one ([`KnownIntermediates`]).
+/// presents one ([`ClientVerifier`]).
 pub fn client_verifier(
     set: &CertSet,
     auth: &ClientAuth,
@@ -127,21 +127,20 @@ pub fn client_verifier(
     };
     let roots = root_store(set)?;
     let full = verifier(Arc::new(roots.clone()))?;
-    let chains = if set.client_path.is_empty() {
-        full
+    let shortcut = if set.client_path.is_empty() {
+        None
     } else {
         let mut with_known = roots;
         for known in &set.client_path {
             with_known.add(known.der.clone())?;
         }
-        Arc::new(KnownIntermediates::new(set.client_path.clone(), verifier(Arc::new(with_known))?, full))
+        Some((set.client_path.clone(), verifier(Arc::new(with_known))?))
     };
-    Ok(match auth {
-        ClientAuth::Required(allow) if !allow.is_empty() => {
-            Arc::new(AllowListClientVerifier::new(chains, allow.clone()))
-        }
-        ClientAuth::Required(_) | ClientAuth::Optional => chains,
-    })
+    let allow = match auth {
+        ClientAuth::Required(allow) => allow.clone(),
+        ClientAuth::Optional => Arc::from(Vec::new()),
+    };
+    Ok(Arc::new(ClientVerifier::new(full, shortcut, allow)))
 }
 
 /// A server config presenting `set`'s chain, checking clients per `auth`

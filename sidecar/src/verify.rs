@@ -26,100 +26,54 @@ pub fn peer_identity(info: &CertInfo) -> String {
     info.uris.first().or(info.dns.first()).cloned().unwrap_or_else(|| info.subject.clone())
 }
 
-/// Wraps a chain-verifying client verifier with an identity allow-list.
+/// Verifies clients: the chain like `full`, and, when `allow` is not empty,
+/// that the client carries one of its identities.
+///
+/// A chain whose first intermediate is one already verified against the
+/// same trust bundle (the served set's
+/// [`client_path`](crate::certdir::CertSet::client_path)) and inside its
+/// validity window is verified from it with `shortcut`: the root's
+/// signature over it, the most expensive check of a handshake under a P-384
+/// root, is not verified again. Any other chain, and any chain the shortcut
+/// refuses, gets `full`'s verdict.
 #[derive(Debug)]
-pub struct AllowListClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+pub struct ClientVerifier {
+    full: Arc<dyn ClientCertVerifier>,
+    /// The known intermediates, and a verifier that trusts them as anchors
+    /// beside `full`'s roots, with the same CRLs and options.
+    shortcut: Option<(Vec<crate::certdir::VerifiedIntermediate>, Arc<dyn ClientCertVerifier>)>,
     allow: Arc<[PeerId]>,
 }
 
-impl AllowListClientVerifier {
-    /// Requires, on top of `inner`, that the client carries one of `allow`.
-    pub fn new(inner: Arc<dyn ClientCertVerifier>, allow: Arc<[PeerId]>) -> Self {
-        Self { inner, allow }
-    }
-}
-
-impl ClientCertVerifier for AllowListClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
+impl ClientVerifier {
+    /// Checks chains with `full` (and `shortcut`), then identities against `allow`.
+    pub fn new(
+        full: Arc<dyn ClientCertVerifier>,
+        shortcut: Option<(Vec<crate::certdir::VerifiedIntermediate>, Arc<dyn ClientCertVerifier>)>,
+        allow: Arc<[PeerId]>,
+    ) -> Self {
+        Self { full, shortcut, allow }
     }
 
-    fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
+    fn verify_chain(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        let info =
-            CertInfo::from_der(end_entity).map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        if self.allow.iter().any(|id| cert_has_id(&info, id)) {
-            Ok(verified)
-        } else {
-            Err(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+        let unix = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        if let (Some((known, shortcut)), Some(first)) = (&self.shortcut, intermediates.first()) {
+            if known.iter().any(|k| k.der.as_ref() == first.as_ref() && k.valid_at(unix)) {
+                if let Ok(verified) = shortcut.verify_client_cert(end_entity, &[], now) {
+                    return Ok(verified);
+                }
+            }
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.full.verify_client_cert(end_entity, intermediates, now)
     }
 }
 
-/// Verifies client chains like `full`, but from an intermediate already
-/// verified against the same trust bundle (the served set's
-/// [`client_path`](crate::certdir::CertSet::client_path)) when the client
-/// presents it first and it is inside its validity window: the root's
-/// signature over it, the most expensive check of a handshake under a
-/// P-384 root, is not verified again. Any other chain, and any chain the
-/// shortcut refuses, gets `full`'s verdict.
-#[derive(Debug)]
-pub struct KnownIntermediates {
-    known: Vec<crate::certdir::VerifiedIntermediate>,
-    /// Trusts the roots and the known intermediates as anchors.
-    shortcut: Arc<dyn ClientCertVerifier>,
-    full: Arc<dyn ClientCertVerifier>,
-}
-
-impl KnownIntermediates {
-    /// `shortcut` must trust exactly `full`'s roots plus `known`, with the
-    /// same CRLs and options.
-    pub fn new(
-        known: Vec<crate::certdir::VerifiedIntermediate>,
-        shortcut: Arc<dyn ClientCertVerifier>,
-        full: Arc<dyn ClientCertVerifier>,
-    ) -> Self {
-        Self { known, shortcut, full }
-    }
-}
-
-impl ClientCertVerifier for KnownIntermediates {
+impl ClientCertVerifier for ClientVerifier {
     fn offer_client_auth(&self) -> bool {
         self.full.offer_client_auth()
     }
@@ -138,16 +92,17 @@ impl ClientCertVerifier for KnownIntermediates {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let unix = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-        let known = intermediates
-            .first()
-            .is_some_and(|first| self.known.iter().any(|k| k.der.as_ref() == first.as_ref() && k.valid_at(unix)));
-        if known {
-            if let Ok(verified) = self.shortcut.verify_client_cert(end_entity, &[], now) {
-                return Ok(verified);
-            }
+        let verified = self.verify_chain(end_entity, intermediates, now)?;
+        if self.allow.is_empty() {
+            return Ok(verified);
         }
-        self.full.verify_client_cert(end_entity, intermediates, now)
+        let info =
+            CertInfo::from_der(end_entity).map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if self.allow.iter().any(|id| cert_has_id(&info, id)) {
+            Ok(verified)
+        } else {
+            Err(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+        }
     }
 
     fn verify_tls12_signature(
