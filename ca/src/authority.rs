@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber};
 use time::{Duration, OffsetDateTime};
 
-use crate::issue::{IssuedLeaf, LeafRequest};
+use crate::issue::{IssuedLeaf, LeafRequest, TlsServerRequest};
 use crate::state::CaState;
 use crate::store::{IssuedRecord, SqliteStore, Store, StoreError};
 use crate::CaError;
@@ -63,14 +63,34 @@ impl Authority {
 
     /// Issues a leaf and records it; `source` says how (`cli`, `managed`, `sign`, `renew`).
     pub fn issue(&self, req: &LeafRequest, source: &str) -> Result<IssuedLeaf, CaError> {
+        self.issue_recorded(req.name.as_str(), source, |ca| ca.issue(req))
+    }
+
+    /// Issues a TLS server certificate (see [`CaState::issue_tls_server`])
+    /// and records it under `identity`.
+    pub fn issue_tls_server(
+        &self,
+        req: &TlsServerRequest<'_>,
+        identity: &str,
+        source: &str,
+    ) -> Result<IssuedLeaf, CaError> {
+        self.issue_recorded(identity, source, |ca| ca.issue_tls_server(req))
+    }
+
+    fn issue_recorded(
+        &self,
+        identity: &str,
+        source: &str,
+        issue: impl Fn(&CaState) -> Result<IssuedLeaf, CaError>,
+    ) -> Result<IssuedLeaf, CaError> {
         // A random 127-bit serial colliding is astronomically unlikely; the
         // store's primary key makes it impossible.
         for _ in 0..3 {
             let ca = self.ca();
-            let issued = ca.issue(req)?;
+            let issued = issue(&ca)?;
             let rec = IssuedRecord {
                 serial: issued.info.serial.clone(),
-                identity: req.name.to_string(),
+                identity: identity.to_owned(),
                 not_before: issued.info.not_before.unix_timestamp(),
                 not_after: issued.info.not_after.unix_timestamp(),
                 source: source.to_owned(),

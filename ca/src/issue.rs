@@ -128,32 +128,12 @@ impl CaState {
     /// Issues one leaf certificate signed by the intermediate.
     pub fn issue(&self, req: &LeafRequest) -> Result<IssuedLeaf, CaError> {
         let identity = self.identity(req)?;
-        let now = OffsetDateTime::now_utc();
-        let not_after = now + req.ttl.get();
-        let int_not_after = self.intermediate().not_after;
-        if now >= int_not_after {
-            return Err(CaError::IntermediateExpired(rfc3339(int_not_after)));
-        }
-        if not_after > int_not_after {
-            let max_minutes = (int_not_after - now).whole_minutes().max(1) as u64;
-            let max =
-                Span::new(std::time::Duration::from_secs(max_minutes * 60)).map(|s| s.to_string()).unwrap_or_default();
-            return Err(CaError::TtlTooLong {
-                ttl: req.ttl.to_string(),
-                intermediate_not_after: rfc3339(int_not_after),
-                max,
-            });
-        }
-
+        let (now, not_after) = self.validity(req.ttl)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, req.name.as_str());
         params.distinguished_name = dn;
-        params.not_before = now - backdate_for(req.ttl.get());
-        params.not_after = not_after;
-        params.serial_number = Some(random_serial());
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.use_authority_key_identifier_extension = true;
+        leaf_validity(&mut params, now, not_after, req.ttl);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.subject_alt_names.push(SanType::URI(identity.spiffe.as_str().try_into()?));
         for name in &identity.dns {
@@ -194,6 +174,90 @@ impl CaState {
             info,
         })
     }
+}
+
+impl CaState {
+    /// notBefore (now) and notAfter of a leaf living `ttl`, refused past the intermediate's notAfter.
+    fn validity(&self, ttl: Span) -> Result<(OffsetDateTime, OffsetDateTime), CaError> {
+        let now = OffsetDateTime::now_utc();
+        let not_after = now + ttl.get();
+        let int_not_after = self.intermediate().not_after;
+        if now >= int_not_after {
+            return Err(CaError::IntermediateExpired(rfc3339(int_not_after)));
+        }
+        if not_after > int_not_after {
+            let max_minutes = (int_not_after - now).whole_minutes().max(1) as u64;
+            let max =
+                Span::new(std::time::Duration::from_secs(max_minutes * 60)).map(|s| s.to_string()).unwrap_or_default();
+            return Err(CaError::TtlTooLong {
+                ttl: ttl.to_string(),
+                intermediate_not_after: rfc3339(int_not_after),
+                max,
+            });
+        }
+        Ok((now, not_after))
+    }
+
+    /// Issues a TLS server certificate for names an ACME client proved: no
+    /// SPIFFE ID and serverAuth only, so that it never passes as a mesh
+    /// identity. The names must lie within the CA's name constraints.
+    pub fn issue_tls_server(&self, req: &TlsServerRequest<'_>) -> Result<IssuedLeaf, CaError> {
+        let (now, not_after) = self.validity(req.ttl)?;
+        for name in req.dns {
+            let permitted = self.permitted_dns();
+            if !permitted.is_empty() && !name.parse::<DnsName>().is_ok_and(|n| permitted.iter().any(|p| n.is_within(p)))
+            {
+                let permitted = permitted.iter().map(ToString::to_string).collect::<Vec<_>>();
+                return Err(CaError::NotPermitted { name: name.clone(), permitted: permitted.join(", ") });
+            }
+        }
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        // The CN, as Let's Encrypt's classic profile writes it: the first name, when it fits.
+        if let Some(first) = req.dns.first().filter(|n| n.len() <= 64) {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        leaf_validity(&mut params, now, not_after, req.ttl);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        for name in req.dns {
+            params.subject_alt_names.push(SanType::DnsName(name.as_str().try_into()?));
+        }
+        params.subject_alt_names.extend(req.ips.iter().copied().map(SanType::IpAddress));
+        params.key_usages = key_usages(is_rsa(req.csr.public_key.algorithm()));
+        let cert = params.signed_by(&req.csr.public_key, self.issuer())?;
+        let info = CertInfo::from_der(cert.der()).map_err(|e| CaError::Rcgen(rcgen::Error::X509(e.to_string())))?;
+        Ok(IssuedLeaf {
+            pem: PemSet {
+                cert: format!("{}{}", cert.pem(), self.intermediate_pem()),
+                key: None,
+                ca: self.bundle_pem().to_owned(),
+                crl: None,
+            },
+            info,
+        })
+    }
+}
+
+/// A TLS server certificate for a CSR's key (the ACME server's finalize).
+pub struct TlsServerRequest<'a> {
+    /// The CSR, its signature checked.
+    pub csr: &'a CertificateSigningRequestParams,
+    /// DNS SANs, the first one also the CN.
+    pub dns: &'a [String],
+    /// IP SANs.
+    pub ips: &'a [IpAddr],
+    /// Lifetime.
+    pub ttl: Span,
+}
+
+/// Serial, validity (backdated for clock skew), and the leaf constraints.
+fn leaf_validity(params: &mut CertificateParams, now: OffsetDateTime, not_after: OffsetDateTime, ttl: Span) {
+    params.not_before = now - backdate_for(ttl.get());
+    params.not_after = not_after;
+    params.serial_number = Some(random_serial());
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.use_authority_key_identifier_extension = true;
 }
 
 fn key_usages(rsa: bool) -> Vec<KeyUsagePurpose> {

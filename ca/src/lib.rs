@@ -2,6 +2,7 @@
 //! short-lived service certificates into cert dirs.
 
 pub mod acme;
+pub mod acme_server;
 pub mod authority;
 pub mod compose;
 pub mod doctor;

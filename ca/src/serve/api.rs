@@ -170,6 +170,9 @@ pub async fn handle(
 ) -> Result<Reply, Infallible> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    if path.starts_with(crate::acme_server::PREFIX) {
+        return Ok(acme_server(svc, req).await);
+    }
     if let Some(allowed) = allowed_methods(&path).filter(|allowed| !allowed.contains(&method)) {
         let list = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, format!("{path} accepts {list} only"));
@@ -185,6 +188,33 @@ pub async fn handle(
     };
     let routed = tokio::task::spawn_blocking(move || route(&svc, peer.as_deref(), remote, &method, &path, &body));
     Ok(routed.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+}
+
+/// `/acme/...`: the ACME server, or 404 naming `[acme_server]` when there is none.
+async fn acme_server(svc: Arc<Service>, req: Request<Incoming>) -> Reply {
+    let Some(server) = svc.acme_server.clone() else {
+        return error(StatusCode::NOT_FOUND, "this CA runs no ACME server: add [acme_server] to lanyard.toml");
+    };
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (host, content_type) = (header(hyper::header::HOST), header(hyper::header::CONTENT_TYPE));
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let body = match method {
+        Method::POST => match read_body(req.into_body()).await {
+            Ok(body) => body,
+            Err(r) => return r,
+        },
+        _ => Vec::new(),
+    };
+    let answered = tokio::task::spawn_blocking(move || {
+        server.handle(&crate::acme_server::AcmeRequest {
+            method: &method,
+            host: host.as_deref(),
+            path: &path,
+            content_type: content_type.as_deref(),
+            body: &body,
+        })
+    });
+    answered.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Answers one request whose body was read.

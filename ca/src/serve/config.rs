@@ -91,6 +91,9 @@ pub struct ServeConfig {
     /// ACME settings.
     #[serde(default)]
     pub acme: crate::acme::AcmeSettings,
+    /// The ACME server at `/acme/directory`, for the fleet's own ACME clients.
+    #[serde(default)]
+    pub acme_server: Option<crate::acme_server::AcmeServerConfig>,
     /// Where the store lives: `sqlite` (the default, `STATE/lanyard.db`) or
     /// `redis://HOST:PORT[/DB]` / `rediss://…` for replicas sharing one
     /// state (`REDIS_URL` overrides).

@@ -194,6 +194,8 @@ pub struct ServiceMetrics {
     pub leader: Leader,
     /// Public certificates.
     pub acme: Arc<crate::acme::Acme>,
+    /// The ACME server, if configured.
+    pub acme_server: Option<Arc<crate::acme_server::AcmeServer>>,
     /// The service's counters.
     pub counters: Arc<CaMetrics>,
 }
@@ -231,7 +233,11 @@ impl Collector for ServiceMetrics {
         encode_ca_certificates(&mut enc, &ca.expiry(now), now)?;
         encode_root_rotation(&mut enc, &ca)?;
         encode_leadership(&mut enc, &self.leader)?;
-        self.acme.encode_metrics(&mut enc)
+        self.acme.encode_metrics(&mut enc)?;
+        match &self.acme_server {
+            Some(server) => server.encode_metrics(&mut enc),
+            None => Ok(()),
+        }
     }
 }
 

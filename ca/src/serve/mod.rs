@@ -51,6 +51,8 @@ pub struct Service {
     pub metrics: Arc<CaMetrics>,
     /// Public certificates from ACME.
     pub acme: Arc<crate::acme::Acme>,
+    /// The ACME server, with `[acme_server]`.
+    pub acme_server: Option<Arc<crate::acme_server::AcmeServer>>,
     /// Who leads among the replicas sharing the store.
     pub leader: leader::Leader,
     /// This replica's API certificate and admin credential.
@@ -405,12 +407,22 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
     let acme = crate::acme::Acme::new(authority.store().clone(), config.acme.clone(), &dir);
     acme.reconcile(&config.public).map_err(|e| CaError::Config { origin: "[[public]]".into(), what: e.to_string() })?;
     let acme_task = tokio::spawn(acme.clone().run(leader.clone(), stop_rx.clone()));
+    let acme_server = match config.acme_server.clone() {
+        None => None,
+        Some(c) => {
+            let policy = crate::acme_server::Policy::new(c)
+                .map_err(|what| CaError::Config { origin: "[acme_server]".into(), what })?;
+            let runtime = tokio::runtime::Handle::current();
+            Some(crate::acme_server::AcmeServer::new(policy, authority.store().clone(), authority.clone(), runtime))
+        }
+    };
     tokio::spawn(sidecars::poll_during_rotation(authority.clone(), known_sidecars, stop_rx.clone()));
     let registry = metrics::ServiceMetrics {
         authority: authority.clone(),
         own: own.clone(),
         leader: leader.clone(),
         acme: acme.clone(),
+        acme_server: acme_server.clone(),
         counters: metrics.clone(),
     }
     .registry();
@@ -419,6 +431,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
         scheduler,
         metrics,
         acme,
+        acme_server,
         leader,
         own,
         leaf_ttl: config.leaf_ttl,
