@@ -25,7 +25,12 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Path of a tool installed in the project's Python venv (`.venv/bin`).
 pub fn venv_tool(name: &str) -> PathBuf {
-    let path = workspace_root().join(".venv/bin").join(name);
+    venv_tool_of(".venv", name)
+}
+
+/// Path of a tool installed in the venv `venv` of the workspace root.
+pub fn venv_tool_of(venv: &str, name: &str) -> PathBuf {
+    let path = workspace_root().join(venv).join("bin").join(name);
     assert!(path.exists(), "{} is missing: run scripts/test, which installs the venv", path.display());
     path
 }

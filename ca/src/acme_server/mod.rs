@@ -224,7 +224,7 @@ impl AcmeServer {
             store,
             authority,
             runtime,
-            requests: Mutex::default(),
+            requests: Mutex::new(RESOURCES.iter().map(|r| (*r, 0)).collect()),
             validations: Default::default(),
         })
     }
@@ -960,6 +960,25 @@ fn authz_json(urls: &Urls, authz: &AuthzDoc) -> Value {
         "challenges": (0..authz.challenges.len()).map(|i| challenge_json(urls, authz, i)).collect::<Vec<_>>(),
     })
 }
+
+/// Every resource, so that each counter exists from the start.
+const RESOURCES: [&str; 15] = [
+    "directory",
+    "new-nonce",
+    "new-account",
+    "account",
+    "orders",
+    "new-order",
+    "order",
+    "finalize",
+    "authz",
+    "challenge",
+    "certificate",
+    "revoke-cert",
+    "key-change",
+    "renewal-info",
+    "unknown",
+];
 
 /// The resource a path names, for metrics and 405s.
 fn resource_name(parts: &[&str]) -> &'static str {

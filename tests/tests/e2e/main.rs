@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod acme;
+mod acme_server;
 mod compose;
 mod docker;
 mod flood;

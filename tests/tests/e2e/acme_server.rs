@@ -1,0 +1,310 @@
+//! The ACME server of `ca serve` (`/acme/directory`) against real ACME
+//! clients: certbot (PyPI), lego and Caddy (Debian). Each gets, renews and
+//! uses certificates that verify against the fleet root; names outside
+//! `[acme_server] allow` are refused with `rejectedIdentifier`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use lanyard_tests::*;
+
+/// A `ca serve` with `[acme_server]`, and the ports its validations use.
+struct Fleet {
+    pki: Pki,
+    ca: CaServer,
+    http01: u16,
+    tls_alpn01: u16,
+}
+
+impl Fleet {
+    /// `extra` goes at the end of `[acme_server]` (more keys, or tables).
+    fn start(extra: &str) -> Self {
+        let pki = Pki::new(&[]);
+        let (https, http, http01, tls_alpn01) = (free_port(), free_port(), free_port(), free_port());
+        let config = pki.path("acme-server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state = {:?}\nhttps_listen = \"127.0.0.1:{https}\"\nhttp_listen = \"127.0.0.1:{http}\"\n\
+                 [acme_server]\nallow = [\"*.internal\", \"127.0.0.1\"]\nhttp01_port = {http01}\ntls_alpn01_port = {tls_alpn01}\n\
+                 hosts = {{ \"web.internal\" = \"127.0.0.1\", \"api.internal\" = \"127.0.0.1\", \"site.internal\" = \"127.0.0.1\" }}\n{extra}\n",
+                pki.state()
+            ),
+        )
+        .unwrap();
+        let ca = CaServer::start_with(&pki, config, https, http);
+        Self { pki, ca, http01, tls_alpn01 }
+    }
+
+    fn directory(&self) -> String {
+        format!("https://127.0.0.1:{}/acme/directory", self.ca.https_port)
+    }
+
+    fn root(&self) -> PathBuf {
+        self.pki.state().join("root.pem")
+    }
+
+    /// A counter of `/metrics`, e.g. `lanyard_ca_acme_server_requests_total{resource="renewal-info"}`.
+    fn metric(&self, sample: &str) -> f64 {
+        let (status, text) = curl_api(&self.pki, "GET", &self.ca.url("/metrics"), None, None);
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no sample {sample} in /metrics:\n{text}"))
+    }
+
+    /// `openssl verify` of `cert` against the fleet root, with `chain` as intermediates.
+    fn verify(&self, cert: &Path, chain: &Path) {
+        run_ok(
+            Command::new(peer("openssl"))
+                .arg("verify")
+                .arg("-CAfile")
+                .arg(self.root())
+                .arg("-untrusted")
+                .arg(chain)
+                .arg(cert),
+        );
+    }
+
+    /// Revokes `serial` through the admin API (as `ca revoke` does).
+    fn revoke(&self, serial: &str) {
+        let body = format!("{{\"serial\":\"{serial}\"}}");
+        let (status, text) =
+            curl_api(&self.pki, "POST", &self.ca.url("/v1/revoke"), Some(&body), Some(&self.pki.state().join("admin")));
+        assert_eq!(status, 200, "{text}");
+    }
+
+    fn revoked(&self, serial: &str) -> bool {
+        let (status, text) =
+            curl_api(&self.pki, "GET", &self.ca.url("/v1/certificates"), None, Some(&self.pki.state().join("admin")));
+        assert_eq!(status, 200, "{text}");
+        let list: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let rec = list["certificates"].as_array().unwrap().iter().find(|c| c["serial"] == serial);
+        rec.unwrap_or_else(|| panic!("serial {serial} is not in the store: {text}"))["revoked_at"].is_number()
+    }
+}
+
+fn serial(cert: &Path) -> String {
+    let out = run_ok(Command::new(peer("openssl")).args(["x509", "-noout", "-serial", "-in"]).arg(cert));
+    text(&out.stdout).trim().trim_start_matches("serial=").to_ascii_lowercase().trim_start_matches("00").to_owned()
+}
+
+/// The certificate is a TLS server certificate for exactly `san` and
+/// nothing of the mesh: no SPIFFE URI, no clientAuth.
+fn assert_server_only(cert: &Path, san: &str) {
+    let out = run_ok(
+        Command::new(peer("openssl"))
+            .args(["x509", "-noout", "-ext", "subjectAltName,extendedKeyUsage", "-in"])
+            .arg(cert),
+    );
+    let exts = text(&out.stdout);
+    assert!(exts.contains(san), "{exts}");
+    assert!(!exts.contains("URI:"), "an ACME certificate must carry no SPIFFE ID: {exts}");
+    assert!(exts.contains("TLS Web Server Authentication") && !exts.contains("Client"), "{exts}");
+}
+
+fn ok(out: Output, what: &str) -> String {
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{what} failed:\n{all}");
+    all
+}
+
+struct Certbot<'a> {
+    fleet: &'a Fleet,
+    dir: PathBuf,
+}
+
+impl Certbot<'_> {
+    fn run(&self, args: &[&str]) -> Output {
+        run(Command::new(venv_tool_of(".venv-certbot", "certbot"))
+            .args(["--non-interactive", "--config-dir"])
+            .arg(self.dir.join("config"))
+            .arg("--work-dir")
+            .arg(self.dir.join("work"))
+            .arg("--logs-dir")
+            .arg(self.dir.join("logs"))
+            .env("REQUESTS_CA_BUNDLE", self.fleet.root())
+            .args(args))
+    }
+
+    fn live(&self, name: &str, file: &str) -> PathBuf {
+        self.dir.join("config/live").join(name).join(file)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("logs/letsencrypt.log")).unwrap_or_default()
+    }
+}
+
+#[test]
+fn certbot_issues_renews_on_ari_and_revokes() {
+    let fleet = Fleet::start("");
+    let certbot = Certbot { fleet: &fleet, dir: fleet.pki.path("certbot") };
+    let http01 = fleet.http01.to_string();
+    let server = fleet.directory();
+    let common = ["--agree-tos", "--register-unsafely-without-email", "--server", server.as_str()];
+    let standalone = ["certonly", "--standalone", "--http-01-address", "127.0.0.1", "--http-01-port", http01.as_str()];
+
+    // certonly --standalone: certbot answers HTTP-01 itself.
+    let args = [&standalone[..], &common[..], &["-d", "web.internal"]].concat();
+    ok(certbot.run(&args), "certbot certonly --standalone");
+    let (cert, chain) = (certbot.live("web.internal", "cert.pem"), certbot.live("web.internal", "chain.pem"));
+    fleet.verify(&cert, &chain);
+    assert_server_only(&cert, "DNS:web.internal");
+    let first = serial(&cert);
+
+    // Not due: certbot asks ARI (RFC 9773), which says 2/3 of the lifetime, and keeps the certificate.
+    let renew =
+        ["renew", "--no-random-sleep-on-renew", "--http-01-address", "127.0.0.1", "--http-01-port", http01.as_str()];
+    let quiet = fleet.metric("lanyard_ca_acme_server_requests_total{resource=\"renewal-info\"}");
+    let out = ok(certbot.run(&renew), "certbot renew");
+    assert!(out.contains("not due for renewal"), "{out}");
+    assert_eq!(serial(&cert), first);
+    assert!(fleet.metric("lanyard_ca_acme_server_requests_total{resource=\"renewal-info\"}") > quiet);
+
+    // Revoked by the operator: ARI pulls the window into the past and the next
+    // `certbot renew` renews. certbot keeps ARI's Retry-After between runs, so
+    // this is a fresh lineage that has not asked yet.
+    let args = [&standalone[..], &common[..], &["-d", "api.internal"]].concat();
+    ok(certbot.run(&args), "certbot certonly --standalone (api.internal)");
+    let api = certbot.live("api.internal", "cert.pem");
+    let before = serial(&api);
+    fleet.revoke(&before);
+    let out = ok(certbot.run(&renew), "certbot renew after a revocation");
+    assert!(out.contains("api.internal/fullchain.pem (success)"), "{out}");
+    assert_ne!(serial(&api), before, "ARI pulled forward, so certbot renewed");
+    assert_eq!(serial(&cert), first, "web.internal was not pulled forward");
+    fleet.verify(&api, &certbot.live("api.internal", "chain.pem"));
+
+    // certonly --webroot: a separate web server (python's) serves the token files certbot writes.
+    let webroot = fleet.pki.path("webroot");
+    std::fs::create_dir_all(&webroot).unwrap();
+    let mut web = Command::new("python3");
+    web.args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"]).arg(&webroot).arg(&http01);
+    let web_log = fleet.pki.path("webroot.log");
+    let mut web = ChildGuard::spawn(web, &web_log);
+    web.wait_for_port(std::net::SocketAddr::from(([127, 0, 0, 1], fleet.http01)), &web_log);
+    let webroot_arg = webroot.display().to_string();
+    let args =
+        [&["certonly", "--webroot", "-w", webroot_arg.as_str()][..], &common[..], &["-d", "site.internal"]].concat();
+    ok(certbot.run(&args), "certbot certonly --webroot");
+    let site = certbot.live("site.internal", "cert.pem");
+    fleet.verify(&site, &certbot.live("site.internal", "chain.pem"));
+    assert_server_only(&site, "DNS:site.internal");
+    drop(web);
+
+    // An IP identifier (RFC 8738), proven by HTTP-01 at the address.
+    let args = [&standalone[..], &common[..], &["--ip-address", "127.0.0.1"]].concat();
+    ok(certbot.run(&args), "certbot certonly --ip-address");
+    let ip = certbot.live("127.0.0.1", "cert.pem");
+    fleet.verify(&ip, &certbot.live("127.0.0.1", "chain.pem"));
+    assert_server_only(&ip, "IP Address:127.0.0.1");
+
+    // revoke: signed by the account; the store and the CRL have it.
+    let site_serial = serial(&site);
+    ok(certbot.run(&["revoke", "--cert-name", "site.internal", "--no-delete-after-revoke"]), "certbot revoke");
+    assert!(fleet.revoked(&site_serial), "certbot revoke reached the store");
+
+    // A name outside `allow` is refused before any validation.
+    let args = [&standalone[..], &common[..], &["-d", "www.example.com"]].concat();
+    let out = certbot.run(&args);
+    assert!(!out.status.success());
+    assert!(certbot.log().contains("urn:ietf:params:acme:error:rejectedIdentifier"), "{}", certbot.log());
+    assert!(text(&out.stderr).contains("www.example.com is not allowed"), "{}", text(&out.stderr));
+}
+
+fn lego(fleet: &Fleet, dir: &Path, args: &[&str]) -> Output {
+    run(Command::new(peer("lego"))
+        .env("LEGO_CA_CERTIFICATES", fleet.root())
+        .arg("--server")
+        .arg(fleet.directory())
+        .args(["--email", "ops@example.test", "--accept-tos", "--path"])
+        .arg(dir)
+        .args(args))
+}
+
+#[test]
+fn lego_issues_over_tls_alpn01_and_renews_over_http01() {
+    let fleet = Fleet::start("");
+    let dir = fleet.pki.path("lego");
+    let tls = format!("127.0.0.1:{}", fleet.tls_alpn01);
+    let http = format!("127.0.0.1:{}", fleet.http01);
+    ok(lego(&fleet, &dir, &["--domains", "api.internal", "--tls", "--tls.port", &tls, "run"]), "lego run --tls");
+    let (cert, issuer) = (dir.join("certificates/api.internal.crt"), dir.join("certificates/api.internal.issuer.crt"));
+    fleet.verify(&cert, &issuer);
+    assert_server_only(&cert, "DNS:api.internal");
+    let first = serial(&cert);
+    let args =
+        ["--domains", "api.internal", "--http", "--http.port", &http, "renew", "--days", "9999", "--no-random-sleep"];
+    ok(lego(&fleet, &dir, &args), "lego renew --http");
+    assert_ne!(serial(&cert), first, "lego renewed");
+    fleet.verify(&cert, &issuer);
+
+    let out = lego(&fleet, &dir, &["--domains", "db.example.com", "--http", "--http.port", &http, "run"]);
+    assert!(!out.status.success());
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(all.contains("rejectedIdentifier") && all.contains("db.example.com is not allowed"), "{all}");
+}
+
+#[test]
+fn caddy_serves_a_site_with_a_fleet_certificate_and_renews_it() {
+    // A one-minute profile, so that Caddy's own rule (renew with a third of
+    // the lifetime left) comes due within the test.
+    let fleet = Fleet::start("default_profile = \"minute\"\n[acme_server.profiles]\nminute = \"1m\"");
+    let home = fleet.pki.path("caddy");
+    std::fs::create_dir_all(&home).unwrap();
+    let caddyfile = home.join("Caddyfile");
+    std::fs::write(
+        &caddyfile,
+        format!(
+            "{{\n\tadmin off\n\thttp_port {}\n\thttps_port {}\n\tacme_ca {}\n\tacme_ca_root {}\n\tstorage file_system {}\n\
+             \tskip_install_trust\n\trenew_interval 2s\n}}\nweb.internal {{\n\trespond \"hello from caddy\"\n}}\n",
+            fleet.http01,
+            fleet.tls_alpn01,
+            fleet.directory(),
+            fleet.root().display(),
+            home.join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(peer("caddy"));
+    cmd.args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(&caddyfile)
+        .env("HOME", &home)
+        .env("XDG_DATA_HOME", &home);
+    let log = home.join("caddy.log");
+    let _caddy = ChildGuard::spawn(cmd, &log);
+    let port = fleet.tls_alpn01;
+    let says_hello = || {
+        let out = run(Command::new(peer("curl"))
+            .args(["-sS", "--max-time", "5", "--resolve"])
+            .arg(format!("web.internal:{port}:127.0.0.1"))
+            .arg("--cacert")
+            .arg(fleet.root())
+            .arg(format!("https://web.internal:{port}/")));
+        out.status.success() && text(&out.stdout) == "hello from caddy"
+    };
+    let served = home.join("served.pem");
+    let served_serial = || -> Option<String> {
+        let out = run(Command::new(peer("openssl"))
+            .args(["s_client", "-servername", "web.internal", "-connect"])
+            .arg(format!("127.0.0.1:{port}")));
+        std::fs::write(&served, &out.stdout).unwrap();
+        text(&out.stdout).contains("BEGIN CERTIFICATE").then(|| serial(&served))
+    };
+    let mut first = None;
+    poll_until(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        "Caddy serves web.internal with a fleet certificate",
+        || {
+            first = served_serial().filter(|_| says_hello());
+            first.is_some()
+        },
+    );
+    poll_until(Duration::from_secs(90), Duration::from_secs(1), "Caddy renews its one-minute certificate", || {
+        served_serial().is_some_and(|s| Some(&s) != first.as_ref())
+    });
+    assert!(fleet.metric("lanyard_ca_acme_server_validations_total{result=\"valid\"}") >= 2.0);
+}
