@@ -70,7 +70,7 @@ fuzz_target!(|input: &[u8]| {
             Err(e) => refused(e),
         },
         4 => match NewPublic::parse(body) {
-            Ok(new) => match ca().acme.create(&new.cert_name, new.domains.clone(), new.email, new.acme_directory_url) {
+            Ok(new) => match ca().acme.create(&new.cert_name, new.domains.clone(), new.email, new.acme_directory_url, new.profile) {
                 Ok(created) => {
                     let stored = ca().acme.get(&new.cert_name).unwrap().expect("a created certificate is stored");
                     assert_eq!(stored.domains, new.domains);

@@ -99,7 +99,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
         let acme = Acme::new(store, AcmeSettings::default(), dir.path());
-        let cert = acme.create("shop", vec!["shop.example.com".into()], "a@example.com".into(), None).unwrap();
+        let cert = acme.create("shop", vec!["shop.example.com".into()], "a@example.com".into(), None, None).unwrap();
         assert!(acme.rate_limited(&cert).is_none());
         for _ in 0..MAX_FAILED_VALIDATIONS_PER_NAME_PER_HOUR {
             acme.record_event(EventKind::Failed, "shop.example.com");
@@ -108,7 +108,7 @@ mod tests {
         assert!(why.contains("5 failed validations in the last hour"), "{why}");
         assert!(until > now() + 3500 && until <= now() + 3600, "{until}");
         // Orders count per registered domain, across names.
-        let other = acme.create("api", vec!["api.example.com".into()], "a@example.com".into(), None).unwrap();
+        let other = acme.create("api", vec!["api.example.com".into()], "a@example.com".into(), None, None).unwrap();
         assert!(acme.rate_limited(&other).is_none());
         for i in 0..MAX_ORDERS_PER_DOMAIN_PER_WEEK {
             acme.record_event(EventKind::Order, &format!("n{i}.example.com"));

@@ -49,7 +49,7 @@ use domain::registered_domain;
 use limits::{backoff, random_fraction, EventKind};
 pub use model::*;
 pub use order::probe_directory;
-use order::{write_public, Issued, OrderError};
+use order::{write_public, Ari, Issued, OrderError};
 pub use repo::PublicCerts;
 use repo::{CHALLENGE_TTL, KIND_ACCOUNT, KIND_CHALLENGE, KIND_CHALLENGE_ALPN, KIND_EVENT};
 
@@ -102,10 +102,18 @@ impl Acme {
             return Err(PublicError::Invalid("no domain: give `domain` or `domains`".into()));
         }
         for d in domains {
+            if d.parse::<std::net::IpAddr>().is_ok() {
+                if challenge == Challenge::Dns01 {
+                    return Err(PublicError::Invalid(format!(
+                        "{d}: an IP address is proven by http-01 or tls-alpn-01, not dns-01 (RFC 8738)"
+                    )));
+                }
+                continue;
+            }
             let base = d.strip_prefix("*.").unwrap_or(d);
             if base.parse::<DnsName>().is_err() || !base.contains('.') || base.parse::<std::net::IpAddr>().is_ok() {
                 return Err(PublicError::Invalid(format!(
-                    "malformed domain {d:?}: give a DNS name such as www.example.com (or *.example.com with dns-01)"
+                    "malformed domain {d:?}: give a DNS name such as www.example.com (or *.example.com with dns-01), or an IP address"
                 )));
             }
             if d.starts_with("*.") && challenge != Challenge::Dns01 {
@@ -135,11 +143,13 @@ impl Acme {
             let out_dir = c.out_dir.clone().unwrap_or_else(|| self.state_dir.join("public").join(c.name.as_str()));
             let existing = self.get(c.name.as_str())?;
             let mut cert = existing.clone().unwrap_or_else(|| PublicCert::new(c.name.as_str(), CertSource::Config));
-            let changed = cert.domains != c.domains || cert.acme_directory_url != directory;
+            let changed =
+                cert.domains != c.domains || cert.acme_directory_url != directory || cert.profile != c.profile;
             cert.domains = c.domains.clone();
             cert.email = c.email.clone();
             cert.acme_directory_url = directory;
             cert.challenge = c.challenge;
+            cert.profile = c.profile.clone();
             cert.out_dir = out_dir;
             if changed && existing.is_some() {
                 cert.next_attempt = now();
@@ -218,6 +228,7 @@ impl Acme {
         domains: Vec<String>,
         email: String,
         directory: Option<String>,
+        profile: Option<String>,
     ) -> Result<PublicCert, PublicError> {
         name.parse::<CertName>()?;
         if self.get(name)?.is_some() {
@@ -232,6 +243,7 @@ impl Acme {
         cert.domains = domains;
         cert.email = email;
         cert.acme_directory_url = directory.unwrap_or_else(|| LETS_ENCRYPT.into());
+        cert.profile = profile;
         cert.out_dir = self.state_dir.join("public").join(name);
         self.put(&cert)?;
         self.wake.notify_one();
@@ -345,6 +357,7 @@ impl Acme {
                 }
                 self.attempt(cert, stop.clone()).await;
             }
+            self.check_renewal_info().await;
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = self.wake.notified() => {}
@@ -382,20 +395,19 @@ impl Acme {
         // A renewal asked for during the order (API) must not be lost.
         let requested = (latest.next_attempt != cert.next_attempt).then_some(latest.next_attempt);
         match result {
-            Ok(Issued { info, chain, window }) => {
+            Ok(Issued { info, chain, ari }) => {
                 self.orders[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(identity = %latest.cert_name, serial = %info.serial, not_after = %rfc3339(info.not_after), took = ?started.elapsed(), event = "issued", "public certificate issued");
                 latest.status = CertStatus::Valid;
                 latest.record_served(&info, &chain);
                 latest.failures = 0;
                 latest.last_error = None;
-                latest.next_attempt = match window {
+                latest.ari_check_at = ari.as_ref().map(Ari::next_check);
+                latest.next_attempt = match ari {
                     // Inside the window the server suggests, at a random point.
-                    Some((start, end)) if end > start => {
-                        let span = (end - start).whole_seconds().max(1);
-                        start.unix_timestamp() + (random_fraction() * span as f64) as i64
-                    }
-                    // Renew when a third of the life remains.
+                    Some(ari) if ari.end > ari.start => ari.renewal_time(),
+                    // Renew when a third of the life actually issued remains:
+                    // 2 days before the end of a 6-day certificate, 21 of a 64-day one.
                     _ => {
                         let life = (info.not_after - info.not_before).whole_seconds();
                         info.not_before.unix_timestamp() + life * 2 / 3
@@ -418,6 +430,38 @@ impl Acme {
             latest.next_attempt = latest.next_attempt.min(at);
         }
         self.record_attempt(&latest);
+    }
+
+    /// Asks ARI again for every certificate whose `ari_check_at` has come:
+    /// a window the server pulled forward (a revocation, a key rotation)
+    /// moves the next order forward.
+    async fn check_renewal_info(&self) {
+        let asking: Vec<PublicCert> = self
+            .readable()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.status == CertStatus::Valid && c.ari_check_at.is_some_and(|at| at <= now()))
+            .collect();
+        for cert in asking {
+            let answer = self.renewal_info(&cert).await;
+            let Ok(Some(mut latest)) = self.get(&cert.cert_name) else { continue };
+            match answer {
+                Ok(ari) => {
+                    let at = ari.renewal_time();
+                    if at < latest.next_attempt {
+                        tracing::info!(identity = %latest.cert_name, renew_at = at, was = latest.next_attempt, "ARI moved the renewal forward");
+                        latest.next_attempt = at;
+                        self.wake.notify_one();
+                    }
+                    latest.ari_check_at = Some(ari.next_check());
+                }
+                Err(e) => {
+                    tracing::warn!(identity = %latest.cert_name, "ARI check failed: {e}; asking again in an hour");
+                    latest.ari_check_at = Some(now() + 3600);
+                }
+            }
+            self.record_attempt(&latest);
+        }
     }
 
     /// Stores an attempt's outcome; when the store refuses, its next attempt

@@ -97,6 +97,11 @@ pub struct PublicConfig {
     /// External account binding HMAC key, base64url.
     #[serde(default)]
     pub eab_hmac_key: Option<String>,
+    /// The ACME profile to order (`classic`, `tlsserver`, `shortlived` at
+    /// Let's Encrypt): checked against the directory's `meta.profiles`,
+    /// and the same on every renewal.
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 impl PublicConfig {
@@ -163,6 +168,13 @@ pub struct PublicCert {
     pub last_error: Option<String>,
     /// Why the CA is holding back (rate limits), if it is.
     pub held_back: Option<String>,
+    /// The ACME profile ordered, the same on every renewal.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// When to ask the server's ARI (RFC 9773) again whether to renew
+    /// earlier, unix seconds; `None` when the server offers no ARI.
+    #[serde(default)]
+    pub ari_check_at: Option<i64>,
 }
 
 /// Where a public certificate was declared.
@@ -254,6 +266,8 @@ impl PublicCert {
             failures: 0,
             last_error: None,
             held_back: None,
+            profile: None,
+            ari_check_at: None,
         }
     }
 

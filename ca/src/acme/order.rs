@@ -90,7 +90,23 @@ impl Acme {
         for d in &cert.domains {
             self.record_event(EventKind::Order, d);
         }
-        let ids: Vec<Identifier> = cert.domains.iter().map(|d| Identifier::Dns(d.clone())).collect();
+        let ids: Vec<Identifier> = cert
+            .domains
+            .iter()
+            .map(|d| d.parse().map_or_else(|_| Identifier::Dns(d.clone()), Identifier::Ip))
+            .collect();
+        if let Some(profile) = &cert.profile {
+            let mut offered: Vec<&str> = account.profiles().map(|p| p.name).collect();
+            offered.sort_unstable();
+            if !offered.contains(&profile.as_str()) {
+                let offered =
+                    if offered.is_empty() { "none (no meta.profiles)".to_owned() } else { offered.join(", ") };
+                return Err(OrderError::Setup(format!(
+                    "profile {profile:?} is not offered by {}: it offers {offered}; set `profile` to one of them or remove it",
+                    cert.acme_directory_url
+                )));
+            }
+        }
         // ARI (RFC 9773): a renewal names the certificate it replaces, when the server knows ARI.
         let mut replaces = None;
         if let Some(id) = cert.chain.as_deref().and_then(leaf_identifier) {
@@ -98,9 +114,16 @@ impl Acme {
                 replaces = Some(id);
             }
         }
-        let new_order = || match &replaces {
-            Some(id) => NewOrder::new(&ids).replaces(id.clone()),
-            None => NewOrder::new(&ids),
+        let new_order = || {
+            let order = match &replaces {
+                Some(id) => NewOrder::new(&ids).replaces(id.clone()),
+                None => NewOrder::new(&ids),
+            };
+            // The same profile on every order, renewals included: never a silent fallback.
+            match &cert.profile {
+                Some(profile) => order.profile(profile),
+                None => order,
+            }
         };
         let mut order = match account.new_order(&new_order()).await {
             Ok(order) => order,
@@ -116,6 +139,13 @@ impl Acme {
                 let account = self.account(cert).await.map_err(OrderError::Setup)?;
                 account.new_order(&new_order()).await.map_err(|e| OrderError::Setup(format!("new order: {e}")))?
             }
+            Err(instant_acme::Error::Api(p)) if p.r#type.as_deref().is_some_and(|t| t.ends_with(":invalidProfile")) => {
+                return Err(OrderError::Setup(format!(
+                    "the ACME server refused profile {:?} (invalidProfile): {}",
+                    cert.profile.as_deref().unwrap_or("(default)"),
+                    p.detail.as_deref().unwrap_or("no detail")
+                )))
+            }
             Err(e) => return Err(OrderError::Setup(format!("new order: {}", causes(&e)))),
         };
         let mut tokens = Vec::new();
@@ -130,6 +160,7 @@ impl Acme {
                 }
                 let name = match authz.identifier().identifier {
                     Identifier::Dns(d) => d.clone(),
+                    Identifier::Ip(ip) => ip.to_string(),
                     other => format!("{other:?}"),
                 };
                 let kind = match cert.challenge {
@@ -217,7 +248,10 @@ impl Acme {
         // A new key for every order.
         let issue = |e: &dyn std::fmt::Display| OrderError::Issue(e.to_string());
         let key = rcgen::KeyPair::generate().map_err(|e| issue(&e))?;
-        let params = rcgen::CertificateParams::new(cert.domains.clone()).map_err(|e| issue(&e))?;
+        let mut params = rcgen::CertificateParams::new(cert.domains.clone()).map_err(|e| issue(&e))?;
+        // No subject: rcgen's default CN ("rcgen self signed cert") is not one of the
+        // names, and servers that check the CSR (Boulder, Lanyard's own) refuse it.
+        params.distinguished_name = rcgen::DistinguishedName::new();
         let csr = params.serialize_request(&key).map_err(|e| issue(&e))?;
         order.finalize_csr(csr.der()).await.map_err(|e| issue(&format!("finalize: {e}")))?;
         let chain = order
@@ -232,13 +266,18 @@ impl Acme {
             .await
             .map_err(|e| issue(&format!("cert dir writer: {e}")))?
             .map_err(OrderError::Issue)?;
-        let window = match leaf_identifier(&chain) {
-            Some(id) => {
-                account.renewal_info(&id).await.ok().map(|(r, _)| (r.suggested_window.start, r.suggested_window.end))
-            }
+        let ari = match leaf_identifier(&chain) {
+            Some(id) => account.renewal_info(&id).await.ok(),
             None => None,
         };
-        Ok(Issued { info, chain, window })
+        Ok(Issued { info, chain, ari: ari.map(Ari::from) })
+    }
+
+    /// Asks the server's ARI whether `cert` should renew earlier than planned.
+    pub(super) async fn renewal_info(&self, cert: &PublicCert) -> Result<Ari, String> {
+        let id = cert.chain.as_deref().and_then(leaf_identifier).ok_or("no served certificate")?;
+        let account = self.account(cert).await?;
+        account.renewal_info(&id).await.map(Ari::from).map_err(|e| causes(&e))
     }
 }
 
@@ -278,8 +317,38 @@ fn causes(e: &dyn std::error::Error) -> String {
 pub(super) struct Issued {
     pub(super) info: CertInfo,
     pub(super) chain: String,
-    /// The server's suggested renewal window (ARI), when it has one.
-    pub(super) window: Option<(OffsetDateTime, OffsetDateTime)>,
+    /// The server's renewal information, when it offers ARI.
+    pub(super) ari: Option<Ari>,
+}
+
+/// What ARI (RFC 9773) answered: the suggested window, and when to ask again.
+pub(super) struct Ari {
+    pub(super) start: OffsetDateTime,
+    pub(super) end: OffsetDateTime,
+    pub(super) retry_after: Duration,
+}
+
+impl From<(instant_acme::RenewalInfo, Duration)> for Ari {
+    fn from((info, retry_after): (instant_acme::RenewalInfo, Duration)) -> Self {
+        Self { start: info.suggested_window.start, end: info.suggested_window.end, retry_after }
+    }
+}
+
+impl Ari {
+    /// A random point of the window (RFC 9773 §4.2), now when the window has passed.
+    pub(super) fn renewal_time(&self) -> i64 {
+        if self.end.unix_timestamp() <= now() {
+            return now();
+        }
+        let span = (self.end - self.start).whole_seconds().max(1);
+        self.start.unix_timestamp() + (random_fraction() * span as f64) as i64
+    }
+
+    /// When to ask again: the server's Retry-After (RFC 9773 §4.3), within
+    /// ten seconds and six hours.
+    pub(super) fn next_check(&self) -> i64 {
+        now() + self.retry_after.as_secs().clamp(10, 6 * 3600) as i64
+    }
 }
 
 /// The ARI identifier (AKI + serial) of the leaf of a PEM chain.

@@ -133,7 +133,8 @@ fn public_certificates(svc: &Service, method: &Method, rest: &str, body: &[u8]) 
                 Ok(b) => b,
                 Err(r) => return *r,
             };
-            let created = svc.acme.create(&body.cert_name, body.domains, body.email, body.acme_directory_url);
+            let created =
+                svc.acme.create(&body.cert_name, body.domains, body.email, body.acme_directory_url, body.profile);
             public_reply(created.map(to_json), StatusCode::CREATED)
         }
         (&Method::GET, [name]) => public_reply(

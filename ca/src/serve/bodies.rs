@@ -88,6 +88,8 @@ pub struct NewPublic {
     pub email: String,
     /// The ACME directory; Let's Encrypt when absent.
     pub acme_directory_url: Option<String>,
+    /// The ACME profile (`meta.profiles`), kept on every renewal.
+    pub profile: Option<String>,
 }
 
 impl NewPublic {
@@ -101,6 +103,7 @@ impl NewPublic {
             email: String,
             cert_name: String,
             acme_directory_url: Option<String>,
+            profile: Option<String>,
         }
         let raw: Raw = parse(body)?;
         let domains = match (raw.domain, raw.domains) {
@@ -108,7 +111,13 @@ impl NewPublic {
             (None, Some(list)) => list,
             _ => return Err(BodyError::Invalid("give either `domain` or `domains`")),
         };
-        Ok(Self { cert_name: raw.cert_name, domains, email: raw.email, acme_directory_url: raw.acme_directory_url })
+        Ok(Self {
+            cert_name: raw.cert_name,
+            domains,
+            email: raw.email,
+            acme_directory_url: raw.acme_directory_url,
+            profile: raw.profile,
+        })
     }
 }
 

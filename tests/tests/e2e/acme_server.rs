@@ -20,8 +20,17 @@ struct Fleet {
 impl Fleet {
     /// `extra` goes at the end of `[acme_server]` (more keys, or tables).
     fn start(extra: &str) -> Self {
+        Self::start_with(|_, _| extra.to_owned(), false)
+    }
+
+    /// `extra(https_port, fleet_root)` goes at the end; with `self_validating`, HTTP-01
+    /// validations go to the CA's own HTTP listener, where its ACME client
+    /// publishes its answers.
+    fn start_with(extra: impl Fn(u16, &Path) -> String, self_validating: bool) -> Self {
         let pki = Pki::new(&[]);
-        let (https, http, http01, tls_alpn01) = (free_port(), free_port(), free_port(), free_port());
+        let (https, http, tls_alpn01) = (free_port(), free_port(), free_port());
+        let http01 = if self_validating { http } else { free_port() };
+        let extra = extra(https, &pki.state().join("root.pem"));
         let config = pki.path("acme-server.toml");
         std::fs::write(
             &config,
@@ -307,4 +316,89 @@ fn caddy_serves_a_site_with_a_fleet_certificate_and_renews_it() {
         served_serial().is_some_and(|s| Some(&s) != first.as_ref())
     });
     assert!(fleet.metric("lanyard_ca_acme_server_validations_total{result=\"valid\"}") >= 2.0);
+}
+
+/// `ca serve`'s own ACME client ordering from its own ACME server: the
+/// profile chosen is the one issued, an unoffered one is refused naming the
+/// offered ones, and a revocation pulls the ARI window forward so that the
+/// client renews at once (Pebble 2.4.0 has neither profiles nor ARI).
+#[test]
+fn lanyard_orders_profiles_and_follows_ari_from_lanyard() {
+    let fleet = Fleet::start_with(
+        |https, root| {
+            let directory = format!("https://127.0.0.1:{https}/acme/directory");
+            let public = |name: &str, domain: &str, profile: &str| {
+                format!(
+                    "[[public]]\nname = \"{name}\"\ndomains = [\"{domain}\"]\nemail = \"ops@example.test\"\n\
+                     directory_url = \"{directory}\"\nprofile = \"{profile}\"\n"
+                )
+            };
+            format!(
+                "[acme_server.profiles]\nshortlived = \"3m\"\ntlsserver = \"2h\"\n[acme]\ndirectory_roots = {root:?}\n{}{}{}",
+                public("short", "web.internal", "shortlived"),
+                public("long", "api.internal", "tlsserver"),
+                public("wrong", "site.internal", "classic"),
+            )
+        },
+        true,
+    );
+    let admin = fleet.pki.state().join("admin");
+    let get = |name: &str| -> serde_json::Value {
+        let (status, text) =
+            curl_api(&fleet.pki, "GET", &fleet.ca.url(&format!("/certificates/{name}")), None, Some(&admin));
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).unwrap()
+    };
+    let lifetime = |name: &str| {
+        let c = get(name);
+        let at = |k: &str| {
+            time::OffsetDateTime::parse(c[k].as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap()
+        };
+        (at("expires_at") - at("issued_at")).whole_seconds()
+    };
+    poll_until_ok(Duration::from_secs(30), Duration::from_millis(200), "both profiles issued", || {
+        let (short, long) = (get("short"), get("long"));
+        if short["status"] == "valid" && long["status"] == "valid" {
+            return Ok(());
+        }
+        Err(format!(
+            "short: {} {}; long: {} {}",
+            short["status"], short["last_error"], long["status"], long["last_error"]
+        ))
+    });
+    // notBefore is backdated by a tenth of the lifetime.
+    assert!((180..=200).contains(&lifetime("short")), "shortlived: {}", lifetime("short"));
+    assert!((7200..=7920).contains(&lifetime("long")), "tlsserver: {}", lifetime("long"));
+    assert_eq!(get("short")["profile"], "shortlived");
+    assert!(get("short")["ari_check_at"].is_number(), "ARI is offered, so the client asks it again");
+    poll_until(Duration::from_secs(30), Duration::from_millis(200), "the unoffered profile fails", || {
+        get("wrong")["last_error"].is_string()
+    });
+    let error = get("wrong")["last_error"].as_str().unwrap().to_owned();
+    assert!(error.contains("profile \"classic\" is not offered") && error.contains("shortlived, tlsserver"), "{error}");
+
+    // A revocation pulls ARI's window into the past; the client's next ARI
+    // check (after the server's Retry-After, ~10 s) renews at once, long before 2/3 of 3 minutes.
+    let before = get("short")["fingerprint"].clone();
+    let serial = lanyard_sidecar::certdir::CertDir::new(fleet.pki.state().join("public/short"))
+        .load(time::OffsetDateTime::now_utc())
+        .unwrap()
+        .leaf
+        .serial;
+    fleet.revoke(&serial);
+    poll_until_ok(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        "the client renews after ARI moved the window",
+        || {
+            if get("short")["fingerprint"] != before {
+                return Ok(());
+            }
+            let log = fleet.ca.log_text();
+            Err(log.lines().filter(|l| l.contains("ARI") || l.contains("short")).collect::<Vec<_>>().join("\n"))
+        },
+    );
+    assert!(fleet.ca.log_text().contains("ARI moved the renewal forward"), "{}", fleet.ca.log_text());
+    assert_eq!(get("short")["profile"], "shortlived", "the renewal kept the profile");
+    assert!((180..=200).contains(&lifetime("short")));
 }
