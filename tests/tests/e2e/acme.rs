@@ -567,3 +567,62 @@ fn a_wrong_tsig_secret_is_named_in_the_failure() {
     });
     assert!(serial_of(&pki.state().join("public/badkey")).is_none(), "no certificate without the record");
 }
+
+/// An IP address certificate (RFC 8738) for `127.0.0.1`, proven by HTTP-01
+/// through the edge, and served by the edge to clients that connect by
+/// address (no SNI).
+#[test]
+fn an_ip_address_certificate_is_ordered_through_the_edge() {
+    let pki = Pki::new(&[]);
+    let (ca_http, edge_http, edge_https, tls_alpn) = (free_port(), free_port(), free_port(), free_port());
+    let pebble = Pebble::start(pki.tmp.path(), edge_http, edge_https, 6 * 24 * 3600, &[]);
+    let ip_dir = pki.state().join("public/loopback");
+    let app = http_upstream();
+    let edge = Sidecar::start(
+        &[
+            "--mode",
+            "edge",
+            "--cert-dir",
+            ip_dir.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{edge_https}"),
+            "--http-listen",
+            &format!("127.0.0.1:{edge_http}"),
+            "--acme-forward",
+            &format!("127.0.0.1:{ca_http}"),
+            "--upstream",
+            &app.to_string(),
+        ],
+        pki.path("edge.log"),
+    );
+    let server =
+        ca_with_public(&pki, &pebble, ca_http, tls_alpn, &public_entry("loopback", &["127.0.0.1"], "http-01", &pebble));
+    poll_until_ok(Duration::from_secs(30), Duration::from_millis(50), "the IP certificate", || {
+        serial_of(&ip_dir).map(drop).ok_or_else(|| format!("CA:\n{}", server.log_text()))
+    });
+    let out = run_ok(
+        Command::new(peer("openssl"))
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+            .arg(ip_dir.join("cert.pem")),
+    );
+    assert!(text(&out.stdout).contains("IP Address:127.0.0.1"), "{}", text(&out.stdout));
+    // Pebble has no ARI: the renewal is due when a third of the 6 days
+    // issued remains, 2 days before the end (not a fixed 30 days).
+    let (status, cert) = admin_api(&pki, &server, "GET", "/certificates/loopback", None);
+    assert_eq!(status, 200, "{cert}");
+    let expires = time::OffsetDateTime::parse(
+        cert["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+    .unix_timestamp();
+    let before_end = expires - cert["next_attempt"].as_i64().unwrap();
+    assert!((2 * 86400 - 120..=2 * 86400 + 120).contains(&before_end), "renews {before_end} s before the end: {cert}");
+    wait_until(Duration::from_secs(10), "the edge serves it", || {
+        let out = run(Command::new(peer("curl"))
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--cacert"])
+            .arg(pebble.root())
+            .arg(format!("https://127.0.0.1:{edge_https}/")));
+        text(&out.stdout) == "200"
+    });
+}
