@@ -38,7 +38,7 @@ use crate::authority::Authority;
 use crate::store::Store;
 
 pub mod config;
-mod jws;
+pub mod jws;
 mod problem;
 mod validate;
 
@@ -301,7 +301,8 @@ impl AcmeServer {
             (&Method::POST, ["authz", id]) => {
                 let signed = self.authenticate(urls, req, false)?;
                 let authz = self.owned_authz(&signed, id)?;
-                Ok(Answer::json(StatusCode::OK, authz_json(urls, &authz)))
+                let answer = Answer::json(StatusCode::OK, authz_json(urls, &authz));
+                Ok(if authz.status == "pending" { answer.with(hyper::header::RETRY_AFTER, "1") } else { answer })
             }
             (&Method::POST, ["chall", authz, index]) => {
                 self.challenge(urls, &self.authenticate(urls, req, false)?, authz, index)
@@ -649,7 +650,10 @@ impl AcmeServer {
             });
         }
         let up = format!("<{}>;rel=\"up\"", urls.url(&format!("authz/{}", authz.id)));
-        Ok(Answer::json(StatusCode::OK, challenge_json(urls, &authz, i)).with(hyper::header::LINK, up))
+        // Validations take milliseconds on a fleet's network: poll again in a second, not a client's default five.
+        Ok(Answer::json(StatusCode::OK, challenge_json(urls, &authz, i))
+            .with(hyper::header::LINK, up)
+            .with(hyper::header::RETRY_AFTER, "1"))
     }
 
     fn record_validation(&self, authz_id: &str, i: usize, result: Result<(), Problem>) -> Result<(), Problem> {

@@ -9,6 +9,7 @@
 //! | `POST /v1/revoke` | admin certificate | `{"serial"}` or `{"identity"}` |
 //! | `GET /v1/certificates`, `GET /v1/status` | admin certificate | issued certificates, schedule |
 //! | `GET /.well-known/acme-challenge/{token}` | anyone | ACME HTTP-01 answers |
+//! | `/acme/...` | ACME clients (JWS) | the ACME server, with `[acme_server]` (`crate::acme_server`) |
 //! | `GET, POST /certificates` | admin certificate | public (ACME) certificates: list, create |
 //! | `GET, PUT /certificates/{name}` | admin certificate | one certificate; upload one from another provider |
 //! | `POST /certificates/{name}/renew` | admin certificate | order again now |

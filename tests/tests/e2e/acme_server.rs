@@ -84,6 +84,30 @@ impl Fleet {
         assert_eq!(status, 200, "{text}");
     }
 
+    /// The ARI window (RFC 9773) the server suggests for `cert`, unix seconds.
+    fn renewal_window(&self, cert: &Path) -> (i64, i64) {
+        use base64::Engine;
+        let hex_bytes = |hex: &str| -> Vec<u8> {
+            let hex: String = hex.chars().filter(char::is_ascii_hexdigit).collect();
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+        };
+        let out = run_ok(
+            Command::new(peer("openssl")).args(["x509", "-noout", "-ext", "authorityKeyIdentifier", "-in"]).arg(cert),
+        );
+        let aki = hex_bytes(text(&out.stdout).lines().nth(1).expect("an authority key identifier"));
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let id = format!("{}.{}", b64(&aki), b64(&hex_bytes(&serial(cert))));
+        let url = format!("https://127.0.0.1:{}/acme/renewal-info/{id}", self.ca.https_port);
+        let (status, body) = curl_api(&self.pki, "GET", &url, None, None);
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let at = |k: &str| {
+            let t = v["suggestedWindow"][k].as_str().unwrap_or_else(|| panic!("no suggestedWindow.{k}: {body}"));
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap().unix_timestamp()
+        };
+        (at("start"), at("end"))
+    }
+
     fn revoked(&self, serial: &str) -> bool {
         let (status, text) =
             curl_api(&self.pki, "GET", &self.ca.url("/v1/certificates"), None, Some(&self.pki.state().join("admin")));
@@ -209,6 +233,16 @@ fn certbot_issues_renews_on_ari_and_revokes() {
     let ip = certbot.live("127.0.0.1", "cert.pem");
     fleet.verify(&ip, &certbot.live("127.0.0.1", "chain.pem"));
     assert_server_only(&ip, "IP Address:127.0.0.1");
+
+    // A new intermediate (`ca intermediate roll`) moves every window of a
+    // certificate it did not sign into the past: renew now.
+    let now = || time::OffsetDateTime::now_utc().unix_timestamp();
+    let (start, end) = fleet.renewal_window(&cert);
+    assert!(start > now() && end > start, "a fresh certificate renews later: {start}..{end}");
+    run_ok(ca().args(["intermediate", "roll", "--state"]).arg(fleet.pki.state()));
+    poll_until(Duration::from_secs(20), Duration::from_millis(200), "ARI says renew now after the roll", || {
+        fleet.renewal_window(&cert).1 < now()
+    });
 
     // revoke: signed by the account; the store and the CRL have it.
     let site_serial = serial(&site);
