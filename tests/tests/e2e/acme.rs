@@ -578,7 +578,7 @@ fn an_ip_address_certificate_is_ordered_through_the_edge() {
     let pebble = Pebble::start(pki.tmp.path(), edge_http, edge_https, 6 * 24 * 3600, &[]);
     let ip_dir = pki.state().join("public/loopback");
     let app = http_upstream();
-    let edge = Sidecar::start(
+    let _edge = Sidecar::start(
         &[
             "--mode",
             "edge",
