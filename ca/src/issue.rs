@@ -163,11 +163,16 @@ impl CaState {
                 (params.signed_by(&csr.public_key, self.issuer())?, None)
             }
         };
+        self.issued(&cert, key_pem)
+    }
+
+    /// The PEM set of a signed leaf: the chain with the intermediate, and the bundle.
+    fn issued(&self, cert: &rcgen::Certificate, key: Option<String>) -> Result<IssuedLeaf, CaError> {
         let info = CertInfo::from_der(cert.der()).map_err(|e| CaError::Rcgen(rcgen::Error::X509(e.to_string())))?;
         Ok(IssuedLeaf {
             pem: PemSet {
                 cert: format!("{}{}", cert.pem(), self.intermediate_pem()),
-                key: key_pem,
+                key,
                 ca: self.bundle_pem().to_owned(),
                 crl: None,
             },
@@ -225,17 +230,7 @@ impl CaState {
         }
         params.subject_alt_names.extend(req.ips.iter().copied().map(SanType::IpAddress));
         params.key_usages = key_usages(is_rsa(req.csr.public_key.algorithm()));
-        let cert = params.signed_by(&req.csr.public_key, self.issuer())?;
-        let info = CertInfo::from_der(cert.der()).map_err(|e| CaError::Rcgen(rcgen::Error::X509(e.to_string())))?;
-        Ok(IssuedLeaf {
-            pem: PemSet {
-                cert: format!("{}{}", cert.pem(), self.intermediate_pem()),
-                key: None,
-                ca: self.bundle_pem().to_owned(),
-                crl: None,
-            },
-            info,
-        })
+        self.issued(&params.signed_by(&req.csr.public_key, self.issuer())?, None)
     }
 }
 

@@ -129,6 +129,26 @@ struct CertDoc {
     chain: String,
 }
 
+/// A document that belongs to one account.
+trait Owned {
+    /// What it is called in messages.
+    const WHAT: &'static str;
+    /// The account's ID.
+    fn owner(&self) -> &str;
+}
+
+macro_rules! owned {
+    ($($doc:ty => $what:literal),*) => {
+        $(impl Owned for $doc {
+            const WHAT: &'static str = $what;
+            fn owner(&self) -> &str {
+                &self.account
+            }
+        })*
+    };
+}
+owned!(OrderDoc => "order", AuthzDoc => "authorization", CertDoc => "certificate");
+
 /// A successful answer before the common headers.
 struct Answer {
     status: StatusCode,
@@ -259,11 +279,15 @@ impl AcmeServer {
             }
         };
         let headers = reply.headers_mut();
-        match self.new_nonce() {
-            Ok(nonce) => {
-                headers.insert("replay-nonce", HeaderValue::from_str(&nonce).expect("base64url is header text"));
+        // A nonce for every POST answer and newNonce (RFC 8555 §6.5), not for
+        // the unauthenticated GETs: each one is a document in the store.
+        if req.method == Method::POST || parts == ["new-nonce"] {
+            match self.new_nonce() {
+                Ok(nonce) => {
+                    headers.insert("replay-nonce", HeaderValue::from_str(&nonce).expect("base64url is header text"));
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot store an ACME nonce"),
             }
-            Err(e) => tracing::warn!(error = %e, "cannot store an ACME nonce"),
         }
         if let Ok(link) = HeaderValue::from_str(&format!("<{}>;rel=\"index\"", urls.url("directory"))) {
             headers.append(hyper::header::LINK, link);
@@ -545,23 +569,26 @@ impl AcmeServer {
         Ok(Answer::json(StatusCode::CREATED, self.order_json(urls, &order)?).with(hyper::header::LOCATION, location))
     }
 
-    fn owned_order(&self, signed: &Signed, id: &str) -> Result<OrderDoc, Problem> {
-        let order =
-            self.load::<OrderDoc>(KIND_ORDER, id)?.ok_or_else(|| Problem::not_found(format!("no order {id}")))?;
-        if order.account != signed.account()?.id {
-            return Err(Problem::unauthorized("this order belongs to another account"));
+    /// The `kind` document `id`, if it belongs to the signing account.
+    fn owned<T: serde::de::DeserializeOwned + Owned>(
+        &self,
+        signed: &Signed,
+        kind: &str,
+        id: &str,
+    ) -> Result<T, Problem> {
+        let doc = self.load::<T>(kind, id)?.ok_or_else(|| Problem::not_found(format!("no {} {id}", T::WHAT)))?;
+        if doc.owner() != signed.account()?.id {
+            return Err(Problem::unauthorized(format!("this {} belongs to another account", T::WHAT)));
         }
-        Ok(order)
+        Ok(doc)
+    }
+
+    fn owned_order(&self, signed: &Signed, id: &str) -> Result<OrderDoc, Problem> {
+        self.owned(signed, KIND_ORDER, id)
     }
 
     fn owned_authz(&self, signed: &Signed, id: &str) -> Result<AuthzDoc, Problem> {
-        let authz = self
-            .load::<AuthzDoc>(KIND_AUTHZ, id)?
-            .ok_or_else(|| Problem::not_found(format!("no authorization {id}")))?;
-        if authz.account != signed.account()?.id {
-            return Err(Problem::unauthorized("this authorization belongs to another account"));
-        }
-        Ok(authz)
+        self.owned(signed, KIND_AUTHZ, id)
     }
 
     /// The order's status, from its certificate, its expiry and its authorizations.
@@ -622,8 +649,11 @@ impl AcmeServer {
             .ok()
             .filter(|i| *i < authz.challenges.len())
             .ok_or_else(|| Problem::not_found(format!("authorization {authz_id} has no challenge {index}")))?;
-        let start =
-            !signed.jws.payload.is_empty() && authz.status == "pending" && authz.challenges[i].status == "pending";
+        // One challenge per authorization is tried (as Boulder does): a second
+        // one while the first validates would race it for the authorization's status.
+        let start = !signed.jws.payload.is_empty()
+            && authz.status == "pending"
+            && authz.challenges.iter().all(|c| c.status == "pending");
         if start {
             if authz.expires <= now() {
                 return Err(Problem::unauthorized("the authorization expired: place a new order"));
@@ -774,12 +804,7 @@ impl AcmeServer {
     }
 
     fn certificate(&self, signed: &Signed, serial: &str) -> Result<Answer, Problem> {
-        let doc = self
-            .load::<CertDoc>(KIND_CERT, serial)?
-            .ok_or_else(|| Problem::not_found(format!("no certificate {serial}")))?;
-        if doc.account != signed.account()?.id {
-            return Err(Problem::unauthorized("this certificate belongs to another account"));
-        }
+        let doc: CertDoc = self.owned(signed, KIND_CERT, serial)?;
         Ok(Answer {
             status: StatusCode::OK,
             content_type: "application/pem-certificate-chain",

@@ -436,3 +436,30 @@ fn lanyard_orders_profiles_and_follows_ari_from_lanyard() {
     assert_eq!(get("short")["profile"], "shortlived", "the renewal kept the profile");
     assert!((180..=200).contains(&lifetime("short")));
 }
+
+/// `eab_required`: the directory says so (certbot then stops without a
+/// binding), an account bound with a wrong key is refused, and one bound
+/// with the configured key issues.
+#[test]
+fn external_account_binding_is_required_when_configured() {
+    // An HMAC key is base64url, as `openssl rand 32 | basenc --base64url` prints one.
+    let key = "c2VjcmV0LWhtYWMta2V5LWZvci10aGUtZmxlZXQtMDE";
+    let fleet = Fleet::start(&format!("eab_required = true\neab = {{ \"fleet-1\" = \"{key}\" }}"));
+    let certbot = Certbot { fleet: &fleet, dir: fleet.pki.path("certbot") };
+    let (http01, server) = (fleet.http01.to_string(), fleet.directory());
+    let order = |eab: &[&str]| {
+        let base = ["certonly", "--standalone", "--http-01-address", "127.0.0.1", "--http-01-port", http01.as_str()];
+        let common =
+            ["--agree-tos", "--register-unsafely-without-email", "--server", server.as_str(), "-d", "web.internal"];
+        certbot.run(&[&base[..], &common[..], eab].concat())
+    };
+    let out = order(&[]);
+    assert!(!out.status.success());
+    // certbot reads `meta.externalAccountRequired` and stops before asking.
+    assert!(certbot.log().contains("Server requires external account binding"), "{}", certbot.log());
+    let out = order(&["--eab-kid", "fleet-1", "--eab-hmac-key", "d3JvbmctaG1hYy1rZXktZm9yLXRoZS1mbGVldC0wMQ"]);
+    assert!(!out.status.success());
+    assert!(certbot.log().contains("does not verify with key"), "{}", certbot.log());
+    ok(order(&["--eab-kid", "fleet-1", "--eab-hmac-key", key]), "certbot with the configured EAB key");
+    fleet.verify(&certbot.live("web.internal", "cert.pem"), &certbot.live("web.internal", "chain.pem"));
+}
