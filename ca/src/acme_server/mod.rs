@@ -872,9 +872,8 @@ impl AcmeServer {
         }
         let thumbprint = new_key.thumbprint();
         if let Some(other) = self.store.doc(KIND_ACCOUNT_KEY, &thumbprint)? {
-            let mut p = Problem::conflict("the new key belongs to an account already");
-            p.status = StatusCode::CONFLICT;
-            return Ok(Answer::json(StatusCode::CONFLICT, p.to_json())
+            let p = Problem::conflict("the new key belongs to an account already");
+            return Ok(Answer::json(p.status, p.to_json())
                 .with(hyper::header::LOCATION, urls.url(&format!("account/{other}"))));
         }
         self.store.put_doc(KIND_ACCOUNT_KEY, &thumbprint, &account.id)?;
