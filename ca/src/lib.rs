@@ -3,6 +3,7 @@
 
 pub mod acme;
 pub mod acme_server;
+pub mod allow;
 pub mod authority;
 pub mod compose;
 pub mod doctor;

@@ -62,6 +62,16 @@ struct RunArgs {
     /// Edge: where /.well-known/acme-challenge/ goes (the CA's HTTP listener).
     #[arg(long, value_name = "HOST:PORT")]
     acme_forward: Option<HostPort>,
+    /// Edge: on-demand certificates, one cert dir per name in DIR (the CA's
+    /// `[on_demand] out_dir`); a new name asks the CA at --acme-forward.
+    #[arg(long, value_name = "DIR", requires = "acme_forward")]
+    on_demand_dir: Option<PathBuf>,
+    /// Edge: how long a handshake waits for an on-demand certificate.
+    #[arg(long, value_name = "SPAN", requires = "on_demand_dir")]
+    on_demand_wait: Option<Span>,
+    /// Edge: how often names in use are reported to the CA (its idle clean-up).
+    #[arg(long, value_name = "SPAN", requires = "on_demand_dir")]
+    on_demand_report: Option<Span>,
     /// Edge: Mozilla TLS profile.
     #[arg(long, value_enum, default_value_t = Profile::Intermediate)]
     profile: Profile,
@@ -220,7 +230,18 @@ fn config_from_args(a: RunArgs) -> Result<Config, crate::config::ConfigError> {
             }
             .checked("command line");
         };
-        let cert_dirs = if a.public_cert_dir.is_empty() { vec![cert_dir.clone()] } else { a.public_cert_dir };
+        let on_demand = a.on_demand_dir.map(|dir| {
+            let mut od = crate::config::OnDemandEdge::in_dir(dir);
+            od.wait = a.on_demand_wait.unwrap_or(od.wait);
+            od.report_every = a.on_demand_report.unwrap_or(od.report_every);
+            od
+        });
+        // An on-demand edge serves only what it ordered unless told otherwise.
+        let cert_dirs = match (a.public_cert_dir.is_empty(), &on_demand) {
+            (false, _) => a.public_cert_dir,
+            (true, Some(_)) => Vec::new(),
+            (true, None) => vec![cert_dir.clone()],
+        };
         let edge = EdgeConfig {
             name: "edge".into(),
             https_listen,
@@ -230,6 +251,7 @@ fn config_from_args(a: RunArgs) -> Result<Config, crate::config::ConfigError> {
             acme_forward: a.acme_forward,
             profile: a.profile,
             headers: SecurityHeaders::default(),
+            on_demand,
         };
         return Config {
             cert_dir,

@@ -276,9 +276,15 @@ impl Config {
             ));
         }
         for e in &self.edges {
-            if e.cert_dirs.is_empty() {
+            if e.cert_dirs.is_empty() && e.on_demand.is_none() {
                 return Err(invalid(format!(
-                    "edge {}: cert_dirs is empty; give the public certificates' cert dirs",
+                    "edge {}: cert_dirs is empty; give the public certificates' cert dirs, or [edge.on_demand]",
+                    e.name
+                )));
+            }
+            if e.on_demand.is_some() && e.acme_forward.is_none() {
+                return Err(invalid(format!(
+                    "edge {}: on_demand asks the CA for certificates: set acme_forward to the CA's HTTP listener",
                     e.name
                 )));
             }
@@ -467,6 +473,7 @@ pub struct EdgeConfig {
     #[serde(deserialize_with = "serde_str::one")]
     pub upstream: HostPort,
     /// Cert dirs of the public certificates, chosen by SNI; the first is the default.
+    #[serde(default)]
     pub cert_dirs: Vec<PathBuf>,
     /// Where `/.well-known/acme-challenge/` requests go (the CA's HTTP listener).
     #[serde(default, deserialize_with = "serde_str::opt")]
@@ -477,10 +484,46 @@ pub struct EdgeConfig {
     /// Security headers.
     #[serde(default)]
     pub headers: SecurityHeaders,
+    /// Certificates for names no cert dir covers, ordered by the CA on the
+    /// first handshake (the CA's `[on_demand]`).
+    #[serde(default)]
+    pub on_demand: Option<OnDemandEdge>,
 }
 
 fn default_edge_name() -> String {
     "edge".into()
+}
+
+/// `[edge.on_demand]`: a ClientHello for a name no cert dir covers asks
+/// the CA (`acme_forward`) to order it, and waits for it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemandEdge {
+    /// Where the CA writes them, one cert dir per name (`DIR/NAME`): the
+    /// CA's `[on_demand] out_dir`, mounted read-only.
+    pub dir: PathBuf,
+    /// How long a handshake waits for a new name's certificate before it
+    /// gets the fallback.
+    #[serde(default = "default_on_demand_wait", deserialize_with = "serde_str::one")]
+    pub wait: Span,
+    /// How often the names in use are reported to the CA, which removes
+    /// names no edge used for its `[on_demand] idle`.
+    #[serde(default = "default_on_demand_report", deserialize_with = "serde_str::one")]
+    pub report_every: Span,
+}
+
+fn default_on_demand_wait() -> Span {
+    "10s".parse().expect("valid")
+}
+fn default_on_demand_report() -> Span {
+    "10m".parse().expect("valid")
+}
+
+impl OnDemandEdge {
+    /// Reads a directory with the default wait and report period.
+    pub fn in_dir(dir: PathBuf) -> Self {
+        Self { dir, wait: default_on_demand_wait(), report_every: default_on_demand_report() }
+    }
 }
 
 #[cfg(test)]

@@ -11,10 +11,17 @@
 //!   except `/.well-known/acme-challenge/`, which goes to the CA.
 //! - TLS follows Mozilla's "intermediate" profile (TLS 1.2 + 1.3, ECDHE
 //!   with AEAD suites) or "modern" (TLS 1.3 only).
+//! - With `[edge.on_demand]`, a ClientHello for a name no cert dir covers
+//!   asks the CA to order it and waits up to `wait` for its cert dir
+//!   (`dir/NAME`), which is then watched like the others; names in use are
+//!   reported to the CA every `report_every`, and a cert dir the CA removed
+//!   is forgotten.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwapOption;
 use http_body_util::combinators::BoxBody;
@@ -31,9 +38,11 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Duration;
 
 use crate::certdir::CertDir;
-use crate::config::{EdgeConfig, Limits, Profile};
+use crate::config::{EdgeConfig, Limits, OnDemandEdge, Profile};
+use crate::identity::DnsName;
 use crate::reload::{CertStore, Prebuild, Snapshot};
 use crate::serving::{authority_host, Gate, Session};
 use crate::tls::{self, TlsConfigError};
@@ -44,13 +53,52 @@ pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 /// certificates (`PREFIX<name>`), which the edge serves to `acme-tls/1` clients.
 pub const TLS_ALPN_PREFIX: &str = "/.well-known/acme-tls-alpn/";
 const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+/// Where the CA's plain-HTTP listener takes on-demand requests (`PREFIX<name>`).
+pub const ON_DEMAND_PREFIX: &str = "/.well-known/lanyard-on-demand/";
 
 /// Picks the certificate whose DNS names match the SNI name.
 #[derive(Debug)]
 struct SniResolver {
     /// One per cert dir, in the config's order.
     keys: Vec<Arc<ServedKey>>,
+    /// On-demand cert dirs by name.
+    on_demand: Arc<OnDemandKeys>,
     fallback: Arc<CertifiedKey>,
+}
+
+/// The on-demand cert dirs loaded so far, by name.
+#[derive(Debug)]
+struct OnDemandKeys {
+    names: RwLock<HashMap<String, Arc<OnDemandName>>>,
+    /// The edge's stop signal, for the cert dirs' watchers.
+    stop: watch::Receiver<bool>,
+}
+
+/// One on-demand name's cert dir.
+#[derive(Debug)]
+struct OnDemandName {
+    store: Arc<CertStore>,
+    key: Arc<ServedKey>,
+    /// Whether a handshake used it since the last report to the CA.
+    used: AtomicBool,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OnDemandName {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+impl OnDemandKeys {
+    /// The key for `name`, marked used.
+    fn key(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        let entry = names.get(&name.to_ascii_lowercase())?;
+        let built = entry.key.built.load_full()?;
+        entry.used.store(true, Ordering::Relaxed);
+        Some(built.1.clone())
+    }
 }
 
 /// A cert dir's certified key with the snapshot it came from, built by the
@@ -99,6 +147,9 @@ impl ResolvesServerCert for SniResolver {
             }
             first.get_or_insert_with(|| key.clone());
         }
+        if let Some(key) = sni.and_then(|n| self.on_demand.key(n)) {
+            return Some(key);
+        }
         Some(first.unwrap_or_else(|| self.fallback.clone()))
     }
 }
@@ -118,6 +169,8 @@ pub struct Edge {
     pub config: EdgeConfig,
     /// One store per cert dir.
     pub stores: Vec<Arc<CertStore>>,
+    keys: Vec<Arc<ServedKey>>,
+    on_demand: Arc<OnDemandKeys>,
     tls: Arc<rustls::ServerConfig>,
     headers: Vec<(HeaderName, HeaderValue)>,
     client: Client<HttpConnector, Incoming>,
@@ -132,8 +185,9 @@ pub struct Edge {
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"];
 
 impl Edge {
-    /// Builds the edge; cert dirs are loaded by the caller's stores.
-    pub fn new(config: EdgeConfig) -> Result<Arc<Self>, TlsConfigError> {
+    /// Builds the edge; cert dirs are loaded by the caller's stores, and
+    /// on-demand ones are watched until `stop` turns true.
+    pub fn new(config: EdgeConfig, stop: watch::Receiver<bool>) -> Result<Arc<Self>, TlsConfigError> {
         let headers = config.headers.pairs().map_err(TlsConfigError::Verifier)?;
         let stores: Vec<Arc<CertStore>> = config.cert_dirs.iter().map(|d| CertStore::new(CertDir::new(d))).collect();
         let keys: Vec<Arc<ServedKey>> = stores
@@ -143,7 +197,12 @@ impl Edge {
         for (store, key) in stores.iter().zip(&keys) {
             store.attach(key);
         }
-        let resolver = SniResolver { keys, fallback: tls::fallback_key("lanyard-edge-fallback")? };
+        let on_demand = Arc::new(OnDemandKeys { names: RwLock::default(), stop });
+        let resolver = SniResolver {
+            keys: keys.clone(),
+            on_demand: on_demand.clone(),
+            fallback: tls::fallback_key("lanyard-edge-fallback")?,
+        };
         let versions: &[&rustls::SupportedProtocolVersion] = match config.profile {
             Profile::Intermediate => &[&rustls::version::TLS13, &rustls::version::TLS12],
             Profile::Modern => &[&rustls::version::TLS13],
@@ -160,6 +219,8 @@ impl Edge {
         Ok(Arc::new(Self {
             config,
             stores,
+            keys,
+            on_demand,
             tls: Arc::new(tls),
             headers,
             client,
@@ -189,7 +250,10 @@ impl Edge {
 
     /// One HTTPS connection: handshake, then HTTP/2 or HTTP/1.1 by ALPN.
     async fn serve_connection(self: Arc<Self>, tcp: TcpStream, session: Session) {
-        let handshake = tokio::time::timeout(session.limits().handshake_timeout.get(), self.handshake(tcp)).await;
+        // A handshake may also wait for an on-demand certificate.
+        let on_demand_wait = self.config.on_demand.as_ref().map_or(Duration::ZERO, |od| od.wait.get());
+        let budget = session.limits().handshake_timeout.get() + on_demand_wait;
+        let handshake = tokio::time::timeout(budget, self.handshake(tcp)).await;
         let tls = match handshake {
             Ok(Some(tls)) => tls,
             Ok(None) => return,
@@ -230,6 +294,11 @@ impl Edge {
             }
             return None;
         }
+        if let Some(name) = hello.server_name().filter(|n| !self.covers(n)).map(str::to_owned) {
+            if let Some(od) = &self.config.on_demand {
+                self.order_on_demand(od, &name).await;
+            }
+        }
         match start.into_stream(self.tls.clone()).await {
             Ok(tls) => {
                 self.metrics.handshake_done(tls.get_ref().1);
@@ -239,6 +308,108 @@ impl Edge {
                 let why = self.metrics.handshake_failed(&e);
                 tracing::debug!(edge = %self.config.name, reason = why.label(), "handshake failed: {e}");
                 None
+            }
+        }
+    }
+
+    /// Whether a cert dir, static or on demand, has a certificate for `name`.
+    fn covers(&self, name: &str) -> bool {
+        let static_dirs = self.keys.iter().filter_map(|k| k.built.load_full());
+        static_dirs.into_iter().any(|built| built.0.set.leaf.dns.iter().any(|d| name_matches(d, name)))
+            || self.on_demand.names.read().unwrap_or_else(|e| e.into_inner()).contains_key(&name.to_ascii_lowercase())
+    }
+
+    /// Asks the CA for `name`'s certificate, waiting up to `od.wait`, and
+    /// loads its cert dir once the CA says it is there.
+    async fn order_on_demand(&self, od: &OnDemandEdge, name: &str) {
+        let Ok(name) = name.parse::<DnsName>().map(|n| n.to_string()) else { return };
+        if name.starts_with("*.") {
+            return;
+        }
+        match tokio::time::timeout(od.wait.get(), self.ask_ca(&name)).await {
+            Ok(Ok(())) => self.load_on_demand(od, &name).await,
+            Ok(Err(why)) => {
+                tracing::info!(edge = %self.config.name, %name, "no on-demand certificate: {why}; serving the fallback")
+            }
+            Err(_) => {
+                tracing::info!(edge = %self.config.name, %name, "no on-demand certificate within {}; serving the fallback", od.wait)
+            }
+        }
+    }
+
+    /// `GET CA/.well-known/lanyard-on-demand/NAME`: `Ok` on 200, else what the CA said.
+    async fn ask_ca(&self, name: &str) -> Result<(), String> {
+        let ca = self.config.acme_forward.as_ref().ok_or("no acme_forward")?;
+        let uri: Uri = format!("http://{ca}{ON_DEMAND_PREFIX}{name}").parse().map_err(|e| format!("{e}"))?;
+        let response = self.fetch.get(uri).await.map_err(|e| format!("cannot reach the CA at {ca}: {e}"))?;
+        let status = response.status();
+        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        if status == StatusCode::OK {
+            return Ok(());
+        }
+        let why = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        Err(format!("the CA answered {status}: {why}"))
+    }
+
+    /// Loads and watches `od.dir/NAME`; a set that does not load is logged and not served.
+    async fn load_on_demand(&self, od: &OnDemandEdge, name: &str) {
+        if self.on_demand.names.read().unwrap_or_else(|e| e.into_inner()).contains_key(name) {
+            return;
+        }
+        let dir = od.dir.join(name);
+        let store = CertStore::new(CertDir::new(&dir));
+        let key = Arc::new(ServedKey { dir: dir.clone(), built: ArcSwapOption::empty() });
+        store.attach(&key);
+        let loading = store.clone();
+        let _ = tokio::task::spawn_blocking(move || loading.reload()).await;
+        if key.built.load().is_none() {
+            let why = store.last_error().unwrap_or_else(|| "no certificate".into());
+            return tracing::error!(edge = %self.config.name, %name, dir = %dir.display(), "the CA has {name}'s on-demand certificate, but this edge cannot load it ({why}): mount the CA's [on_demand] out_dir at {}", od.dir.display());
+        }
+        let watcher = store.spawn_watch(self.on_demand.stop.clone());
+        let entry = Arc::new(OnDemandName { store, key, used: AtomicBool::new(true), watcher });
+        self.on_demand.names.write().unwrap_or_else(|e| e.into_inner()).entry(name.to_owned()).or_insert(entry);
+        tracing::info!(edge = %self.config.name, %name, dir = %dir.display(), "serving an on-demand certificate");
+    }
+
+    /// Loads the on-demand cert dirs already there, then reports the names
+    /// in use to the CA every `report_every` and forgets cert dirs the CA
+    /// removed, until `stop` turns true.
+    pub async fn run_on_demand(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(od) = self.config.on_demand.clone() else { return };
+        if let Ok(entries) = std::fs::read_dir(&od.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') && name.parse::<DnsName>().is_ok() {
+                    self.load_on_demand(&od, &name).await;
+                }
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(od.report_every.get()) => {}
+            }
+            let names: Vec<(String, Arc<OnDemandName>)> = self
+                .on_demand
+                .names
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(n, e)| (n.clone(), e.clone()))
+                .collect();
+            for (name, entry) in names {
+                if !entry.store.dir().path().exists() {
+                    self.on_demand.names.write().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                    tracing::info!(edge = %self.config.name, %name, "on-demand certificate removed by the CA; no longer served");
+                } else if entry.used.swap(false, Ordering::Relaxed) {
+                    if let Err(why) = self.ask_ca(&name).await {
+                        tracing::warn!(edge = %self.config.name, %name, "cannot report the on-demand name in use: {why}");
+                    }
+                }
             }
         }
     }

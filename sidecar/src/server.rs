@@ -208,7 +208,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let mut edges = Vec::new();
     for ec in &config.edges {
-        let edge = edge::Edge::new(ec.clone())?;
+        let edge = edge::Edge::new(ec.clone(), stop_rx.clone())?;
         for s in &edge.stores {
             let s = s.clone();
             let _ = tokio::task::spawn_blocking(move || s.reload()).await;
@@ -218,6 +218,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         for s in &edge.stores {
             s.spawn_watch(stop_rx.clone());
+        }
+        if ec.on_demand.is_some() {
+            tasks.push(tokio::spawn(edge.clone().run_on_demand(stop_rx.clone())));
         }
         let https_addrs = resolve(&ec.https_listen, &ec.name).await?;
         let https_port = ec.https_listen.port();

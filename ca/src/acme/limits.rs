@@ -18,6 +18,8 @@ pub(super) enum EventKind {
     Order,
     /// The ACME server did not validate the name.
     Failed,
+    /// A name was first asked for on demand.
+    OnDemand,
 }
 
 /// One order or failed validation, kept a week in the store.
@@ -66,6 +68,17 @@ impl Acme {
             }
         }
         None
+    }
+
+    /// When the events of `kind` since unix second `since` happened, oldest first.
+    pub(super) fn event_times(&self, kind: EventKind, since: i64) -> Result<Vec<i64>, PublicError> {
+        let mut times: Vec<i64> = (self.store.docs(KIND_EVENT)?.iter())
+            .filter_map(|(_, j)| serde_json::from_str::<Event>(j).ok())
+            .filter(|e| e.kind == kind && e.at > since)
+            .map(|e| e.at)
+            .collect();
+        times.sort_unstable();
+        Ok(times)
     }
 
     pub(super) fn record_event(&self, kind: EventKind, name: &str) {

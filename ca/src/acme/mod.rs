@@ -12,7 +12,8 @@
 //! - `order`: accounts and orders against the ACME server;
 //! - `challenges`: HTTP-01 and TLS-ALPN-01 answers, for every replica;
 //! - `limits`: the published rate limits and the backoff;
-//! - `dns`: DNS-01 through RFC 2136 updates; `domain`: registered domains.
+//! - `dns`: DNS-01 through RFC 2136 updates; `domain`: registered domains;
+//! - `on_demand`: certificates ordered when an edge first sees a name.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ pub mod dns;
 pub mod domain;
 mod limits;
 mod model;
+mod on_demand;
 mod order;
 mod repo;
 
@@ -48,6 +50,7 @@ use challenges::AlpnCert;
 use domain::registered_domain;
 use limits::{backoff, random_fraction, EventKind};
 pub use model::*;
+pub use on_demand::{OnDemand, OnDemandAnswer, OnDemandConfig};
 pub use order::probe_directory;
 use order::{write_public, Ari, Issued, OrderError};
 pub use repo::PublicCerts;
@@ -72,6 +75,8 @@ pub struct Acme {
     orders: [std::sync::atomic::AtomicU64; 2],
     /// Corrupt documents already logged (by their error), so each is logged once.
     corrupt: Mutex<HashSet<String>>,
+    /// Bumped on every document this replica stores, for waiters.
+    stored: watch::Sender<u64>,
 }
 
 pub(crate) fn now() -> i64 {
@@ -93,6 +98,7 @@ impl Acme {
             unrecorded: Mutex::default(),
             orders: Default::default(),
             corrupt: Mutex::default(),
+            stored: watch::Sender::new(0),
         })
     }
 
@@ -204,7 +210,13 @@ impl Acme {
     fn put(&self, cert: &PublicCert) -> Result<(), PublicError> {
         self.certs.put(cert)?;
         self.unrecorded.lock().unwrap_or_else(|e| e.into_inner()).remove(&cert.cert_name);
+        self.stored.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Changes whenever this replica stores a certificate's document.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.stored.subscribe()
     }
 
     /// Removes a certificate, its state and its cert dir.
@@ -212,8 +224,15 @@ impl Acme {
         let cert = self.get(name)?.ok_or_else(|| PublicError::Unknown(name.to_owned()))?;
         self.certs.delete(name)?;
         // Only the cert dir Lanyard made for this name, never a path that
-        // merely starts like one (`public/..`).
-        let own = name.parse::<CertName>().is_ok() && cert.out_dir == self.state_dir.join("public").join(name);
+        // merely starts like one (`public/..`): STATE/public/NAME, or an
+        // on-demand certificate's DIR/DOMAIN.
+        let own = match cert.source {
+            CertSource::OnDemand => {
+                let domain = cert.domains.first().map(String::as_str).unwrap_or_default();
+                domain.parse::<DnsName>().is_ok() && cert.out_dir.file_name() == Some(std::ffi::OsStr::new(domain))
+            }
+            _ => name.parse::<CertName>().is_ok() && cert.out_dir == self.state_dir.join("public").join(name),
+        };
         if own {
             let _ = std::fs::remove_dir_all(&cert.out_dir);
         }

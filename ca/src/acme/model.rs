@@ -63,7 +63,7 @@ pub fn check_directory_url(url: &str) -> Result<(), PublicError> {
     Ok(())
 }
 
-fn checked_directory_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+pub(super) fn checked_directory_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let url = Option::<String>::deserialize(d)?;
     url.as_deref().map(check_directory_url).transpose().map_err(serde::de::Error::custom)?;
     Ok(url)
@@ -107,11 +107,16 @@ pub struct PublicConfig {
 impl PublicConfig {
     /// The ACME directory: `directory_url`, or Let's Encrypt (staging with `staging`).
     pub fn directory(&self) -> String {
-        match (&self.directory_url, self.staging) {
-            (Some(url), _) => url.clone(),
-            (None, true) => LETS_ENCRYPT_STAGING.into(),
-            (None, false) => LETS_ENCRYPT.into(),
-        }
+        directory(self.directory_url.as_deref(), self.staging)
+    }
+}
+
+/// `url`, or Let's Encrypt (staging with `staging`).
+pub(super) fn directory(url: Option<&str>, staging: bool) -> String {
+    match (url, staging) {
+        (Some(url), _) => url.to_owned(),
+        (None, true) => LETS_ENCRYPT_STAGING.into(),
+        (None, false) => LETS_ENCRYPT.into(),
     }
 }
 
@@ -187,6 +192,10 @@ pub enum CertSource {
     Api,
     /// `PUT /certificates/{name}` or `ca upload`: never ordered.
     Upload,
+    /// `[on_demand]`: ordered when an edge first saw its name, removed when
+    /// no edge has used it for `idle`.
+    #[serde(rename = "on_demand")]
+    OnDemand,
 }
 
 /// Where a public certificate's order stands.

@@ -9,6 +9,7 @@ use lanyard_sidecar::span::Span;
 use serde::{Deserialize, Serialize};
 
 use super::problem::Problem;
+use crate::allow::AllowList;
 
 /// `[acme_server]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -57,84 +58,6 @@ fn default_tls_alpn01_port() -> u16 {
 }
 fn default_validation_timeout() -> Span {
     "10s".parse().expect("valid")
-}
-
-/// One `allow` entry.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Pattern {
-    /// A name or a glob over names (`*` matches any run of characters).
-    Name(String),
-    /// An IP network.
-    Net(IpAddr, u8),
-}
-
-impl Pattern {
-    fn parse(entry: &str) -> Result<Self, String> {
-        if let Some((addr, len)) = entry.split_once('/') {
-            let addr: IpAddr =
-                addr.parse().map_err(|_| format!("allow entry {entry:?}: {addr:?} is not an IP address"))?;
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            let len: u8 = len
-                .parse()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| format!("allow entry {entry:?}: the prefix length must be 0 to {max}"))?;
-            return Ok(Self::Net(addr, len));
-        }
-        if let Ok(ip) = entry.parse::<IpAddr>() {
-            return Ok(Self::Net(ip, if ip.is_ipv4() { 32 } else { 128 }));
-        }
-        let name = entry.to_ascii_lowercase();
-        if name.replace('*', "x").parse::<DnsName>().is_err() {
-            return Err(format!(
-                "allow entry {entry:?} is not a name, a glob (*.internal, svc-*), an IP address or a CIDR"
-            ));
-        }
-        Ok(Self::Name(name))
-    }
-
-    fn admits(&self, id: &Identifier) -> bool {
-        match (self, id) {
-            (Self::Name(glob), Identifier::Dns(name)) => glob_match(glob, name),
-            (Self::Net(net, len), Identifier::Ip(ip)) => in_network(*net, *len, *ip),
-            _ => false,
-        }
-    }
-}
-
-/// `*` matches any run of characters, `.` included.
-fn glob_match(glob: &str, name: &str) -> bool {
-    let parts: Vec<&str> = glob.split('*').collect();
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if parts.len() == 1 {
-        return glob == name;
-    }
-    if name.len() < first.len() + last.len() || !name.starts_with(first) || !name.ends_with(last) {
-        return false;
-    }
-    let mut rest = &name[first.len()..name.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    true
-}
-
-fn in_network(net: IpAddr, len: u8, ip: IpAddr) -> bool {
-    let bits = |a: IpAddr| -> (u128, u32) {
-        match a {
-            IpAddr::V4(v) => (u128::from(u32::from(v)) << 96, 32),
-            IpAddr::V6(v) => (u128::from(v), 128),
-        }
-    };
-    let ((n, nw), (i, iw)) = (bits(net), bits(ip));
-    if nw != iw {
-        return false;
-    }
-    let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
-    n & mask == i & mask
 }
 
 /// An order's identifier (RFC 8555 §9.7.7, RFC 8738).
@@ -192,7 +115,7 @@ impl Identifier {
 pub struct Policy {
     /// The configuration as written.
     pub config: AcmeServerConfig,
-    allow: Vec<Pattern>,
+    allow: AllowList,
     /// Profile name → lifetime.
     pub profiles: BTreeMap<String, Span>,
 }
@@ -205,7 +128,7 @@ impl Policy {
                 "[acme_server] allow is empty: list the names ACME clients may order, e.g. [\"*.internal\"]".into()
             );
         }
-        let allow = config.allow.iter().map(|e| Pattern::parse(e)).collect::<Result<Vec<_>, _>>()?;
+        let allow = AllowList::parse(&config.allow)?;
         let mut profiles = BTreeMap::new();
         for (name, lifetime) in &config.profiles {
             let span: Span = lifetime.parse().map_err(|e| {
@@ -231,7 +154,11 @@ impl Policy {
 
     /// Whether `id` may be ordered; the refusal names the allow list.
     pub fn admit(&self, id: &Identifier) -> Result<(), Problem> {
-        if self.allow.iter().any(|p| p.admits(id)) {
+        let admitted = match id {
+            Identifier::Dns(name) => self.allow.admits_name(name),
+            Identifier::Ip(ip) => self.allow.admits_ip(*ip),
+        };
+        if admitted {
             return Ok(());
         }
         Err(Problem::rejected_identifier(format!(

@@ -9,6 +9,7 @@
 //! | `POST /v1/revoke` | admin certificate | `{"serial"}` or `{"identity"}` |
 //! | `GET /v1/certificates`, `GET /v1/status` | admin certificate | issued certificates, schedule |
 //! | `GET /.well-known/acme-challenge/{token}` | anyone | ACME HTTP-01 answers |
+//! | `GET /.well-known/lanyard-on-demand/{name}` | edges (plain-HTTP listener only) | order `name` on demand ([`on_demand`]) |
 //! | `/acme/...` | ACME clients (JWS) | the ACME server, with `[acme_server]` (`crate::acme_server`) |
 //! | `GET, POST /certificates` | admin certificate | public (ACME) certificates: list, create |
 //! | `GET, PUT /certificates/{name}` | admin certificate | one certificate; upload one from another provider |
@@ -104,6 +105,27 @@ pub fn tls_alpn_challenge(svc: &Service, path: &str) -> Option<Reply> {
         Some(pem) => reply(StatusCode::OK, "application/x-pem-file", pem),
         None => error(StatusCode::NOT_FOUND, "no pending TLS-ALPN-01 challenge for this name"),
     })
+}
+
+/// `GET /.well-known/lanyard-on-demand/{name}` (plain-HTTP listener): an
+/// edge asks for a certificate for `name`. 200 once it is in its cert dir,
+/// 403 when refused, 503 with `Retry-After` when not yet (pending, limited,
+/// backing off), 404 without `[on_demand]`.
+pub async fn on_demand(svc: &Service, name: &str) -> Reply {
+    use crate::acme::OnDemandAnswer;
+    let Some(on_demand) = svc.on_demand.clone() else {
+        return error(StatusCode::NOT_FOUND, "this CA orders nothing on demand: add [on_demand] to lanyard.toml");
+    };
+    match on_demand.request(name).await {
+        OnDemandAnswer::Ready(dir) => json_reply(StatusCode::OK, json!({ "name": name, "cert_dir": dir })),
+        OnDemandAnswer::Refused(_, why) => error(StatusCode::FORBIDDEN, why),
+        OnDemandAnswer::NotYet(why, at) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, why);
+            let after = (at - crate::acme::now()).max(1);
+            r.headers_mut().insert(hyper::header::RETRY_AFTER, after.into());
+            r
+        }
+    }
 }
 
 fn public_reply(result: Result<serde_json::Value, crate::acme::PublicError>, ok: StatusCode) -> Reply {

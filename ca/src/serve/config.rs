@@ -91,6 +91,9 @@ pub struct ServeConfig {
     /// ACME settings.
     #[serde(default)]
     pub acme: crate::acme::AcmeSettings,
+    /// On-demand certificates: ordered when an edge first sees a name.
+    #[serde(default)]
+    pub on_demand: Option<crate::acme::OnDemandConfig>,
     /// The ACME server at `/acme/directory`, for the fleet's own ACME clients.
     #[serde(default)]
     pub acme_server: Option<crate::acme_server::AcmeServerConfig>,

@@ -196,6 +196,8 @@ pub struct ServiceMetrics {
     pub acme: Arc<crate::acme::Acme>,
     /// The ACME server, if configured.
     pub acme_server: Option<Arc<crate::acme_server::AcmeServer>>,
+    /// On-demand certificates, if configured.
+    pub on_demand: Option<Arc<crate::acme::OnDemand>>,
     /// The service's counters.
     pub counters: Arc<CaMetrics>,
 }
@@ -234,6 +236,9 @@ impl Collector for ServiceMetrics {
         encode_root_rotation(&mut enc, &ca)?;
         encode_leadership(&mut enc, &self.leader)?;
         self.acme.encode_metrics(&mut enc)?;
+        if let Some(on_demand) = &self.on_demand {
+            on_demand.encode_metrics(&mut enc)?;
+        }
         match &self.acme_server {
             Some(server) => server.encode_metrics(&mut enc),
             None => Ok(()),

@@ -53,6 +53,8 @@ pub struct Service {
     pub acme: Arc<crate::acme::Acme>,
     /// The ACME server, with `[acme_server]`.
     pub acme_server: Option<Arc<crate::acme_server::AcmeServer>>,
+    /// On-demand certificates for edges, with `[on_demand]`.
+    pub on_demand: Option<Arc<crate::acme::OnDemand>>,
     /// Who leads among the replicas sharing the store.
     pub leader: leader::Leader,
     /// This replica's API certificate and admin credential.
@@ -416,6 +418,15 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
             Some(crate::acme_server::AcmeServer::new(policy, authority.store().clone(), authority.clone(), runtime))
         }
     };
+    let on_demand = match config.on_demand.clone() {
+        None => None,
+        Some(c) => {
+            let od = crate::acme::OnDemand::new(c, acme.clone(), &dir)
+                .map_err(|what| CaError::Config { origin: "[on_demand]".into(), what })?;
+            tokio::spawn(od.clone().run(leader.clone(), stop_rx.clone()));
+            Some(od)
+        }
+    };
     tokio::spawn(sidecars::poll_during_rotation(authority.clone(), known_sidecars, stop_rx.clone()));
     let registry = metrics::ServiceMetrics {
         authority: authority.clone(),
@@ -423,6 +434,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
         leader: leader.clone(),
         acme: acme.clone(),
         acme_server: acme_server.clone(),
+        on_demand: on_demand.clone(),
         counters: metrics.clone(),
     }
     .registry();
@@ -432,6 +444,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Res
         metrics,
         acme,
         acme_server,
+        on_demand,
         leader,
         own,
         leaf_ttl: config.leaf_ttl,
@@ -492,7 +505,8 @@ async fn serve_https(svc: Arc<Service>, listener: TcpListener, limits: Limits, s
     .await;
 }
 
-/// The plain-HTTP listener: ACME HTTP-01 answers, and a redirect to HTTPS
+/// The plain-HTTP listener: ACME HTTP-01 answers, TLS-ALPN-01 validation
+/// certificates and on-demand requests for edges, and a redirect to HTTPS
 /// for everything else.
 async fn serve_http(
     svc: Arc<Service>,
@@ -511,6 +525,9 @@ async fn serve_http(
                     let path = req.uri().path();
                     if let Some(r) = api::acme_challenge(&svc, path).or_else(|| api::tls_alpn_challenge(&svc, path)) {
                         return Ok::<_, std::convert::Infallible>(r);
+                    }
+                    if let Some(name) = path.strip_prefix(lanyard_sidecar::edge::ON_DEMAND_PREFIX) {
+                        return Ok(api::on_demand(&svc, name).await);
                     }
                     let host = req
                         .headers()

@@ -626,3 +626,156 @@ fn an_ip_address_certificate_is_ordered_through_the_edge() {
         text(&out.stdout) == "200"
     });
 }
+
+/// An `ask` endpoint (the app's "may this name have a certificate?"): 200
+/// for every `domain` but those starting with `denied.`; it records every
+/// name it was asked about.
+fn ask_endpoint() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut request = String::new();
+            let _ = reader.read_line(&mut request);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let domain = request.split("domain=").nth(1).and_then(|r| r.split([' ', '&']).next()).unwrap_or("");
+            seen.lock().unwrap().push(domain.to_owned());
+            let status = if domain.starts_with("denied.") { "403 Forbidden" } else { "200 OK" };
+            let _ = (&conn)
+                .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes());
+        }
+    });
+    (addr, asked)
+}
+
+/// The subjectAltName of the certificate the edge on `port` serves for `name`.
+fn served_names(port: u16, name: &str) -> String {
+    let out = run(Command::new(peer("openssl"))
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", name])
+        .stdin(std::process::Stdio::null()));
+    let pem = text(&out.stdout);
+    let mut x509 = Command::new(peer("openssl"))
+        .args(["x509", "-noout", "-ext", "subjectAltName"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(x509.stdin.as_mut().unwrap(), pem.as_bytes()).unwrap();
+    let out = x509.wait_with_output().unwrap();
+    assert!(out.status.success(), "{name}: no certificate from the edge: {pem}");
+    text(&out.stdout)
+}
+
+/// On-demand issuance against Pebble: a new allowed name gets its
+/// certificate on its first handshake, concurrent first handshakes order
+/// once, names refused by `allow` or `ask` never order and get the
+/// fallback, a failed order backs off, and unused names are removed while
+/// names in use stay.
+#[test]
+fn on_demand_names_are_ordered_on_their_first_handshake() {
+    let pki = Pki::new(&[]);
+    let (ca_http, edge_http, edge_https, tls_alpn) = (free_port(), free_port(), free_port(), free_port());
+    let pebble = Pebble::start(pki.tmp.path(), edge_http, edge_https, 24 * 3600, &[]);
+    let (ask, asked) = ask_endpoint();
+    let dir = pki.state().join("on-demand");
+    let on_demand = format!(
+        "[on_demand]\nallow = [\"*.apps.example.test\"]\nask = \"http://{ask}/allowed\"\nemail = \"ops@example.test\"\n\
+         directory_url = \"{}\"\nidle = \"6s\"\n",
+        pebble.directory()
+    );
+    let server = ca_with_public(&pki, &pebble, ca_http, tls_alpn, &on_demand);
+    let app = http_upstream();
+    let edge = Sidecar::start(
+        &[
+            "--mode",
+            "edge",
+            "--cert-dir",
+            pki.path("unused").to_str().unwrap(),
+            "--on-demand-dir",
+            dir.to_str().unwrap(),
+            "--on-demand-report",
+            "1s",
+            "--listen",
+            &format!("127.0.0.1:{edge_https}"),
+            "--http-listen",
+            &format!("127.0.0.1:{edge_http}"),
+            "--acme-forward",
+            &format!("127.0.0.1:{ca_http}"),
+            "--upstream",
+            &app.to_string(),
+        ],
+        pki.path("edge.log"),
+    );
+    let root = pebble.root();
+    let logs = || format!("CA:\n{}\nedge:\n{}", server.log_text(), edge.log_text());
+    let ca_metric = |sample: &str| -> f64 {
+        let (_, metrics) = curl_api(&pki, "GET", &server.url("/metrics"), None, None);
+        let line = metrics.lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')));
+        line.unwrap_or_else(|| panic!("no {sample} in\n{metrics}")).trim().parse().unwrap()
+    };
+
+    // The first handshake waits for the order and verifies against Pebble's root.
+    let (status, head) = edge_get(edge_https, "shop.apps.example.test", &root, &["--max-time", "20"]);
+    assert_eq!(status, 200, "{head}\n{}", logs());
+    assert!(head.to_lowercase().contains("strict-transport-security"), "{head}");
+    assert!(dir.join("shop.apps.example.test/cert.pem").exists(), "{}", logs());
+
+    // Six concurrent first handshakes for one name: one order, six verified answers.
+    let burst: Vec<_> = (0..6)
+        .map(|_| {
+            let root = root.clone();
+            std::thread::spawn(move || edge_get(edge_https, "burst.apps.example.test", &root, &["--max-time", "20"]))
+        })
+        .collect();
+    for handshake in burst {
+        let (status, head) = handshake.join().unwrap();
+        assert_eq!(status, 200, "{head}\n{}", logs());
+    }
+    assert_eq!(ca_metric("lanyard_ca_acme_orders_total{result=\"success\"}"), 2.0, "{}", logs());
+    assert_eq!(server.log_text().matches("on-demand: ordering a new name").count(), 2, "{}", logs());
+
+    // Refused by `allow`: the fallback, no order, and `ask` is not even asked.
+    assert!(served_names(edge_https, "evil.example.test").contains("lanyard-edge-fallback"), "{}", logs());
+    assert!(!asked.lock().unwrap().iter().any(|d| d == "evil.example.test"), "{:?}", asked.lock().unwrap());
+    // Refused by `ask`: the fallback and no order.
+    assert!(served_names(edge_https, "denied.apps.example.test").contains("lanyard-edge-fallback"), "{}", logs());
+    assert!(asked.lock().unwrap().iter().any(|d| d == "denied.apps.example.test"), "{:?}", asked.lock().unwrap());
+    assert_eq!(ca_metric("lanyard_ca_on_demand_requests_total{result=\"refused_policy\"}"), 1.0);
+    assert_eq!(ca_metric("lanyard_ca_on_demand_requests_total{result=\"refused_ask\"}"), 1.0);
+    assert!(!dir.join("denied.apps.example.test").exists() && !dir.join("evil.example.test").exists());
+
+    // An order that cannot validate: the fallback with the reason, and the
+    // next handshake does not order again while the name backs off.
+    pebble.set_a("broken.apps.example.test", "127.0.0.2");
+    assert!(served_names(edge_https, "broken.apps.example.test").contains("lanyard-edge-fallback"), "{}", logs());
+    assert!(served_names(edge_https, "broken.apps.example.test").contains("lanyard-edge-fallback"));
+    assert_eq!(ca_metric("lanyard_ca_acme_orders_total{result=\"failure\"}"), 1.0, "{}", logs());
+    assert!(edge.log_text().contains("no on-demand certificate: the CA answered 503"), "{}", logs());
+
+    // `idle = 6s`: shop is no longer used and goes, with its cert dir; burst
+    // is used throughout and stays.
+    poll_until_ok(Duration::from_secs(40), Duration::from_millis(500), "shop removed as unused", || {
+        let (status, head) = edge_get(edge_https, "burst.apps.example.test", &root, &[]);
+        assert_eq!(status, 200, "burst is in use and must stay: {head}\n{}", logs());
+        if dir.join("shop.apps.example.test").exists() {
+            return Err(logs());
+        }
+        Ok(())
+    });
+    assert!(dir.join("burst.apps.example.test/cert.pem").exists(), "{}", logs());
+    assert!(ca_metric("lanyard_ca_on_demand_removed_total{reason=\"idle\"}") >= 1.0);
+    wait_until(Duration::from_secs(10), "the edge forgets shop", || {
+        edge.log_text().lines().any(|l| l.contains("removed by the CA") && l.contains("shop.apps.example.test"))
+    });
+    // Asked for again, it is ordered again.
+    let (status, head) = edge_get(edge_https, "shop.apps.example.test", &root, &["--max-time", "20"]);
+    assert_eq!(status, 200, "{head}\n{}", logs());
+    assert_eq!(ca_metric("lanyard_ca_acme_orders_total{result=\"success\"}"), 3.0, "{}", logs());
+}
