@@ -67,11 +67,9 @@ struct SniResolver {
 }
 
 /// The on-demand cert dirs loaded so far, by name.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct OnDemandKeys {
     names: RwLock<HashMap<String, Arc<OnDemandName>>>,
-    /// The edge's stop signal, for the cert dirs' watchers.
-    stop: watch::Receiver<bool>,
 }
 
 /// One on-demand name's cert dir.
@@ -81,14 +79,10 @@ struct OnDemandName {
     key: Arc<ServedKey>,
     /// Whether a handshake used it since the last report to the CA.
     used: AtomicBool,
-    watcher: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for OnDemandName {
-    fn drop(&mut self) {
-        self.watcher.abort();
-    }
-}
+/// How often on-demand cert dirs are re-read when no file event came.
+const ON_DEMAND_POLL: Duration = Duration::from_secs(30);
 
 impl OnDemandKeys {
     /// The key for `name`, marked used.
@@ -98,6 +92,30 @@ impl OnDemandKeys {
         let built = entry.key.built.load_full()?;
         entry.used.store(true, Ordering::Relaxed);
         Some(built.1.clone())
+    }
+
+    /// The loaded names and their entries.
+    fn entries(&self) -> Vec<(String, Arc<OnDemandName>)> {
+        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        names.iter().map(|(n, e)| (n.clone(), e.clone())).collect()
+    }
+
+    /// Reloads the names under `root` that `paths` touch (all of them for
+    /// none), and forgets those whose cert dir the CA removed.
+    fn sync(&self, root: &std::path::Path, paths: &[std::path::PathBuf], edge: &str) {
+        let touched: std::collections::HashSet<&str> =
+            paths.iter().filter_map(|p| p.strip_prefix(root).ok()?.components().next()?.as_os_str().to_str()).collect();
+        for (name, entry) in self.entries() {
+            if !paths.is_empty() && !touched.contains(name.as_str()) {
+                continue;
+            }
+            if entry.store.dir().path().exists() {
+                entry.store.reload();
+            } else {
+                self.names.write().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                tracing::info!(edge, %name, "on-demand certificate removed by the CA; no longer served");
+            }
+        }
     }
 }
 
@@ -186,8 +204,8 @@ const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "
 
 impl Edge {
     /// Builds the edge; cert dirs are loaded by the caller's stores, and
-    /// on-demand ones are watched until `stop` turns true.
-    pub fn new(config: EdgeConfig, stop: watch::Receiver<bool>) -> Result<Arc<Self>, TlsConfigError> {
+    /// on-demand ones by [`Edge::run_on_demand`].
+    pub fn new(config: EdgeConfig) -> Result<Arc<Self>, TlsConfigError> {
         let headers = config.headers.pairs().map_err(TlsConfigError::Verifier)?;
         let stores: Vec<Arc<CertStore>> = config.cert_dirs.iter().map(|d| CertStore::new(CertDir::new(d))).collect();
         let keys: Vec<Arc<ServedKey>> = stores
@@ -197,7 +215,7 @@ impl Edge {
         for (store, key) in stores.iter().zip(&keys) {
             store.attach(key);
         }
-        let on_demand = Arc::new(OnDemandKeys { names: RwLock::default(), stop });
+        let on_demand = Arc::new(OnDemandKeys::default());
         let resolver = SniResolver {
             keys: keys.clone(),
             on_demand: on_demand.clone(),
@@ -354,7 +372,7 @@ impl Edge {
         Err(format!("the CA answered {status}: {why}"))
     }
 
-    /// Loads and watches `od.dir/NAME`; a set that does not load is logged and not served.
+    /// Loads `od.dir/NAME`; a set that does not load is logged and not served.
     async fn load_on_demand(&self, od: &OnDemandEdge, name: &str) {
         if self.on_demand.names.read().unwrap_or_else(|e| e.into_inner()).contains_key(name) {
             return;
@@ -369,16 +387,15 @@ impl Edge {
             let why = store.last_error().unwrap_or_else(|| "no certificate".into());
             return tracing::error!(edge = %self.config.name, %name, dir = %dir.display(), "the CA has {name}'s on-demand certificate, but this edge cannot load it ({why}): mount the CA's [on_demand] out_dir at {}", od.dir.display());
         }
-        let watcher = store.spawn_watch(self.on_demand.stop.clone());
-        let entry = Arc::new(OnDemandName { store, key, used: AtomicBool::new(true), watcher });
+        let entry = Arc::new(OnDemandName { store, key, used: AtomicBool::new(true) });
         self.on_demand.names.write().unwrap_or_else(|e| e.into_inner()).entry(name.to_owned()).or_insert(entry);
         tracing::info!(edge = %self.config.name, %name, dir = %dir.display(), "serving an on-demand certificate");
     }
 
-    /// Loads the on-demand cert dirs already there, then reports the names
-    /// in use to the CA every `report_every` and forgets cert dirs the CA
-    /// removed, until `stop` turns true.
-    pub async fn run_on_demand(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Loads the on-demand cert dirs already there, then watches them (one
+    /// watcher for all) and reports the names in use to the CA every
+    /// `report_every`, until `stop` turns true.
+    pub async fn run_on_demand(self: Arc<Self>, stop: watch::Receiver<bool>) {
         let Some(od) = self.config.on_demand.clone() else { return };
         if let Ok(entries) = std::fs::read_dir(&od.dir) {
             for entry in entries.flatten() {
@@ -388,24 +405,29 @@ impl Edge {
                 }
             }
         }
+        let (keys, root, edge) = (self.on_demand.clone(), od.dir.clone(), self.config.name.clone());
+        let mut until_stop = stop.clone();
+        let watching = crate::reload::watch_tree(
+            &od.dir,
+            ON_DEMAND_POLL,
+            async move {
+                let _ = until_stop.wait_for(|s| *s).await;
+            },
+            move |paths| keys.sync(&root, paths, &edge),
+        );
+        tokio::join!(watching, self.report_on_demand(&od, stop));
+    }
+
+    /// Tells the CA every `report_every` which on-demand names handshakes
+    /// used, for its idle clean-up.
+    async fn report_on_demand(&self, od: &OnDemandEdge, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = tokio::time::sleep(od.report_every.get()) => {}
             }
-            let names: Vec<(String, Arc<OnDemandName>)> = self
-                .on_demand
-                .names
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|(n, e)| (n.clone(), e.clone()))
-                .collect();
-            for (name, entry) in names {
-                if !entry.store.dir().path().exists() {
-                    self.on_demand.names.write().unwrap_or_else(|e| e.into_inner()).remove(&name);
-                    tracing::info!(edge = %self.config.name, %name, "on-demand certificate removed by the CA; no longer served");
-                } else if entry.used.swap(false, Ordering::Relaxed) {
+            for (name, entry) in self.on_demand.entries() {
+                if entry.used.swap(false, Ordering::Relaxed) {
                     if let Err(why) = self.ask_ca(&name).await {
                         tracing::warn!(edge = %self.config.name, %name, "cannot report the on-demand name in use: {why}");
                     }

@@ -178,60 +178,84 @@ impl CertStore {
     /// Watches the directory until `shutdown` resolves: file events
     /// (debounced) and a slow poll both trigger [`CertStore::reload`].
     pub async fn watch(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-        let mut watcher: Option<notify::RecommendedWatcher> = None;
-        // Until the directory exists, its nearest existing ancestor is watched,
-        // so that a first certificate is picked up at once, not at the next poll.
-        let mut on_ancestor = false;
-        let mut watched = std::path::PathBuf::new();
-        let nearest = |p: &std::path::Path| p.ancestors().find(|a| a.is_dir()).map(std::path::Path::to_path_buf);
-        let mut poll = tokio::time::interval(POLL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
-        loop {
-            if watcher.is_none() || (on_ancestor && nearest(self.dir.path()).is_some_and(|n| n != watched)) {
-                let was_on_ancestor = on_ancestor;
-                (watcher, on_ancestor) = match start_watcher(self.dir.path(), RecursiveMode::Recursive, tx.clone()) {
-                    Some(w) => (Some(w), false),
-                    None => {
-                        watched = nearest(self.dir.path()).unwrap_or_default();
-                        (start_watcher(&watched, RecursiveMode::NonRecursive, tx.clone()), true)
-                    }
-                };
-                if was_on_ancestor && !on_ancestor {
-                    // Files may have landed while the watch moved: look now.
-                    let store = self.clone();
-                    let _ = tokio::task::spawn_blocking(move || store.reload()).await;
-                    continue;
+        let dir = self.dir.path().to_owned();
+        watch_tree(&dir, POLL, shutdown, move |_| {
+            let _ = self.reload();
+        })
+        .await;
+    }
+}
+
+/// Watches the tree at `root` until `shutdown` resolves and calls
+/// `changed` (off the async runtime) with the paths that changed after
+/// each debounced burst of file events, and with none every `poll`.
+/// Until `root` exists, its nearest existing ancestor is watched, so that
+/// the first files are seen at once, not at the next poll.
+pub async fn watch_tree(
+    root: &std::path::Path,
+    poll: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+    changed: impl Fn(&[std::path::PathBuf]) + Send + Sync + 'static,
+) {
+    let changed = Arc::new(changed);
+    let call = |paths: Vec<std::path::PathBuf>| {
+        let changed = changed.clone();
+        tokio::task::spawn_blocking(move || changed(&paths))
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<std::path::PathBuf>>();
+    let mut watcher: Option<notify::RecommendedWatcher> = None;
+    let mut on_ancestor = false;
+    let mut watched = std::path::PathBuf::new();
+    let nearest = |p: &std::path::Path| p.ancestors().find(|a| a.is_dir()).map(std::path::Path::to_path_buf);
+    let mut poll = tokio::time::interval(poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        if watcher.is_none() || (on_ancestor && nearest(root).is_some_and(|n| n != watched)) {
+            let was_on_ancestor = on_ancestor;
+            (watcher, on_ancestor) = match start_watcher(root, RecursiveMode::Recursive, tx.clone()) {
+                Some(w) => (Some(w), false),
+                None => {
+                    watched = nearest(root).unwrap_or_default();
+                    (start_watcher(&watched, RecursiveMode::NonRecursive, tx.clone()), true)
                 }
+            };
+            if was_on_ancestor && !on_ancestor {
+                // Files may have landed while the watch moved: look now.
+                let _ = call(Vec::new()).await;
+                continue;
             }
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = poll.tick() => {}
-                Some(()) = rx.recv() => {
-                    // Debounce: wait for a quiet spell, bounded.
-                    let deadline = tokio::time::Instant::now() + DEBOUNCE * 8;
-                    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                        if tokio::time::Instant::now() > deadline {
-                            break;
-                        }
-                    }
-                }
-            }
-            let store = self.clone();
-            let _ = tokio::task::spawn_blocking(move || store.reload()).await;
         }
+        let mut paths = Vec::new();
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = poll.tick() => {}
+            Some(first) = rx.recv() => {
+                paths = first;
+                // Debounce: wait for a quiet spell, bounded.
+                let deadline = tokio::time::Instant::now() + DEBOUNCE * 8;
+                while let Ok(Some(more)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                    paths.extend(more);
+                    if tokio::time::Instant::now() > deadline {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = call(paths).await;
     }
 }
 
 fn start_watcher(
     dir: &std::path::Path,
     mode: RecursiveMode,
-    tx: mpsc::UnboundedSender<()>,
+    tx: mpsc::UnboundedSender<Vec<std::path::PathBuf>>,
 ) -> Option<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = tx.send(());
+        if let Ok(event) = res {
+            if !event.kind.is_access() {
+                let _ = tx.send(event.paths);
+            }
         }
     })
     .ok()?;

@@ -208,7 +208,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let mut edges = Vec::new();
     for ec in &config.edges {
-        let edge = edge::Edge::new(ec.clone(), stop_rx.clone())?;
+        let edge = edge::Edge::new(ec.clone())?;
         for s in &edge.stores {
             let s = s.clone();
             let _ = tokio::task::spawn_blocking(move || s.reload()).await;

@@ -234,7 +234,11 @@ impl Acme {
             _ => name.parse::<CertName>().is_ok() && cert.out_dir == self.state_dir.join("public").join(name),
         };
         if own {
-            let _ = std::fs::remove_dir_all(&cert.out_dir);
+            // Renamed first, so that readers see the whole cert dir go at once.
+            let hidden = cert.out_dir.file_name().map(|f| format!(".{}.removed", f.to_string_lossy()));
+            let trash =
+                hidden.map(|h| cert.out_dir.with_file_name(h)).filter(|t| std::fs::rename(&cert.out_dir, t).is_ok());
+            let _ = std::fs::remove_dir_all(trash.as_deref().unwrap_or(&cert.out_dir));
         }
         tracing::info!(identity = name, event = "removed", "public certificate removed");
         Ok(())

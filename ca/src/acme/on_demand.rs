@@ -171,7 +171,7 @@ impl OnDemand {
     }
 
     /// Answers an edge asking for `name`, waiting up to `wait` for the certificate.
-    pub async fn request(self: Arc<Self>, name: &str) -> OnDemandAnswer {
+    pub async fn request(self: Arc<Self>, name: String) -> OnDemandAnswer {
         let answer = self.clone().answer(name.to_ascii_lowercase()).await;
         let result = match &answer {
             OnDemandAnswer::Ready(_) => "ready",
@@ -409,29 +409,32 @@ mod tests {
     #[tokio::test]
     async fn refusals_never_order_and_new_names_are_limited_per_hour() {
         let (_dir, od) = on_demand("max_new_per_hour = 2\n");
-        let answer = od.clone().request("evil.example.test").await;
+        let answer = od.clone().request(String::from("evil.example.test")).await;
         assert!(
             matches!(&answer, OnDemandAnswer::Refused(Refusal::Policy, why) if why.contains("*.apps.example.test")),
             "{answer:?}"
         );
-        assert!(matches!(od.clone().request("no_dots").await, OnDemandAnswer::Refused(Refusal::Invalid, _)));
+        assert!(matches!(
+            od.clone().request(String::from("no_dots")).await,
+            OnDemandAnswer::Refused(Refusal::Invalid, _)
+        ));
         assert!(od.acme.list().unwrap().is_empty(), "a refused name was stored");
         // Nothing orders in this test: each new name waits, then is pending.
         for name in ["a.apps.example.test", "B.apps.example.test"] {
-            let answer = od.clone().request(name).await;
+            let answer = od.clone().request(name.into()).await;
             assert!(matches!(&answer, OnDemandAnswer::NotYet(why, _) if why.starts_with("ordered")), "{answer:?}");
         }
         let names: Vec<_> = od.acme.list().unwrap().into_iter().map(|c| c.domains[0].clone()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(names.contains(&"b.apps.example.test".to_owned()), "{names:?}");
-        let answer = od.clone().request("c.apps.example.test").await;
+        let answer = od.clone().request(String::from("c.apps.example.test")).await;
         assert!(
             matches!(&answer, OnDemandAnswer::NotYet(why, _) if why.contains("max_new_per_hour = 2")),
             "{answer:?}"
         );
         // A name already ordered is not a new one.
         assert!(
-            matches!(od.clone().request("a.apps.example.test").await, OnDemandAnswer::NotYet(why, _) if why.starts_with("ordered"))
+            matches!(od.clone().request(String::from("a.apps.example.test")).await, OnDemandAnswer::NotYet(why, _) if why.starts_with("ordered"))
         );
         let metrics = {
             let mut registry = prometheus_client::registry::Registry::with_prefix("lanyard_ca");
@@ -458,8 +461,8 @@ mod tests {
     #[tokio::test]
     async fn unused_and_no_longer_allowed_names_are_removed_with_their_cert_dir() {
         let (dir, od) = on_demand("idle = \"1h\"\n");
-        let _ = od.clone().request("old.apps.example.test").await;
-        let _ = od.clone().request("new.apps.example.test").await;
+        let _ = od.clone().request(String::from("old.apps.example.test")).await;
+        let _ = od.clone().request(String::from("new.apps.example.test")).await;
         let old = OnDemand::cert_name("old.apps.example.test");
         std::fs::create_dir_all(dir.path().join("on-demand/old.apps.example.test")).unwrap();
         od.acme.store.put_doc(KIND_USED, &old, &(now() - 7200).to_string()).unwrap();

@@ -116,7 +116,9 @@ pub async fn on_demand(svc: &Service, name: &str) -> Reply {
     let Some(on_demand) = svc.on_demand.clone() else {
         return error(StatusCode::NOT_FOUND, "this CA orders nothing on demand: add [on_demand] to lanyard.toml");
     };
-    match on_demand.request(name).await {
+    // Spawned: an edge that stops waiting does not cancel the order.
+    let answer = tokio::spawn(on_demand.request(name.to_owned())).await;
+    match answer.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())) {
         OnDemandAnswer::Ready(dir) => json_reply(StatusCode::OK, json!({ "name": name, "cert_dir": dir })),
         OnDemandAnswer::Refused(_, why) => error(StatusCode::FORBIDDEN, why),
         OnDemandAnswer::NotYet(why, at) => {

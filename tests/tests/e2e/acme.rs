@@ -628,8 +628,8 @@ fn an_ip_address_certificate_is_ordered_through_the_edge() {
 }
 
 /// An `ask` endpoint (the app's "may this name have a certificate?"): 200
-/// for every `domain` but those starting with `denied.`; it records every
-/// name it was asked about.
+/// for every `domain` but those starting with `denied.`, after 3 s for
+/// those starting with `slow.`; it records every name it was asked about.
 fn ask_endpoint() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{BufRead, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -638,18 +638,24 @@ fn ask_endpoint() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
     let seen = asked.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
-            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
-            let mut request = String::new();
-            let _ = reader.read_line(&mut request);
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-                line.clear();
-            }
-            let domain = request.split("domain=").nth(1).and_then(|r| r.split([' ', '&']).next()).unwrap_or("");
-            seen.lock().unwrap().push(domain.to_owned());
-            let status = if domain.starts_with("denied.") { "403 Forbidden" } else { "200 OK" };
-            let _ = (&conn)
-                .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes());
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut request = String::new();
+                let _ = reader.read_line(&mut request);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let domain = request.split("domain=").nth(1).and_then(|r| r.split([' ', '&']).next()).unwrap_or("");
+                seen.lock().unwrap().push(domain.to_owned());
+                if domain.starts_with("slow.") {
+                    std::thread::sleep(Duration::from_secs(3));
+                }
+                let status = if domain.starts_with("denied.") { "403 Forbidden" } else { "200 OK" };
+                let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = (&conn).write_all(reply.as_bytes());
+            });
         }
     });
     (addr, asked)
@@ -778,4 +784,43 @@ fn on_demand_names_are_ordered_on_their_first_handshake() {
     let (status, head) = edge_get(edge_https, "shop.apps.example.test", &root, &["--max-time", "20"]);
     assert_eq!(status, 200, "{head}\n{}", logs());
     assert_eq!(ca_metric("lanyard_ca_acme_orders_total{result=\"success\"}"), 3.0, "{}", logs());
+
+    // A second edge reading the same cert dirs, waiting at most 1 s: it
+    // serves what the first one had ordered without a new order, and a name
+    // whose `ask` takes 3 s gets the fallback at once, then its certificate
+    // once the order the CA went on with is done.
+    let impatient_https = free_port();
+    let impatient = Sidecar::start(
+        &[
+            "--mode",
+            "edge",
+            "--cert-dir",
+            pki.path("unused").to_str().unwrap(),
+            "--on-demand-dir",
+            dir.to_str().unwrap(),
+            "--on-demand-wait",
+            "1s",
+            "--listen",
+            &format!("127.0.0.1:{impatient_https}"),
+            "--acme-forward",
+            &format!("127.0.0.1:{ca_http}"),
+            "--upstream",
+            &app.to_string(),
+        ],
+        pki.path("impatient.log"),
+    );
+    let (status, head) = edge_get(impatient_https, "burst.apps.example.test", &root, &[]);
+    assert_eq!(status, 200, "{head}\n{}", impatient.log_text());
+    assert!(served_names(impatient_https, "slow.apps.example.test").contains("lanyard-edge-fallback"));
+    assert!(impatient.log_text().contains("no on-demand certificate within 1s"), "{}", impatient.log_text());
+    poll_until_ok(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "slow ordered after the bound",
+        || match edge_get(impatient_https, "slow.apps.example.test", &root, &[]) {
+            (200, _) => Ok(()),
+            (_, head) => Err(format!("{head}\n{}\nsecond edge:\n{}", logs(), impatient.log_text())),
+        },
+    );
+    assert_eq!(ca_metric("lanyard_ca_acme_orders_total{result=\"success\"}"), 4.0, "{}", logs());
 }
