@@ -543,6 +543,23 @@ mod tests {
     }
 
     #[test]
+    fn an_on_demand_edge_needs_the_ca_and_no_cert_dirs() {
+        let edge = "cert_dir = \"/certs\"\n[[edge]]\nhttps_listen = \"0.0.0.0:443\"\nupstream = \"app:8080\"\n";
+        let with_ca = format!("{edge}acme_forward = \"ca:8080\"\n[edge.on_demand]\ndir = \"/od\"\nwait = \"3s\"\n");
+        let config = Config::from_toml(&with_ca, Path::new("s.toml")).unwrap();
+        let od = config.edges[0].on_demand.as_ref().unwrap();
+        assert_eq!(
+            (od.dir.as_path(), od.wait.get().as_secs(), od.report_every.get().as_secs()),
+            (Path::new("/od"), 3, 600)
+        );
+        let e =
+            Config::from_toml(&format!("{edge}[edge.on_demand]\ndir = \"/od\"\n"), Path::new("s.toml")).unwrap_err();
+        assert!(e.to_string().contains("set acme_forward"), "{e}");
+        let e = Config::from_toml(edge, Path::new("s.toml")).unwrap_err();
+        assert!(e.to_string().contains("cert_dirs is empty"), "{e}");
+    }
+
+    #[test]
     fn parses_a_two_listener_file() {
         let cfg: Config = toml::from_str(
             r#"

@@ -463,3 +463,47 @@ fn external_account_binding_is_required_when_configured() {
     ok(order(&["--eab-kid", "fleet-1", "--eab-hmac-key", key]), "certbot with the configured EAB key");
     fleet.verify(&certbot.live("web.internal", "cert.pem"), &certbot.live("web.internal", "chain.pem"));
 }
+
+/// Lanyard's own client against `eab_required` (instant-acme sends the
+/// request, unlike certbot): without a binding the server's
+/// `externalAccountRequired` reaches `last_error`; with the configured key
+/// (`eab_kid`, `eab_hmac_key`) the certificate issues.
+#[test]
+fn lanyard_is_told_a_binding_is_required_and_issues_with_one() {
+    let key = "c2VjcmV0LWhtYWMta2V5LWZvci10aGUtZmxlZXQtMDE";
+    let fleet = Fleet::start_with(
+        |https, root| {
+            let public = |name: &str, domain: &str, eab: &str| {
+                format!(
+                    "[[public]]\nname = \"{name}\"\ndomains = [\"{domain}\"]\nemail = \"{name}@example.test\"\n\
+                     directory_url = \"https://127.0.0.1:{https}/acme/directory\"\n{eab}"
+                )
+            };
+            format!(
+                "eab_required = true\neab = {{ \"fleet-1\" = \"{key}\" }}\n[acme]\ndirectory_roots = {root:?}\n{}{}",
+                public("unbound", "web.internal", ""),
+                public("bound", "api.internal", &format!("eab_kid = \"fleet-1\"\neab_hmac_key = \"{key}\"\n")),
+            )
+        },
+        true,
+    );
+    let admin = fleet.pki.state().join("admin");
+    let get = |name: &str| -> serde_json::Value {
+        let (status, text) =
+            curl_api(&fleet.pki, "GET", &fleet.ca.url(&format!("/certificates/{name}")), None, Some(&admin));
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).unwrap()
+    };
+    poll_until_ok(Duration::from_secs(30), Duration::from_millis(200), "bound issued, unbound refused", || {
+        let (bound, unbound) = (get("bound"), get("unbound"));
+        if bound["status"] == "valid" && unbound["last_error"].is_string() {
+            return Ok(());
+        }
+        Err(format!("bound: {bound}\nunbound: {unbound}"))
+    });
+    let error = get("unbound")["last_error"].as_str().unwrap().to_owned();
+    assert!(error.contains("externalAccountRequired") || error.contains("external account binding"), "{error}");
+    assert_eq!(get("unbound")["status"], "failed");
+    let dir = fleet.pki.state().join("public/bound");
+    fleet.verify(&dir.join("cert.pem"), &dir.join("cert.pem"));
+}
