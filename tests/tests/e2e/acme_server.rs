@@ -507,3 +507,42 @@ fn lanyard_is_told_a_binding_is_required_and_issues_with_one() {
     let dir = fleet.pki.state().join("public/bound");
     fleet.verify(&dir.join("cert.pem"), &dir.join("cert.pem"));
 }
+
+/// Account resources through instant-acme, a client library we did not
+/// write: key change (the old key is refused afterwards, the new one
+/// orders), a contact update, and deactivation (the account then orders
+/// nothing).
+#[test]
+fn accounts_change_keys_update_contacts_and_deactivate_from_instant_acme() {
+    use instant_acme::{Account, Identifier, NewAccount, NewOrder};
+    let fleet = Fleet::start("");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let builder = || Account::builder_with_root(fleet.root()).unwrap();
+        let new = NewAccount {
+            contact: &["mailto:a@example.test"],
+            terms_of_service_agreed: true,
+            only_return_existing: false,
+        };
+        let (mut account, old_key) = builder().create(&new, fleet.directory(), None).await.unwrap();
+        let (id, thumbprint) = (account.id().to_owned(), account.key_thumbprint().to_owned());
+        let identifiers = [Identifier::Dns("web.internal".into())];
+        let order = || NewOrder::new(&identifiers);
+
+        let new_key = account.update_key().await.unwrap();
+        assert_eq!(account.id(), id, "the account keeps its URL");
+        assert_ne!(account.key_thumbprint(), thumbprint);
+        account.new_order(&order()).await.expect("the new key orders");
+        let old = builder().from_credentials(old_key).await.unwrap();
+        let refused = old.new_order(&order()).await.err().expect("the old key is refused").to_string();
+        // As Boulder answers: the account's key is the new one, so the signature fails.
+        assert!(refused.contains("signature does not verify") && refused.contains("malformed"), "old key: {refused}");
+
+        account.update_contacts(&["mailto:b@example.test"]).await.unwrap();
+        account.deactivate().await.unwrap();
+        let again = builder().from_credentials(new_key).await.unwrap();
+        let refused = again.new_order(&order()).await.err().expect("a deactivated account is refused").to_string();
+        assert!(refused.contains("deactivated"), "a deactivated account: {refused}");
+    });
+    assert!(fleet.metric("lanyard_ca_acme_server_requests_total{resource=\"key-change\"}") >= 1.0);
+}
