@@ -546,3 +546,93 @@ fn accounts_change_keys_update_contacts_and_deactivate_from_instant_acme() {
     });
     assert!(fleet.metric("lanyard_ca_acme_server_requests_total{resource=\"key-change\"}") >= 1.0);
 }
+
+/// Two `ca serve` replicas on one real redis-server serve one ACME server:
+/// through instant-acme, an account registered at A orders at A, the
+/// order's authorization is fetched and validated at B, A sees it ready and
+/// finalizes it, and B hands out the certificate, which verifies against
+/// the fleet root.
+#[test]
+fn replicas_on_redis_serve_one_acme_server() {
+    use instant_acme::{Account, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy};
+    let pki = Pki::new(&[]);
+    let redis = RedisServer::start(&pki.path("redis"));
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, String>::new()));
+    let http01 = {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let answers = answers.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let mut request = String::new();
+                let _ = std::io::BufReader::new(&conn).read_line(&mut request);
+                let token = request.split_whitespace().nth(1).and_then(|p| p.rsplit('/').next()).unwrap_or("");
+                let reply = match answers.lock().unwrap().get(token) {
+                    Some(a) => {
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{a}", a.len())
+                    }
+                    None => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned(),
+                };
+                let _ = (&conn).write_all(reply.as_bytes());
+            }
+        });
+        port
+    };
+    let replica = |name: &str| {
+        let (https, http) = (free_port(), free_port());
+        let config = pki.path(&format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "state = {:?}\nhttps_listen = \"127.0.0.1:{https}\"\nhttp_listen = \"127.0.0.1:{http}\"\nstore = \"{}\"\n\
+                 [acme_server]\nallow = [\"*.internal\"]\nhttp01_port = {http01}\nhosts = {{ \"web.internal\" = \"127.0.0.1\" }}\n",
+                pki.state(),
+                redis.url()
+            ),
+        )
+        .unwrap();
+        CaServer::start_with(&pki, config, https, http)
+    };
+    let (a, b) = (replica("a"), replica("b"));
+    let (at_a, at_b) = (format!("127.0.0.1:{}", a.https_port), format!("127.0.0.1:{}", b.https_port));
+    let root = pki.state().join("root.pem");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let chain = runtime.block_on(async {
+        let builder = || Account::builder_with_root(&root).unwrap();
+        let new = NewAccount { contact: &[], terms_of_service_agreed: true, only_return_existing: false };
+        let (account_a, credentials) =
+            builder().create(&new, format!("https://{at_a}/acme/directory"), None).await.unwrap();
+        // The same account, talking to B.
+        let moved = serde_json::to_string(&credentials).unwrap().replace(&at_a, &at_b);
+        let account_b = builder().from_credentials(serde_json::from_str(&moved).unwrap()).await.unwrap();
+        let identifiers = [Identifier::Dns("web.internal".into())];
+        let mut order_a = account_a.new_order(&NewOrder::new(&identifiers)).await.unwrap();
+        let mut order_b = account_b.order(order_a.url().replace(&at_a, &at_b)).await.expect("B knows A's order");
+        let mut authorizations = order_b.authorizations();
+        while let Some(authorization) = authorizations.next().await {
+            let mut authorization = authorization.unwrap();
+            let mut challenge = authorization.challenge(ChallengeType::Http01).expect("an http-01 challenge");
+            answers.lock().unwrap().insert(challenge.token.clone(), challenge.key_authorization().as_str().to_owned());
+            challenge.set_ready().await.unwrap();
+        }
+        let retry = RetryPolicy::new().initial_delay(Duration::from_millis(50)).timeout(Duration::from_secs(20));
+        assert_eq!(order_a.poll_ready(&retry).await.unwrap(), OrderStatus::Ready, "A sees B's validation");
+        let key = pki.path("web.key");
+        let csr = run_ok(
+            Command::new(peer("openssl"))
+                .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout"])
+                .arg(&key)
+                .args(["-subj", "/CN=web.internal", "-addext", "subjectAltName=DNS:web.internal", "-outform", "DER"]),
+        )
+        .stdout;
+        order_a.finalize_csr(&csr).await.unwrap();
+        order_b.poll_certificate(&retry).await.expect("B hands out the certificate A finalized")
+    });
+    let cert = pki.path("web.pem");
+    std::fs::write(&cert, &chain).unwrap();
+    run_ok(
+        Command::new(peer("openssl")).arg("verify").arg("-CAfile").arg(&root).arg("-untrusted").arg(&cert).arg(&cert),
+    );
+    assert!(redis.cli(&["KEYS", "*"]).contains("acme_server_order"), "the order is in Redis");
+}
