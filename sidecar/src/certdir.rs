@@ -37,6 +37,12 @@ pub const CA_FILE: &str = "ca.pem";
 pub const CRL_FILE: &str = "crl.pem";
 /// The symlink that names the current generation.
 const DATA_LINK: &str = "..data";
+
+/// Whether `path` is a cert dir's `..data` link, whose swap is the last
+/// step of a write: after it, the new generation is complete.
+pub fn is_generation_swap(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n == DATA_LINK)
+}
 /// Every file a generation may hold.
 const ALL_FILES: [&str; 4] = [CERT_FILE, KEY_FILE, CA_FILE, CRL_FILE];
 /// Generations kept besides the current one, for readers still inside one.

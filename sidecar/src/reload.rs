@@ -232,9 +232,12 @@ pub async fn watch_tree(
             _ = poll.tick() => {}
             Some(first) = rx.recv() => {
                 paths = first;
-                // Debounce: wait for a quiet spell, bounded.
+                // Debounce: wait for a quiet spell, bounded; but the
+                // cert-dir contract's last step, the `..data` swap, means
+                // the new set is complete: read it at once.
                 let deadline = tokio::time::Instant::now() + DEBOUNCE * 8;
-                while let Ok(Some(more)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                while !paths.iter().any(|p| crate::certdir::is_generation_swap(p)) {
+                    let Ok(Some(more)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await else { break };
                     paths.extend(more);
                     if tokio::time::Instant::now() > deadline {
                         break;
