@@ -4,7 +4,9 @@
 //! and the CA orders it once, for every edge and every concurrent request.
 //!
 //! - A name is ordered only when `allow` admits it and, with `ask`, when
-//!   `ask?domain=NAME` answers 200. Refusals are counted, never ordered.
+//!   `ask?domain=NAME` answers 200. Refusals are counted, never ordered;
+//!   an `ask` refusal is remembered for a minute, so retries of a refused
+//!   name do not reach the app.
 //! - At most `max_new_per_hour` new names are ordered per hour (counted in
 //!   the store, across replicas); per name, one order at a time, then the
 //!   backoff and the failed-validation limit of every public certificate.
@@ -33,6 +35,13 @@ use crate::allow::AllowList;
 const KIND_USED: &str = "on_demand_used";
 /// Longest wait for the `ask` endpoint.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an `ask` refusal is remembered, so that a client retrying a
+/// refused name (a browser, a monitor, a scanner) does not call the app
+/// again on every handshake.
+const ASK_REFUSAL_MEMORY: Duration = Duration::from_secs(60);
+/// Most refusals remembered; past it, expired ones are dropped, and while
+/// it stays full a new refusal is simply not remembered.
+const ASK_REFUSALS_KEPT: usize = 10_000;
 
 /// `[on_demand]` in `lanyard.toml`.
 #[derive(Clone, Debug, Deserialize)]
@@ -118,6 +127,8 @@ pub struct OnDemand {
     client: Client<HttpConnector, Empty<Bytes>>,
     /// Serialises the check-and-create of new names in this replica.
     creating: tokio::sync::Mutex<()>,
+    /// Names `ask` refused, with when its answer was given and why.
+    ask_refusals: Mutex<HashMap<String, (std::time::Instant, String)>>,
     results: [AtomicU64; RESULTS.len()],
     /// Removals because no edge used the name, and because `allow` no longer admits it.
     removed: [AtomicU64; 2],
@@ -158,6 +169,7 @@ impl OnDemand {
             acme,
             client: Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
             creating: tokio::sync::Mutex::new(()),
+            ask_refusals: Default::default(),
             results: Default::default(),
             removed: Default::default(),
         }))
@@ -239,21 +251,47 @@ impl OnDemand {
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
-    /// Whether the `ask` endpoint admits `name`; the refusal says why.
+    /// Whether the `ask` endpoint admits `name`; the refusal says why. A
+    /// refusal (an answer other than 200) is remembered for
+    /// [`ASK_REFUSAL_MEMORY`]; an endpoint that cannot be reached is asked
+    /// again next time.
     async fn ask(&self, name: &str) -> Result<(), String> {
         let Some(ask) = &self.ask else { return Ok(()) };
+        if let Some((at, why)) = self.ask_refusals.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+            if at.elapsed() < ASK_REFUSAL_MEMORY {
+                return Err(format!("{why} (remembered for {ASK_REFUSAL_MEMORY:?})"));
+            }
+        }
+        let answer = self.ask_endpoint(ask, name).await;
+        if let Err((true, why)) = &answer {
+            let mut refusals = self.ask_refusals.lock().unwrap_or_else(|e| e.into_inner());
+            if refusals.len() >= ASK_REFUSALS_KEPT {
+                refusals.retain(|_, (at, _)| at.elapsed() < ASK_REFUSAL_MEMORY);
+            }
+            if refusals.len() < ASK_REFUSALS_KEPT {
+                refusals.insert(name.to_owned(), (std::time::Instant::now(), why.clone()));
+            }
+        }
+        answer.map_err(|(_, why)| why)
+    }
+
+    /// One call to the `ask` endpoint; an error says whether it was an
+    /// answer (`true`: a refusal to remember) and why.
+    async fn ask_endpoint(&self, ask: &hyper::Uri, name: &str) -> Result<(), (bool, String)> {
         let sep = if ask.query().is_some() { '&' } else { '?' };
         let uri: hyper::Uri =
-            format!("{ask}{sep}domain={name}").parse().map_err(|e| format!("ask URL for {name}: {e}"))?;
+            format!("{ask}{sep}domain={name}").parse().map_err(|e| (false, format!("ask URL for {name}: {e}")))?;
         match tokio::time::timeout(ASK_TIMEOUT.min(self.config.wait.get()), self.client.get(uri)).await {
             Ok(Ok(r)) if r.status() == hyper::StatusCode::OK => Ok(()),
             Ok(Ok(r)) => {
                 let status = r.status();
                 let _ = r.into_body().collect().await;
-                Err(format!("the ask endpoint {ask} answered {status} for {name}"))
+                Err((true, format!("the ask endpoint {ask} answered {status} for {name}")))
             }
-            Ok(Err(e)) => Err(format!("cannot reach the ask endpoint {ask}: {e}; no name is ordered until it answers")),
-            Err(_) => Err(format!("the ask endpoint {ask} did not answer within {ASK_TIMEOUT:?}")),
+            Ok(Err(e)) => {
+                Err((false, format!("cannot reach the ask endpoint {ask}: {e}; no name is ordered until it answers")))
+            }
+            Err(_) => Err((false, format!("the ask endpoint {ask} did not answer within {ASK_TIMEOUT:?}"))),
         }
     }
 

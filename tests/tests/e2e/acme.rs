@@ -755,6 +755,10 @@ fn on_demand_names_are_ordered_on_their_first_handshake() {
     assert!(asked.lock().unwrap().iter().any(|d| d == "denied.apps.example.test"), "{:?}", asked.lock().unwrap());
     assert_eq!(ca_metric("lanyard_ca_on_demand_requests_total{result=\"refused_policy\"}"), 1.0);
     assert_eq!(ca_metric("lanyard_ca_on_demand_requests_total{result=\"refused_ask\"}"), 1.0);
+    // Retried at once, the refusal is remembered: the app is not asked again.
+    assert!(served_names(edge_https, "denied.apps.example.test").contains("lanyard-edge-fallback"), "{}", logs());
+    assert_eq!(asked.lock().unwrap().iter().filter(|d| *d == "denied.apps.example.test").count(), 1);
+    assert_eq!(ca_metric("lanyard_ca_on_demand_requests_total{result=\"refused_ask\"}"), 2.0);
     assert!(!dir.join("denied.apps.example.test").exists() && !dir.join("evil.example.test").exists());
 
     // An order that cannot validate: the fallback with the reason, and the
