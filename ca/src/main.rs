@@ -568,7 +568,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(a) => {
             let config = a.load()?;
             cli::init_logging(cli.log.log_format);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(lanyard_ca::serve::blocking_threads())
+                .build()?;
             runtime.block_on(lanyard_ca::serve::run(config, cli::shutdown_signal()))?;
         }
         Command::Doctor(a) => {

@@ -321,6 +321,17 @@ async fn share_ca(
     }
 }
 
+/// The most threads `ca serve`'s blocking pool runs: 8, or 2 per core where
+/// there are more than 4. Every API request, and every store call, runs on
+/// that pool. Without a bound, tokio starts a thread per request in flight,
+/// and each is woken for one request and then contends for the store; with
+/// one, a busy thread takes the next request off the queue without a
+/// wake-up. 8 leaves room for the long tasks (a scheduler pass over every
+/// identity, an ACME validation) while requests are served.
+pub fn blocking_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_mul(2).max(8)
+}
+
 /// Runs the service until `shutdown` resolves.
 pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), CaError> {
     tls::set_kx_policy(config.kx);

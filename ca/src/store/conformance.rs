@@ -90,6 +90,14 @@ fn conforms(store: &dyn Store) {
     store.put_schedule(&ScheduleRow { identity: "api".into(), ..row.clone() }, None).unwrap();
     store.retain_schedule(&["api".into()]).unwrap();
     assert_eq!(store.schedules().unwrap().iter().map(|r| r.identity.as_str()).collect::<Vec<_>>(), ["api"]);
+    // More rows than one Redis MGET carries (500), listed in name order.
+    let many: Vec<String> = (0..1200).map(|i| format!("svc-{i:04}")).collect();
+    for id in &many {
+        store.put_schedule(&ScheduleRow { identity: id.clone(), ..row.clone() }, None).unwrap();
+    }
+    let listed: Vec<String> = store.schedules().unwrap().into_iter().map(|r| r.identity).collect();
+    assert_eq!(listed, std::iter::once("api".to_owned()).chain(many).collect::<Vec<_>>());
+    store.retain_schedule(&["api".into()]).unwrap();
 
     store.put_doc("public_cert", "www", "{\"cert_name\":\"www\"}").unwrap();
     store.put_doc("acme_account", "https://acme.test/dir|ops@example.test", "{\"key\":\"secret\"}").unwrap();
@@ -98,6 +106,11 @@ fn conforms(store: &dyn Store) {
         "{\"key\":\"secret\"}"
     );
     assert_eq!(store.docs("public_cert").unwrap(), [("www".into(), "{\"cert_name\":\"www\"}".into())]);
+    assert_eq!(
+        store.docs("acme_account").unwrap(),
+        [("https://acme.test/dir|ops@example.test".into(), "{\"key\":\"secret\"}".into())],
+        "a sealed kind is listed opened"
+    );
     store.put_expiring("challenge", "tok", "auth", Duration::from_secs(3600)).unwrap();
     assert_eq!(store.doc("challenge", "tok").unwrap().as_deref(), Some("auth"));
     assert_eq!(store.all_docs().unwrap().len(), 2, "expiring documents are not lasting ones");
