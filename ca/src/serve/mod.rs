@@ -326,8 +326,8 @@ async fn share_ca(
 /// that pool. Without a bound, tokio starts a thread per request in flight,
 /// and each is woken for one request and then contends for the store; with
 /// one, a busy thread takes the next request off the queue without a
-/// wake-up. 8 leaves room for the long tasks (a scheduler pass over every
-/// identity, an ACME validation) while requests are served.
+/// wake-up. 8 leaves room for a long task (a scheduler pass over every
+/// identity, a mirror pull) while requests are served.
 pub fn blocking_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_mul(2).max(8)
 }

@@ -137,10 +137,14 @@ impl RedisStore {
         Ok(out)
     }
 
-    fn records(&self, serials: &[String]) -> Result<Vec<IssuedRecord>, StoreError> {
-        let keys: Vec<String> = serials.iter().map(|s| format!("issued:{s}")).collect();
-        let values = self.mget(&keys)?;
+    /// The JSON rows at `keys` that exist, parsed, in order.
+    fn rows<T: serde::de::DeserializeOwned>(&self, keys: &[String]) -> Result<Vec<T>, StoreError> {
+        let values = self.mget(keys)?;
         keys.iter().zip(values).filter_map(|(key, value)| value.map(|json| Self::parse(key, &json))).collect()
+    }
+
+    fn records(&self, serials: &[String]) -> Result<Vec<IssuedRecord>, StoreError> {
+        self.rows(&serials.iter().map(|s| format!("issued:{s}")).collect::<Vec<_>>())
     }
 
     fn seal_if_needed(&self, kind: &str, name: &str, json: &str) -> Result<String, StoreError> {
@@ -358,9 +362,7 @@ impl Store for RedisStore {
     fn schedules(&self) -> Result<Vec<ScheduleRow>, StoreError> {
         let mut ids: Vec<String> = self.with(|c| c.smembers("schedules"))?;
         ids.sort();
-        let keys: Vec<String> = ids.iter().map(|id| format!("schedule:{id}")).collect();
-        let values = self.mget(&keys)?;
-        keys.iter().zip(values).filter_map(|(key, value)| value.map(|json| Self::parse(key, &json))).collect()
+        self.rows(&ids.iter().map(|id| format!("schedule:{id}")).collect::<Vec<_>>())
     }
 
     fn put_doc(&self, kind: &str, key: &str, json: &str) -> Result<(), StoreError> {
