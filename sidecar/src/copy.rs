@@ -1,108 +1,194 @@
-//! A bidirectional copy whose idle connections hold no heap buffer.
+//! A bidirectional copy whose idle connections hold no buffer at all.
 //!
 //! `tokio::io::copy_bidirectional` allocates both buffers up front and keeps
-//! them for the connection's life: 2 × 16 KiB for every idle connection.
-//! Here a direction waits with a small inline buffer. A message that fits
-//! is written from it; a larger burst borrows a full buffer, which is freed
-//! as soon as the reader has nothing ready.
+//! them for the connection's life: 2 × 8 KiB for every idle connection. An
+//! `async fn` copy keeps its buffers in the task, and each layer that awaits
+//! it by value can hold another copy of that state.
+//!
+//! Here [`Bidirectional`] is a plain future. Each poll reads into a buffer
+//! on the stack and writes straight on. Only bytes a writer could not take
+//! yet move to the heap, into a buffer that is then read into directly while
+//! data keeps coming, and freed as soon as the reader has nothing ready. An
+//! idle connection holds its two streams and a few words of state.
 
-use std::future::poll_fn;
+use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// What a waiting direction holds: a request or a small response fits.
-const INLINE: usize = 1024;
+/// The most read in one go: one TLS record's plaintext.
+pub const BURST: usize = 16 * 1024;
 
 /// Copies `a` → `b` and `b` → `a` until both directions reach end of file,
 /// shutting down each writer after its reader's end; the first error ends
-/// both. `burst` is the buffer a direction borrows while data keeps coming.
-pub async fn bidirectional<A, B>(a: A, b: B, burst: usize) -> io::Result<()>
+/// both.
+pub struct Bidirectional<A, B> {
+    a: A,
+    b: B,
+    a_to_b: Direction,
+    b_to_a: Direction,
+}
+
+impl<A, B> Bidirectional<A, B>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut a_read, mut a_write) = tokio::io::split(a);
-    let (mut b_read, mut b_write) = tokio::io::split(b);
-    tokio::try_join!(one_way(&mut a_read, &mut b_write, burst), one_way(&mut b_read, &mut a_write, burst))?;
-    Ok(())
+    /// The copy between `a` and `b`; nothing moves until it is polled.
+    pub fn new(a: A, b: B) -> Self {
+        Self { a, b, a_to_b: Direction::default(), b_to_a: Direction::default() }
+    }
 }
 
-/// Reads into `buf` if bytes are ready now; `None` when the read would wait.
-async fn read_ready<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    poll_fn(|cx| {
-        let mut read = ReadBuf::new(buf);
-        match Pin::new(&mut *r).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(read.filled().len()))),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            // Nothing was consumed, so dropping the read loses nothing.
-            Poll::Pending => Poll::Ready(Ok(None)),
-        }
-    })
-    .await
-}
-
-async fn one_way<R, W>(r: &mut R, w: &mut W, burst: usize) -> io::Result<()>
+impl<A, B> Future for Bidirectional<A, B>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut inline = [0u8; INLINE];
-    loop {
-        let n = r.read(&mut inline).await?;
-        if n == 0 {
-            return w.shutdown().await;
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut scratch = [MaybeUninit::<u8>::uninit(); BURST];
+        let a_to_b = this.a_to_b.poll_copy(cx, &mut this.a, &mut this.b, &mut scratch)?;
+        let b_to_a = this.b_to_a.poll_copy(cx, &mut this.b, &mut this.a, &mut scratch)?;
+        if a_to_b.is_ready() && b_to_a.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
         }
-        if n < INLINE {
-            w.write_all(&inline[..n]).await?;
-            w.flush().await?;
-            continue;
-        }
-        let mut buf = vec![0u8; burst.max(INLINE)];
-        buf[..n].copy_from_slice(&inline);
-        let mut filled = n;
-        let ended = loop {
-            let mut ended = false;
-            while filled < buf.len() {
-                match read_ready(r, &mut buf[filled..]).await? {
-                    Some(0) => {
-                        ended = true;
-                        break;
+    }
+}
+
+/// One direction's state between polls.
+#[derive(Default)]
+struct Direction {
+    /// Bytes the writer has not taken yet (`held[start..end]`), or, while a
+    /// burst lasts, the buffer reads go into.
+    held: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    /// Written since the last flush.
+    dirty: bool,
+    /// The reader reached end of file.
+    eof: bool,
+    /// The writer was shut down after the reader's end.
+    done: bool,
+}
+
+impl Direction {
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        scratch: &mut [MaybeUninit<u8>; BURST],
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            // Whatever is held goes first.
+            if let Some(held) = &self.held {
+                while self.start < self.end {
+                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &held[self.start..self.end]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
-                    Some(k) => filled += k,
-                    None => break,
+                    self.start += n;
+                    self.dirty = true;
+                }
+                (self.start, self.end) = (0, 0);
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                (self.done, self.held) = (true, None);
+                return Poll::Ready(Ok(()));
+            }
+            // Read what is ready: into the burst buffer while one is held, else
+            // onto the stack, written on at once.
+            let read = match &mut self.held {
+                Some(held) => {
+                    let mut buf = ReadBuf::new(held);
+                    Pin::new(&mut *r).poll_read(cx, &mut buf).map_ok(|()| buf.filled().len())
+                }
+                None => {
+                    let mut buf = ReadBuf::uninit(scratch);
+                    match Pin::new(&mut *r).poll_read(cx, &mut buf) {
+                        Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                            return match self.write_from_stack(cx, w, buf.filled()) {
+                                Ok(()) => continue,
+                                Err(e) => Poll::Ready(Err(e)),
+                            }
+                        }
+                        other => other.map_ok(|()| 0),
+                    }
+                }
+            };
+            match read {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(n)) => self.end = n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Nothing ready: flush what was written, and hold no buffer while waiting.
+                    if self.dirty {
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.dirty = false;
+                    }
+                    self.held = None;
+                    return Poll::Pending;
                 }
             }
-            w.write_all(&buf[..filled]).await?;
-            if ended {
-                break true;
-            }
-            match read_ready(r, &mut buf).await? {
-                Some(0) => break true,
-                Some(k) => filled = k,
-                None => break false,
-            }
-        };
-        if ended {
-            return w.shutdown().await;
         }
-        // The burst is over: the buffer goes before the next wait.
-        drop(buf);
-        w.flush().await?;
+    }
+
+    /// Writes `bytes` read onto the stack; what the writer cannot take now
+    /// is kept in a burst buffer for the next poll.
+    fn write_from_stack<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+        bytes: &[u8],
+    ) -> io::Result<()> {
+        let mut written = 0;
+        while written < bytes.len() {
+            match Pin::new(&mut *w).poll_write(cx, &bytes[written..]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    written += n;
+                    self.dirty = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        if written < bytes.len() {
+            let mut held = vec![0u8; BURST].into_boxed_slice();
+            let rest = &bytes[written..];
+            held[..rest.len()].copy_from_slice(rest);
+            (self.start, self.end, self.held) = (0, rest.len(), Some(held));
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn bursts_and_small_messages_arrive_whole_both_ways_and_each_end_is_passed_on() {
         let (client, proxy_client_side) = tokio::io::duplex(64 * 1024);
         let (proxy_app_side, app) = tokio::io::duplex(64 * 1024);
-        let proxy = tokio::spawn(bidirectional(proxy_client_side, proxy_app_side, 16 * 1024));
+        let proxy = tokio::spawn(Bidirectional::new(proxy_client_side, proxy_app_side));
         let upload: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i| (i * 7 % 251) as u8).collect();
         let (mut client_read, mut client_write) = tokio::io::split(client);
         let (mut app_read, mut app_write) = tokio::io::split(app);
@@ -135,7 +221,7 @@ mod tests {
     async fn a_reset_on_one_side_ends_both_directions() {
         let (client, proxy_client_side) = tokio::io::duplex(1024);
         let (proxy_app_side, app) = tokio::io::duplex(1024);
-        let proxy = tokio::spawn(bidirectional(proxy_client_side, proxy_app_side, 16 * 1024));
+        let proxy = tokio::spawn(Bidirectional::new(proxy_client_side, proxy_app_side));
         drop(app);
         let mut client = client;
         // The app is gone: writing towards it fails, and the proxy ends.

@@ -275,7 +275,7 @@ impl Session {
             .header_read_timeout(self.limits().header_timeout.get())
             .serve_connection(io, service);
         let Self { peer, gate, watcher } = self;
-        let out = until_idle(watcher.watch(conn), gate.limits.idle_timeout.get(), &activity).await;
+        let out = until_idle(watcher.watch(conn), gate.limits.idle_timeout.get(), activity).await;
         gate.closed(out.map(|r| r.map_err(Into::into)), peer);
     }
 
@@ -299,7 +299,7 @@ impl Session {
         let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
         let Self { peer, gate, watcher } = self;
         let out =
-            until_idle(watcher.watch(builder.serve_connection(io, service)), gate.limits.idle_timeout.get(), &activity)
+            until_idle(watcher.watch(builder.serve_connection(io, service)), gate.limits.idle_timeout.get(), activity)
                 .await;
         gate.closed(out, peer);
     }
@@ -329,18 +329,41 @@ impl Activity {
     }
 }
 
-/// Runs `work` until it ends, or until nothing moved for `idle`; `None`
-/// on the timeout.
-pub async fn until_idle<F: Future>(work: F, idle: Duration, activity: &Activity) -> Option<F::Output> {
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            out = &mut work => return Some(out),
-            _ = tokio::time::sleep_until(activity.idle_until(idle).into()) => {
-                if activity.idle_until(idle) <= Instant::now() {
-                    return None;
-                }
+pin_project_lite::pin_project! {
+    /// Runs `work` until it ends (`Some` of its output), or until nothing
+    /// moved on `activity` for `idle` (`None`). A plain future, so that a
+    /// connection's task holds `work` once.
+    pub struct UntilIdle<F> {
+        #[pin]
+        work: F,
+        #[pin]
+        timer: tokio::time::Sleep,
+        idle: Duration,
+        activity: Arc<Activity>,
+    }
+}
+
+/// See [`UntilIdle`].
+pub fn until_idle<F: Future>(work: F, idle: Duration, activity: Arc<Activity>) -> UntilIdle<F> {
+    let timer = tokio::time::sleep_until(activity.idle_until(idle).into());
+    UntilIdle { work, timer, idle, activity }
+}
+
+impl<F: Future> Future for UntilIdle<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.work.poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        loop {
+            std::task::ready!(this.timer.as_mut().poll(cx));
+            let until = this.activity.idle_until(*this.idle);
+            if until <= Instant::now() {
+                return Poll::Ready(None);
             }
+            this.timer.as_mut().reset(until.into());
         }
     }
 }
