@@ -227,7 +227,6 @@ impl Listener {
         };
         let local = tcp.local_addr().ok();
         let accept = tokio_rustls::TlsAcceptor::from(server).accept(tcp);
-        // The stream is borrowed only within its arm, so the task does not keep a second copy of it.
         let (tls, (info, version)) = match timeout(self.limits.handshake_timeout.get(), accept).await {
             Err(_) => return self.rejected(Rejection::Timeout, &peer.to_string(), "handshake timed out"),
             Ok(Err(e)) => return self.handshake_failed(&e, &peer.to_string()),
@@ -266,7 +265,7 @@ impl Listener {
                 return;
             }
         }
-        // What was read from the handshake is not kept for the connection's life.
+        // The client's certificate details are not kept for the connection's life.
         drop((info, snapshot));
         self.ended(self.pipe(tls, upstream).await);
     }
