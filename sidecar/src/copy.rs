@@ -20,7 +20,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The most read in one go: one TLS record's plaintext.
-pub const BURST: usize = 16 * 1024;
+const BURST: usize = 16 * 1024;
 
 /// Copies `a` → `b` and `b` → `a` until both directions reach end of file,
 /// shutting down each writer after its reader's end; the first error ends
@@ -123,10 +123,8 @@ impl Direction {
                     let mut buf = ReadBuf::uninit(scratch);
                     match Pin::new(&mut *r).poll_read(cx, &mut buf) {
                         Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
-                            return match self.write_from_stack(cx, w, buf.filled()) {
-                                Ok(()) => continue,
-                                Err(e) => Poll::Ready(Err(e)),
-                            }
+                            self.write_from_stack(cx, w, buf.filled())?;
+                            continue;
                         }
                         other => other.map_ok(|()| 0),
                     }
