@@ -179,8 +179,26 @@ impl Scheduler {
     fn run_due(&self, fence: &Fence) -> OffsetDateTime {
         let now = OffsetDateTime::now_utc();
         let mut next = now + time::Duration::minutes(5);
+        // One read of the whole schedule (a few MGETs on Redis, not a round
+        // trip per identity every STATE_CHECK); a due row is read again
+        // before it is acted on, as another replica may have changed it.
+        let due: std::collections::HashMap<String, i64> = match self.authority.store().schedules() {
+            Ok(rows) => rows.into_iter().map(|r| (r.identity, r.next_renewal)).collect(),
+            Err(e) => {
+                tracing::error!("cannot read the schedule: {e}; retrying in {STATE_CHECK}");
+                return now + STATE_CHECK;
+            }
+        };
         for m in self.identities() {
             let name = m.name();
+            match due.get(&name) {
+                None => continue,
+                Some(&at) if at > now.unix_timestamp() => {
+                    next = next.min(OffsetDateTime::from_unix_timestamp(at).unwrap_or(next));
+                    continue;
+                }
+                Some(_) => {}
+            }
             let Ok(Some(mut row)) = self.authority.store().schedule(&name) else { continue };
             if row.next_renewal > now.unix_timestamp() {
                 next = next.min(OffsetDateTime::from_unix_timestamp(row.next_renewal).unwrap_or(next));

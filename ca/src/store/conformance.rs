@@ -67,6 +67,7 @@ fn conforms(store: &dyn Store) {
     assert_eq!(store.certificate("cc").unwrap(), Some(rec("cc", "api", 100)));
     assert_eq!(store.certificate("zz").unwrap(), None);
     assert_eq!(store.certificates().unwrap().len(), 3);
+    records_concurrently(store);
     assert_eq!(store.revoke_identity("web", 10).unwrap(), ["aa", "bb"]);
     assert!(store.revoke_serial("cc", 11).unwrap());
     assert!(store.revoke_serial("cc", 12).unwrap(), "revoking twice keeps the first time");
@@ -117,6 +118,33 @@ fn conforms(store: &dyn Store) {
     assert!(store.delete_doc("public_cert", "www").unwrap());
     assert!(!store.delete_doc("public_cert", "www").unwrap());
     store.check().unwrap();
+}
+
+/// Many signings at once, as `ca serve` records them from its blocking
+/// threads: each new serial is recorded, and of two at once with one
+/// serial exactly one is. Adds 20 rows of identity `con`.
+fn records_concurrently(store: &dyn Store) {
+    let before = store.certificates().unwrap().len();
+    let outcomes: Vec<(String, bool)> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..24)
+            .map(|i| {
+                // Threads 0 and 1, 2 and 3, ... share a serial for the first 8.
+                let serial = if i < 8 { format!("con-{:02}", i / 2) } else { format!("con-{i:02}") };
+                s.spawn(move || {
+                    let recorded = store.record_issued(&rec(&serial, "con", 100));
+                    assert!(matches!(recorded, Ok(()) | Err(StoreError::DuplicateSerial(_))), "{serial}: {recorded:?}");
+                    (serial, recorded.is_ok())
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for pair in outcomes[..8].chunks(2) {
+        assert_ne!(pair[0].1, pair[1].1, "of two recordings of {} exactly one succeeds", pair[0].0);
+    }
+    assert!(outcomes[8..].iter().all(|(_, ok)| *ok));
+    assert_eq!(store.certificates().unwrap().len(), before + 4 + 16);
+    assert_eq!(store.certificate("con-03").unwrap(), Some(rec("con-03", "con", 100)));
 }
 
 /// What `ca store copy` relies on: an export imported elsewhere is equal.
