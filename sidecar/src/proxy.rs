@@ -53,7 +53,9 @@ impl Routes {
 /// it served.
 pub async fn serve(socket: TcpListener, routes: Routes, mut stop: watch::Receiver<bool>) {
     while let Some((tcp, peer)) = crate::serving::next_connection(&socket, &mut stop).await {
-        match routes.pick(tcp.local_addr().ok().map(|a| a.ip().to_canonical())) {
+        // The local address (a getsockname call) only matters when a listener is bound to one.
+        let local = if routes.exact.is_empty() { None } else { tcp.local_addr().ok().map(|a| a.ip().to_canonical()) };
+        match routes.pick(local) {
             Some(listener) => listener.accept(tcp, peer),
             None => tracing::debug!(%peer, "no listener for this local address; closed"),
         }
@@ -225,7 +227,7 @@ impl Listener {
             tracing::warn!(listener = %self.config.name, %peer, "refused: no valid certificate loaded yet");
             return;
         };
-        let local = tcp.local_addr().ok();
+        let local = if self.config.proxy_protocol { tcp.local_addr().ok() } else { None };
         let accept = tokio_rustls::TlsAcceptor::from(server).accept(tcp);
         let (tls, (info, version)) = match timeout(self.limits.handshake_timeout.get(), accept).await {
             Err(_) => return self.rejected(Rejection::Timeout, &peer.to_string(), "handshake timed out"),
