@@ -193,8 +193,9 @@ pub struct Limits {
     /// Longest TLS handshake.
     #[serde(deserialize_with = "serde_str::one")]
     pub handshake_timeout: Span,
-    /// Longest wait for an HTTP request's headers, from the connection's
-    /// start or the previous response (HTTP listeners: edge, admin, CA).
+    /// Longest wait for an HTTP request's headers, from the previous
+    /// response; on a new connection, for its first byte and then again for
+    /// the rest of the head (HTTP listeners: edge, admin, CA).
     #[serde(deserialize_with = "serde_str::one")]
     pub header_timeout: Span,
     /// Close a connection with no traffic in either direction for this long.

@@ -271,7 +271,9 @@ impl Edge {
         // A handshake may also wait for an on-demand certificate.
         let on_demand_wait = self.config.on_demand.as_ref().map_or(Duration::ZERO, |od| od.wait.get());
         let budget = session.limits().handshake_timeout.get() + on_demand_wait;
-        let handshake = tokio::time::timeout(budget, self.handshake(tcp)).await;
+        // Boxed: the handshake's state (4 KiB) lives only while it runs,
+        // not in every connection's task for its whole life.
+        let handshake = tokio::time::timeout(budget, Box::pin(self.handshake(tcp))).await;
         let tls = match handshake {
             Ok(Some(tls)) => tls,
             Ok(None) => return,

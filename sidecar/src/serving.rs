@@ -129,7 +129,8 @@ impl Gate {
             while tasks.try_join_next().is_some() {}
             let Some(admitted) = self.admit(peer) else { continue };
             let _ = tcp.set_nodelay(true);
-            let work = handle(tcp, Session { peer, gate: self.clone(), watcher: graceful.watcher() });
+            let session = Session { peer, gate: self.clone(), watcher: graceful.watcher(), stop: stop.clone() };
+            let work = handle(tcp, session);
             tasks.spawn(async move {
                 let _held = admitted;
                 work.await;
@@ -227,6 +228,8 @@ pub struct Session {
     pub peer: SocketAddr,
     gate: Arc<Gate>,
     watcher: Watcher,
+    /// Turns true when the listener stops.
+    stop: watch::Receiver<bool>,
 }
 
 impl Session {
@@ -258,9 +261,36 @@ impl Session {
         }
     }
 
+    /// Waits for the first byte of the client's first request, within the
+    /// header-read timeout and until the listener stops; `None` when the
+    /// client closed or sent nothing in time (counted as a timeout).
+    ///
+    /// hyper allocates 16 KiB of buffers for an HTTP/1 connection as soon as
+    /// it serves it, and keeps them. A connection opened ahead of use (a
+    /// browser's preconnect, an idle pool) holds none until it sends.
+    async fn first_byte<I: AsyncRead + Unpin>(&mut self, io: &mut I) -> Option<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        let wait = tokio::time::timeout(self.limits().header_timeout.get(), io.read(&mut byte));
+        let read = tokio::select! {
+            read = wait => read,
+            _ = self.stop.wait_for(|stopped| *stopped) => return None,
+        };
+        match read {
+            Ok(Ok(1)) => Some(byte[0]),
+            Ok(_) => None,
+            Err(_) => {
+                self.gate.closed(None, self.peer);
+                None
+            }
+        }
+    }
+
     /// Serves HTTP/1.1 on `io` until the client is done, the header-read or
-    /// idle timeout passes, or the listener drains.
-    pub async fn http1<I, S, B>(self, io: I, service: S)
+    /// idle timeout passes, or the listener drains. The first request's
+    /// head may take up to twice the header-read timeout: one for its first
+    /// byte (see [`Session::first_byte`]), one for the rest.
+    pub fn http1<I, S, B>(self, io: I, service: S) -> impl Future<Output = ()>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: HttpService<Incoming, ResBody = B> + 'static,
@@ -268,20 +298,17 @@ impl Session {
         B: Body + 'static,
         B::Error: Into<BoxError>,
     {
-        let activity = Arc::new(Activity::default());
-        let io = TokioIo::new(Metered::new(io, None, activity.clone()));
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits().header_timeout.get())
-            .serve_connection(io, service);
-        let Self { peer, gate, watcher } = self;
-        let out = until_idle(watcher.watch(conn), gate.limits.idle_timeout.get(), activity).await;
-        gate.closed(out.map(|r| r.map_err(Into::into)), peer);
+        self.serve(io, move |io, header_timeout| {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(io, service)
+        })
     }
 
     /// Serves HTTP/2 when `h2` (negotiated by ALPN), HTTP/1.1 otherwise,
     /// with the same timeouts as [`Session::http1`].
-    pub async fn http<I, S, B>(self, io: I, h2: bool, service: S)
+    pub fn http<I, S, B>(self, io: I, h2: bool, service: S) -> impl Future<Output = ()>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
@@ -291,19 +318,46 @@ impl Session {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let activity = Arc::new(Activity::default());
-        let io = TokioIo::new(Metered::new(io, None, activity.clone()));
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(self.limits().header_timeout.get());
-        builder.http2().timer(TokioTimer::new()).max_concurrent_streams(250);
-        let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
-        let Self { peer, gate, watcher } = self;
-        let out =
-            until_idle(watcher.watch(builder.serve_connection(io, service)), gate.limits.idle_timeout.get(), activity)
-                .await;
-        gate.closed(out, peer);
+        self.serve(io, move |io, header_timeout| {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            builder.http2().timer(TokioTimer::new()).max_concurrent_streams(250);
+            let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
+            // The connection borrows its builder; it owns it here instead.
+            builder.serve_connection(io, service).into_owned()
+        })
+    }
+
+    /// Waits for the first byte, then runs the connection `connect` makes
+    /// under the idle timeout and the listener's drain.
+    ///
+    /// Each connection's task is allocated for its whole life, at the size
+    /// of its largest state. So the stream goes to the heap first (it is
+    /// then held once, not copied into each future that serves it), and
+    /// hyper's connection (several KiB) is boxed once a request begins: a
+    /// connection that waits holds the TLS stream and little else.
+    fn serve<I, C, E>(mut self, io: I, connect: impl FnOnce(Served<I>, Duration) -> C) -> impl Future<Output = ()>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+        C: hyper_util::server::graceful::GracefulConnection<Error = E>,
+        E: Into<BoxError>,
+    {
+        let mut io = Box::new(io);
+        async move {
+            let Some(first) = self.first_byte(&mut io).await else { return };
+            let activity = Arc::new(Activity::default());
+            let io = TokioIo::new(Metered::new(FirstByte { first: Some(first), inner: io }, None, activity.clone()));
+            let conn = connect(io, self.limits().header_timeout.get());
+            let Self { peer, gate, watcher, .. } = self;
+            let out = Box::pin(until_idle(watcher.watch(conn), gate.limits.idle_timeout.get(), activity)).await;
+            gate.closed(out.map(|r| r.map_err(Into::into)), peer);
+        }
     }
 }
+
+/// What hyper serves: a connection's stream, boxed, with the byte read
+/// ahead of it and its activity noted.
+type Served<I> = TokioIo<Metered<FirstByte<Box<I>>>>;
 
 /// When a connection last moved bytes either way.
 #[derive(Debug)]
@@ -431,6 +485,52 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
 }
 
+/// A stream with its first byte read ahead (by [`Session::first_byte`]),
+/// which its first read returns.
+pub struct FirstByte<S> {
+    first: Option<u8>,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstByte<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.first {
+            Some(byte) if buf.remaining() > 0 => {
+                buf.put_slice(&[byte]);
+                self.first = None;
+                Poll::Ready(Ok(()))
+            }
+            _ => Pin::new(&mut self.inner).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByte<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 /// The TLS config of an HTTPS endpoint serving a cert store's certificate
 /// over HTTP/1.1, client certificates optional (the admin endpoint, the
 /// CA's API). Built by each reload, not per connection.
@@ -469,6 +569,80 @@ impl Prebuild for HttpsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::span::Span;
+    use std::convert::Infallible;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTP/1.1 listener on a loopback port answering each request with
+    /// its path, serving until its stop sender sends `true`.
+    async fn path_echo(
+        limits: Limits,
+    ) -> (SocketAddr, Arc<ListenerMetrics>, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind a loopback port");
+        let addr = listener.local_addr().expect("local address");
+        let metrics = Arc::new(ListenerMetrics::default());
+        let gate = Gate::new("test", limits, metrics.clone());
+        let (stop_tx, stop) = watch::channel(false);
+        let served = tokio::spawn(gate.serve(listener, stop, |tcp, session| {
+            let service = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                let path = hyper::body::Bytes::from(req.uri().path().to_owned());
+                Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(path)))
+            });
+            session.http1(tcp, service)
+        }));
+        (addr, metrics, stop_tx, served)
+    }
+
+    /// Reads a response up to the end of `body`, which ends it.
+    async fn response(tcp: &mut TcpStream, body: &str) -> String {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen).ends_with(body) {
+            let n = tcp.read(&mut buf).await.expect("read a response");
+            assert!(n > 0, "closed before the response ended: {:?}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
+    #[tokio::test]
+    async fn the_byte_read_ahead_of_hyper_reaches_it_and_keep_alive_goes_on() {
+        let (addr, _, _stop, _) = path_echo(Limits::default()).await;
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        for path in ["/first", "/second"] {
+            tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).await.expect("send");
+            let got = response(&mut tcp, path).await;
+            assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_at_the_header_timeout_and_counted() {
+        let limits = Limits { header_timeout: "1s".parse().expect("span"), ..Limits::default() };
+        let (addr, metrics, _stop, _) = path_echo(limits).await;
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 16];
+        assert_eq!(tcp.read(&mut buf).await.expect("read"), 0, "the server closes the silent connection");
+        assert_eq!(metrics.timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn stopping_the_listener_closes_a_connection_that_has_sent_nothing_without_waiting_for_the_drain() {
+        let hour: Span = "1h".parse().expect("span");
+        let limits = Limits { header_timeout: hour, drain_timeout: hour, ..Limits::default() };
+        let (addr, _, stop, served) = path_echo(limits).await;
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        // Accepted in order: once the second is answered, the first is being served.
+        let mut answered = TcpStream::connect(addr).await.expect("connect");
+        answered.write_all(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n").await.expect("send");
+        response(&mut answered, "/ok").await;
+        drop(answered);
+        stop.send(true).expect("the listener is running");
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout(Duration::from_secs(60), silent.read(&mut buf)).await;
+        assert_eq!(closed.expect("closed by the stop, not held for the hour-long drain").expect("read"), 0);
+        served.await.expect("the listener's task ends");
+    }
 
     #[test]
     fn authority_hosts_keep_ipv6_brackets_and_drop_ports() {
