@@ -346,7 +346,7 @@ impl Session {
         async move {
             let Some(first) = self.first_byte(&mut io).await else { return };
             let activity = Arc::new(Activity::default());
-            let io = TokioIo::new(Metered::new(FirstByte { first: Some(first), inner: io }, None, activity.clone()));
+            let io = TokioIo::new(Metered::new(io, None, activity.clone()).after(first));
             let conn = connect(io, self.limits().header_timeout.get());
             let Self { peer, gate, watcher, .. } = self;
             let out = Box::pin(until_idle(watcher.watch(conn), gate.limits.idle_timeout.get(), activity)).await;
@@ -357,7 +357,7 @@ impl Session {
 
 /// What hyper serves: a connection's stream, boxed, with the byte read
 /// ahead of it and its activity noted.
-type Served<I> = TokioIo<Metered<FirstByte<Box<I>>>>;
+type Served<I> = TokioIo<Metered<Box<I>>>;
 
 /// When a connection last moved bytes either way.
 #[derive(Debug)]
@@ -427,19 +427,37 @@ pub struct Metered<S> {
     inner: S,
     bytes: Option<Arc<AtomicU64>>,
     activity: Arc<Activity>,
+    /// A byte read ahead of `inner` (by [`Session::first_byte`]), which the
+    /// next read returns.
+    ahead: Option<u8>,
 }
 
 impl<S> Metered<S> {
     /// Wraps `inner`, adding what it reads to `bytes` when given.
     pub fn new(inner: S, bytes: Option<Arc<AtomicU64>>, activity: Arc<Activity>) -> Self {
-        Self { inner, bytes, activity }
+        Self { inner, bytes, activity, ahead: None }
+    }
+
+    /// The same, with `byte` read ahead of `inner`: the first read returns it.
+    fn after(mut self, byte: u8) -> Self {
+        self.ahead = Some(byte);
+        self
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let poll = match self.ahead.take() {
+            Some(byte) if buf.remaining() > 0 => {
+                buf.put_slice(&[byte]);
+                Poll::Ready(Ok(()))
+            }
+            ahead => {
+                self.ahead = ahead;
+                Pin::new(&mut self.inner).poll_read(cx, buf)
+            }
+        };
         let n = buf.filled().len() - before;
         if n > 0 {
             if let Some(bytes) = &self.bytes {
@@ -478,52 +496,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
             self.activity.touch();
         }
         poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-/// A stream with its first byte read ahead (by [`Session::first_byte`]),
-/// which its first read returns.
-pub struct FirstByte<S> {
-    first: Option<u8>,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for FirstByte<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.first {
-            Some(byte) if buf.remaining() > 0 => {
-                buf.put_slice(&[byte]);
-                self.first = None;
-                Poll::Ready(Ok(()))
-            }
-            _ => Pin::new(&mut self.inner).poll_read(cx, buf),
-        }
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByte<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
