@@ -298,7 +298,7 @@ impl Session {
         B: Body + 'static,
         B::Error: Into<BoxError>,
     {
-        self.serve(io, move |io, header_timeout| {
+        self.serve(Box::new(io), move |io, header_timeout| {
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
@@ -307,8 +307,9 @@ impl Session {
     }
 
     /// Serves HTTP/2 when `h2` (negotiated by ALPN), HTTP/1.1 otherwise,
-    /// with the same timeouts as [`Session::http1`].
-    pub fn http<I, S, B>(self, io: I, h2: bool, service: S) -> impl Future<Output = ()>
+    /// with the same timeouts as [`Session::http1`]. The stream comes boxed
+    /// from the handshake, which holds it there (see [`Session::serve`]).
+    pub fn http<I, S, B>(self, io: Box<I>, h2: bool, service: S) -> impl Future<Output = ()>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>> + Send + 'static,
@@ -332,26 +333,23 @@ impl Session {
     /// under the idle timeout and the listener's drain.
     ///
     /// Each connection's task is allocated for its whole life, at the size
-    /// of its largest state. So the stream goes to the heap first (it is
-    /// then held once, not copied into each future that serves it), and
-    /// hyper's connection (several KiB) is boxed once a request begins: a
+    /// of its largest state. So the stream is on the heap (it is then held
+    /// once, not copied into each future that serves it), and hyper's
+    /// connection (several KiB) is boxed once a request begins: a
     /// connection that waits holds the TLS stream and little else.
-    fn serve<I, C, E>(mut self, io: I, connect: impl FnOnce(Served<I>, Duration) -> C) -> impl Future<Output = ()>
+    async fn serve<I, C, E>(mut self, mut io: Box<I>, connect: impl FnOnce(Served<I>, Duration) -> C)
     where
         I: AsyncRead + AsyncWrite + Unpin,
         C: hyper_util::server::graceful::GracefulConnection<Error = E>,
         E: Into<BoxError>,
     {
-        let mut io = Box::new(io);
-        async move {
-            let Some(first) = self.first_byte(&mut io).await else { return };
-            let activity = Arc::new(Activity::default());
-            let io = TokioIo::new(Metered::new(io, None, activity.clone()).after(first));
-            let conn = connect(io, self.limits().header_timeout.get());
-            let Self { peer, gate, watcher, .. } = self;
-            let out = Box::pin(until_idle(watcher.watch(conn), gate.limits.idle_timeout.get(), activity)).await;
-            gate.closed(out.map(|r| r.map_err(Into::into)), peer);
-        }
+        let Some(first) = self.first_byte(&mut io).await else { return };
+        let activity = Arc::new(Activity::default());
+        let io = TokioIo::new(Metered::new(io, None, activity.clone()).after(first));
+        let conn = connect(io, self.limits().header_timeout.get());
+        let Self { peer, gate, watcher, .. } = self;
+        let out = Box::pin(until_idle(watcher.watch(conn), gate.limits.idle_timeout.get(), activity)).await;
+        gate.closed(out.map(|r| r.map_err(Into::into)), peer);
     }
 }
 
